@@ -1,0 +1,151 @@
+//! One (sequence, head) pair in contiguous row-major buffers: the unit every form works on.
+
+use fla_tensor::Real;
+
+/// Inputs of one sequence and head. Gates are per-step log gates (<= 0); a scalar gate is
+/// broadcast over K by the caller, so every form sees at most a key gate and a value gate.
+pub struct Seq<F> {
+    pub t: usize,
+    pub dk: usize,
+    pub dv: usize,
+    pub q: Vec<F>,          // T x K
+    pub k: Vec<F>,          // T x K
+    pub v: Vec<F>,          // T x V
+    pub gk: Option<Vec<F>>, // T x K
+    pub gv: Option<Vec<F>>, // T x V
+    pub u: Option<Vec<F>>,  // K: RWKV-6 bonus; the output then reads S_{t-1}
+    pub h0: Option<Vec<F>>, // K x V
+    pub scale: F,
+}
+
+/// Outputs of one sequence and head.
+pub struct SeqOut<F> {
+    pub o: Vec<F>,  // T x V
+    pub ht: Vec<F>, // K x V
+}
+
+/// Gradients of one sequence and head (gates per step, like the inputs).
+pub struct SeqGrads<F> {
+    pub dq: Vec<F>,
+    pub dk: Vec<F>,
+    pub dv: Vec<F>,
+    pub dgk: Option<Vec<F>>,
+    pub dgv: Option<Vec<F>>,
+    pub du: Option<Vec<F>>,
+    pub dh0: Vec<F>,
+}
+
+/// Upstream gradients of one sequence and head.
+pub struct SeqUpstream<F> {
+    pub d_o: Vec<F>, // T x V
+    pub dht: Vec<F>, // K x V (zeros when not given)
+}
+
+/// Inclusive cumulative sums of `rows` rows of `g` (width `w`) starting at row `start`.
+pub fn cumsum_rows<F: Real>(g: &[F], start: usize, rows: usize, w: usize) -> Vec<F> {
+    let mut out = g[start * w..(start + rows) * w].to_vec();
+    for i in 1..rows {
+        for d in 0..w {
+            let prev = out[(i - 1) * w + d];
+            out[i * w + d] += prev;
+        }
+    }
+    out
+}
+
+/// Reverse cumulative sums in place: `x_t <- sum_{s >= t} x_s` per column.
+pub fn rev_cumsum_rows<F: Real>(x: &mut [F], rows: usize, w: usize) {
+    for i in (0..rows.saturating_sub(1)).rev() {
+        for d in 0..w {
+            let next = x[(i + 1) * w + d];
+            x[i * w + d] += next;
+        }
+    }
+}
+
+impl<F: Real> Seq<F> {
+    /// The RWKV-6 bonus terms, which no decay touches: `o_t += scale (q_t·(u⊙k_t)) v_t`.
+    pub fn add_bonus_output(&self, o: &mut [F]) {
+        let Some(u) = &self.u else { return };
+        let (kd, vd) = (self.dk, self.dv);
+        for t in 0..self.t {
+            let w = self.scale
+                * (0..kd)
+                    .map(|i| self.q[t * kd + i] * u[i] * self.k[t * kd + i])
+                    .sum::<F>();
+            for j in 0..vd {
+                o[t * vd + j] += w * self.v[t * vd + j];
+            }
+        }
+    }
+
+    /// Gradients of the bonus terms, added to dq, dk, dv; returns du.
+    pub fn add_bonus_grads(&self, d_o: &[F], g: &mut SeqGrads<F>) {
+        let Some(u) = &self.u else { return };
+        let (kd, vd, s) = (self.dk, self.dv, self.scale);
+        let mut du = vec![F::ZERO; kd];
+        for t in 0..self.t {
+            let vdo: F = (0..vd).map(|j| self.v[t * vd + j] * d_o[t * vd + j]).sum();
+            let mut w = F::ZERO;
+            for i in 0..kd {
+                let (q, k) = (self.q[t * kd + i], self.k[t * kd + i]);
+                g.dq[t * kd + i] += s * u[i] * k * vdo;
+                g.dk[t * kd + i] += s * u[i] * q * vdo;
+                du[i] += s * q * k * vdo;
+                w += q * u[i] * k;
+            }
+            for j in 0..vd {
+                g.dv[t * vd + j] += s * w * d_o[t * vd + j];
+            }
+        }
+        g.du = Some(du);
+    }
+
+    /// Gate gradients from the gradients of q, k, v, without differentiating any decay.
+    ///
+    /// q enters the outputs only as q_i ⊙ exp(Gq_i) and k only as k_j ⊙ exp(-G_j) (times
+    /// exp(G_{T-1}) in the final state), where G is the inclusive cumulative key gate and
+    /// Gq = G (Gq_i = G_{i-1} with the bonus). Hence dL/dG_s = [q⊙dq at the query position
+    /// reading G_s] - k_s⊙dk_s, plus rowsum(dht⊙ht) at s = T-1, and dg = reverse cumsum.
+    /// Likewise on the value side with o⊙do - v⊙dv and colsum(dht⊙ht).
+    /// `dq`, `dk`, `dv` must not yet include the bonus terms.
+    pub fn gate_grads(&self, up: &SeqUpstream<F>, o: Option<&[F]>, ht: &[F], g: &mut SeqGrads<F>) {
+        let (t, kd, vd) = (self.t, self.dk, self.dv);
+        if self.gk.is_some() {
+            let mut dg = vec![F::ZERO; t * kd];
+            let shift = usize::from(self.u.is_some());
+            for s in 0..t {
+                for i in 0..kd {
+                    let mut x = -self.k[s * kd + i] * g.dk[s * kd + i];
+                    if s + shift < t {
+                        let r = (s + shift) * kd + i;
+                        x += self.q[r] * g.dq[r];
+                    }
+                    dg[s * kd + i] = x;
+                }
+            }
+            if t > 0 {
+                for i in 0..kd {
+                    let r: F = (0..vd).map(|j| up.dht[i * vd + j] * ht[i * vd + j]).sum();
+                    dg[(t - 1) * kd + i] += r;
+                }
+            }
+            rev_cumsum_rows(&mut dg, t, kd);
+            g.dgk = Some(dg);
+        }
+        if self.gv.is_some() {
+            let o = o.expect("gate_grads: the value gate needs the outputs");
+            let mut db: Vec<F> = (0..t * vd)
+                .map(|r| o[r] * up.d_o[r] - self.v[r] * g.dv[r])
+                .collect();
+            if t > 0 {
+                for j in 0..vd {
+                    let c: F = (0..kd).map(|i| up.dht[i * vd + j] * ht[i * vd + j]).sum();
+                    db[(t - 1) * vd + j] += c;
+                }
+            }
+            rev_cumsum_rows(&mut db, t, vd);
+            g.dgv = Some(db);
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Tensors, the error type and safetensors I/O shared by every fla crate.
+
+mod error;
+mod io;
+mod real;
+mod tensor;
+
+pub use error::{Error, Result};
+pub use io::{read_safetensors, write_safetensors, TensorFile};
+pub use real::Real;
+pub use tensor::Tensor;
