@@ -38,7 +38,7 @@ pub fn forward<F: Real>(s: &Seq<F>, size: usize) -> SeqOut<F> {
             .map(|(c, st)| c.output(st))
             .collect(),
     );
-    s.add_bonus_output(&mut o);
+    s.add_diagonal_output(&mut o, &s.diagonal_weight());
     SeqOut { o, ht }
 }
 

@@ -9,7 +9,7 @@
 //! Every exponent here is <= 0, so nothing overflows; intra.rs keeps the intra part stable.
 
 use super::intra::{apply, apply_t, mask, scores, Decay};
-use super::seq::{cumsum_rows, Seq};
+use super::seq::{cumsum_rows_f64, Seq};
 use crate::linalg::{matmul, MatRef};
 use fla_tensor::Real;
 
@@ -17,16 +17,17 @@ pub struct Chunk<'a, F> {
     s: &'a Seq<F>,
     t0: usize,
     len: usize,
-    g: Option<Vec<F>>,  // L x K
-    gq: Option<Vec<F>>, // L x K, only with the bonus
-    b: Option<Vec<F>>,  // L x V
+    // Cumulative gates in f64 (see cumsum_rows_f64).
+    g: Option<Vec<f64>>,  // L x K
+    gq: Option<Vec<f64>>, // L x K, only with the bonus
+    b: Option<Vec<f64>>,  // L x V
 }
 
 /// `m ⊙ exp(sign·(g - base))`, row-wise, for an L x w matrix; unchanged without a gate.
 fn decayed<F: Real>(
     m: &[F],
-    g: Option<&[F]>,
-    base: Option<&[F]>,
+    g: Option<&[f64]>,
+    base: Option<&[f64]>,
     negate: bool,
     w: usize,
 ) -> Vec<F> {
@@ -34,25 +35,24 @@ fn decayed<F: Real>(
     m.iter()
         .enumerate()
         .map(|(idx, &x)| {
-            let c = idx % w;
-            let e = g[idx] - base.map_or(F::ZERO, |b| b[c]);
-            x * if negate { (-e).exp() } else { e.exp() }
+            let e = g[idx] - base.map_or(0.0, |b| b[idx % w]);
+            x * F::from_f64(if negate { -e } else { e }).exp()
         })
         .collect()
 }
 
 impl<'a, F: Real> Chunk<'a, F> {
     pub fn new(s: &'a Seq<F>, t0: usize, len: usize) -> Self {
-        let g = s.gk.as_ref().map(|gk| cumsum_rows(gk, t0, len, s.dk));
+        let g = s.gk.as_ref().map(|gk| cumsum_rows_f64(gk, t0, len, s.dk));
         let gq = match (&g, &s.u) {
             (Some(g), Some(_)) => {
-                let mut gq = vec![F::ZERO; len * s.dk];
+                let mut gq = vec![0.0; len * s.dk];
                 gq[s.dk..].copy_from_slice(&g[..(len - 1) * s.dk]);
                 Some(gq)
             }
             _ => None,
         };
-        let b = s.gv.as_ref().map(|gv| cumsum_rows(gv, t0, len, s.dv));
+        let b = s.gv.as_ref().map(|gv| cumsum_rows_f64(gv, t0, len, s.dv));
         Chunk {
             s,
             t0,
@@ -67,19 +67,21 @@ impl<'a, F: Real> Chunk<'a, F> {
         &x[self.t0 * w..(self.t0 + self.len) * w]
     }
 
+    /// The intra-chunk products always leave out the diagonal (i = j): it carries no gate and
+    /// is added apart, with weight u or 1 (Seq::add_diagonal_output).
     fn strict(&self) -> bool {
-        self.s.u.is_some()
+        true
     }
 
-    fn gq(&self) -> Option<&[F]> {
+    fn gq(&self) -> Option<&[f64]> {
         self.gq.as_deref().or(self.g.as_deref())
     }
 
-    fn last(g: &Option<Vec<F>>, len: usize, w: usize) -> Option<&[F]> {
+    fn last(g: &Option<Vec<f64>>, len: usize, w: usize) -> Option<&[f64]> {
         g.as_deref().map(|g| &g[(len - 1) * w..len * w])
     }
 
-    fn key_decay(&self) -> Option<Decay<'_, F>> {
+    fn key_decay(&self) -> Option<Decay<'_>> {
         let g = self.g.as_deref()?;
         Some(Decay {
             left: self.gq().unwrap(),
@@ -88,7 +90,7 @@ impl<'a, F: Real> Chunk<'a, F> {
         })
     }
 
-    fn value_decay(&self) -> Option<Decay<'_, F>> {
+    fn value_decay(&self) -> Option<Decay<'_>> {
         let b = self.b.as_deref()?;
         Some(Decay {
             left: b,
@@ -106,9 +108,9 @@ impl<'a, F: Real> Chunk<'a, F> {
             return;
         }
         for i in 0..kd {
-            let ai = a.map_or(F::ONE, |a| a[i].exp());
+            let ai = a.map_or(F::ONE, |a| F::from_f64(a[i]).exp());
             for j in 0..vd {
-                st[i * vd + j] *= ai * b.map_or(F::ONE, |b| b[j].exp());
+                st[i * vd + j] *= ai * b.map_or(F::ONE, |b| F::from_f64(b[j]).exp());
             }
         }
     }
@@ -171,7 +173,7 @@ impl<'a, F: Real> Chunk<'a, F> {
         }
     }
 
-    /// The chunk's outputs (L x V) given the state entering it; no bonus term.
+    /// The chunk's outputs (L x V) given the state entering it, without the diagonal terms.
     pub fn output(&self, st: &[F]) -> Vec<F> {
         let (kd, vd, len) = (self.s.dk, self.s.dv, self.len);
         let q_in = self.q_in();
@@ -231,7 +233,7 @@ impl<'a, F: Real> Chunk<'a, F> {
         );
     }
 
-    /// dq of the chunk (L x K) given the state entering it; no bonus term.
+    /// dq of the chunk (L x K) given the state entering it, without the diagonal terms.
     pub fn dq(&self, st: &[F], d_o: &[F]) -> Vec<F> {
         let (kd, vd, len) = (self.s.dk, self.s.dv, self.len);
         let do_in = decayed(self.rows(d_o, vd), self.b.as_deref(), None, false, vd);
@@ -260,7 +262,7 @@ impl<'a, F: Real> Chunk<'a, F> {
         dq
     }
 
-    /// dk and dv of the chunk given the gradient of the state leaving it; no bonus terms.
+    /// dk and dv of the chunk given the gradient of the state leaving it, without the diagonal terms.
     pub fn dk_dv(&self, ds: &[F], d_o: &[F]) -> (Vec<F>, Vec<F>) {
         let (kd, vd, len) = (self.s.dk, self.s.dv, self.len);
         let (k_out, v_out) = (self.k_out(), self.v_out());
@@ -316,7 +318,7 @@ pub fn chunks(t: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// Completes a chunkwise backward pass: gate gradients by the dq/dk identity, then the
-/// bonus terms (which no gate touches).
+/// diagonal terms (which no gate touches).
 pub fn finish_backward<F: Real>(
     s: &Seq<F>,
     up: &super::seq::SeqUpstream<F>,
@@ -336,6 +338,6 @@ pub fn finish_backward<F: Real>(
         dh0,
     };
     s.gate_grads(up, o, ht, &mut g);
-    s.add_bonus_grads(&up.d_o, &mut g);
+    s.add_diagonal_grads(&up.d_o, &s.diagonal_weight(), &mut g);
     g
 }

@@ -15,7 +15,7 @@ pub fn forward<F: Real>(s: &Seq<F>, size: usize) -> SeqOut<F> {
         o[t0 * s.dv..(t0 + len) * s.dv].copy_from_slice(&c.output(&st));
         c.update_state(&mut st);
     }
-    s.add_bonus_output(&mut o);
+    s.add_diagonal_output(&mut o, &s.diagonal_weight());
     SeqOut { o, ht: st }
 }
 

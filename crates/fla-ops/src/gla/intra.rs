@@ -17,9 +17,9 @@ use fla_tensor::Real;
 
 /// Cumulative gates of both sides of a decayed product, `w` features wide.
 #[derive(Clone, Copy)]
-pub struct Decay<'a, F> {
-    pub left: &'a [F],
-    pub right: &'a [F],
+pub struct Decay<'a> {
+    pub left: &'a [f64],
+    pub right: &'a [f64],
     pub w: usize,
 }
 
@@ -35,7 +35,7 @@ struct Block {
     diagonal: bool,
 }
 
-fn blocks<F: Real>(len: usize, decay: Option<&Decay<'_, F>>, strict: bool) -> Vec<Block> {
+fn blocks<F: Real>(len: usize, decay: Option<&Decay<'_>>, strict: bool) -> Vec<Block> {
     let mut out = Vec::new();
     match decay {
         None => out.push(Block {
@@ -46,20 +46,20 @@ fn blocks<F: Real>(len: usize, decay: Option<&Decay<'_, F>>, strict: bool) -> Ve
             reference: None,
             diagonal: true,
         }),
-        Some(d) => split(0, len, d, strict, &mut out),
+        Some(d) => split::<F>(0, len, d, strict, &mut out),
     }
     out
 }
 
-fn split<F: Real>(s: usize, e: usize, d: &Decay<'_, F>, strict: bool, out: &mut Vec<Block>) {
+fn split<F: Real>(s: usize, e: usize, d: &Decay<'_>, strict: bool, out: &mut Vec<Block>) {
     if e <= s || (strict && e - s == 1) {
         return;
     }
     let reference = s.checked_sub(1);
-    let at = |row: Option<usize>, c: usize| row.map_or(F::ZERO, |r| d.right[r * d.w + c]);
+    let at = |row: Option<usize>, c: usize| row.map_or(0.0, |r| d.right[r * d.w + c]);
     let span = (0..d.w)
         .map(|c| at(reference, c) - at(Some(e - 1), c))
-        .fold(F::ZERO, F::max);
+        .fold(0.0, f64::max);
     if e - s == 1 {
         // A single pair (i, i) with left_i = right_i: no decay at all.
         out.push(Block {
@@ -70,7 +70,7 @@ fn split<F: Real>(s: usize, e: usize, d: &Decay<'_, F>, strict: bool, out: &mut 
             reference: Some(s),
             diagonal: true,
         });
-    } else if span <= F::SAFE_EXP {
+    } else if span <= F::SAFE_EXP.to_f64() {
         out.push(Block {
             i0: s,
             i1: e,
@@ -81,7 +81,7 @@ fn split<F: Real>(s: usize, e: usize, d: &Decay<'_, F>, strict: bool, out: &mut 
         });
     } else {
         let m = (s + e) / 2;
-        split(s, m, d, strict, out);
+        split::<F>(s, m, d, strict, out);
         out.push(Block {
             i0: m,
             i1: e,
@@ -90,7 +90,7 @@ fn split<F: Real>(s: usize, e: usize, d: &Decay<'_, F>, strict: bool, out: &mut 
             reference: Some(m - 1),
             diagonal: false,
         });
-        split(m, e, d, strict, out);
+        split::<F>(m, e, d, strict, out);
     }
 }
 
@@ -100,7 +100,7 @@ fn scaled_rows<F: Real>(
     r0: usize,
     r1: usize,
     w: usize,
-    d: Option<&Decay<'_, F>>,
+    d: Option<&Decay<'_>>,
     left: bool,
     reference: Option<usize>,
 ) -> Vec<F> {
@@ -117,20 +117,20 @@ fn scale_rows<F: Real>(
     r0: usize,
     r1: usize,
     w: usize,
-    d: &Decay<'_, F>,
+    d: &Decay<'_>,
     left: bool,
     reference: Option<usize>,
 ) {
     let g = if left { d.left } else { d.right };
     for r in r0..r1 {
         for c in 0..w {
-            let rf = reference.map_or(F::ZERO, |x| d.right[x * w + c]);
+            let rf = reference.map_or(0.0, |x| d.right[x * w + c]);
             let e = if left {
                 g[r * w + c] - rf
             } else {
                 rf - g[r * w + c]
             };
-            m[(r - r0) * w + c] *= e.exp();
+            m[(r - r0) * w + c] *= F::from_f64(e).exp();
         }
     }
 }
@@ -141,13 +141,13 @@ pub fn scores<F: Real>(
     x: &[F],
     y: &[F],
     w: usize,
-    decay: Option<Decay<'_, F>>,
+    decay: Option<Decay<'_>>,
     strict: bool,
     alpha: F,
 ) -> Vec<F> {
     let mut m = vec![F::ZERO; len * len];
     let d = decay.as_ref();
-    for b in blocks(len, d, strict) {
+    for b in blocks::<F>(len, d, strict) {
         let xs = scaled_rows(x, b.i0, b.i1, w, d, true, b.reference);
         let ys = scaled_rows(y, b.j0, b.j1, w, d, false, b.reference);
         let (ni, nj) = (b.i1 - b.i0, b.j1 - b.j0);
@@ -186,12 +186,12 @@ pub fn apply<F: Real>(
     m: &[F],
     src: &[F],
     w: usize,
-    decay: Option<Decay<'_, F>>,
+    decay: Option<Decay<'_>>,
     strict: bool,
     out: &mut [F],
 ) {
     let d = decay.as_ref();
-    for b in blocks(len, d, strict) {
+    for b in blocks::<F>(len, d, strict) {
         let (ni, nj) = (b.i1 - b.i0, b.j1 - b.j0);
         let mb = MatRef {
             data: &m[b.i0 * len + b.j0..],
@@ -229,12 +229,12 @@ pub fn apply_t<F: Real>(
     m: &[F],
     src: &[F],
     w: usize,
-    decay: Option<Decay<'_, F>>,
+    decay: Option<Decay<'_>>,
     strict: bool,
     out: &mut [F],
 ) {
     let d = decay.as_ref();
-    for b in blocks(len, d, strict) {
+    for b in blocks::<F>(len, d, strict) {
         let (ni, nj) = (b.i1 - b.i0, b.j1 - b.j0);
         let mt = MatRef {
             data: &m[b.i0 * len + b.j0..],
@@ -262,6 +262,47 @@ pub fn apply_t<F: Real>(
                     .iter_mut()
                     .zip(&tmp)
                     .for_each(|(o, t)| *o += *t);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The blocks cover every causal pair exactly once, however strong the gates.
+    #[test]
+    fn blocks_cover_each_causal_pair_once() {
+        for (step, strict) in [
+            (-0.01f64, false),
+            (-3.0, false),
+            (-20.0, false),
+            (-20.0, true),
+            (-1e30, false),
+        ] {
+            let (len, w) = (64, 3);
+            let g: Vec<f64> = (0..len * w).map(|i| step * ((i / w) + 1) as f64).collect();
+            let d = Decay {
+                left: &g,
+                right: &g,
+                w,
+            };
+            let mut seen = vec![0; len * len];
+            for b in blocks::<f32>(len, Some(&d), strict) {
+                for i in b.i0..b.i1 {
+                    for j in b.j0..b.j1 {
+                        if j < i || (j == i && !strict) {
+                            seen[i * len + j] += 1;
+                        }
+                    }
+                }
+            }
+            for i in 0..len {
+                for j in 0..len {
+                    let want = usize::from(j < i || (j == i && !strict));
+                    assert_eq!(seen[i * len + j], want, "pair ({i},{j}) with step {step}");
+                }
             }
         }
     }

@@ -73,7 +73,9 @@ pub fn forward<F: Real>(s: &Seq<F>) -> SeqOut<F> {
             }
         }
     }
-    s.add_bonus_output(&mut o);
+    if let Some(u) = &s.u {
+        s.add_diagonal_output(&mut o, u);
+    }
     let mut ht = vec![F::ZERO; kd * vd];
     if t > 0 {
         let last = t - 1;
@@ -200,6 +202,8 @@ pub fn backward<F: Real>(s: &Seq<F>, up: &SeqUpstream<F>) -> SeqGrads<F> {
         rev_cumsum_rows(&mut db, t, vd);
         grads.dgv = Some(db);
     }
-    s.add_bonus_grads(d_o, &mut grads);
+    if let Some(u) = &s.u {
+        s.add_diagonal_grads(d_o, u, &mut grads);
+    }
     grads
 }

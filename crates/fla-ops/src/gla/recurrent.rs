@@ -67,7 +67,9 @@ pub fn forward<F: Real>(s: &Seq<F>) -> SeqOut<F> {
             read(s, t, &st, &mut o);
         }
     }
-    s.add_bonus_output(&mut o);
+    if let Some(u) = &s.u {
+        s.add_diagonal_output(&mut o, u);
+    }
     SeqOut { o, ht: st }
 }
 
@@ -156,7 +158,9 @@ pub fn backward<F: Real>(s: &Seq<F>, up: &SeqUpstream<F>) -> SeqGrads<F> {
         du: None,
         dh0: ds,
     };
-    s.add_bonus_grads(&up.d_o, &mut grads);
+    if let Some(u) = &s.u {
+        s.add_diagonal_grads(&up.d_o, u, &mut grads);
+    }
     grads
 }
 
