@@ -1,0 +1,149 @@
+//! `fla op`: read inputs from a safetensors file, run an op, write outputs (and gradients when
+//! `do` is present) to another.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use fla_ops::mamba::{selective_scan_backward, selective_scan_forward, ScanInputs};
+use fla_ops::{gla_backward, gla_forward, Form, GateKind, GlaInputs, Options};
+use fla_tensor::{read_safetensors, write_safetensors, Error, Real, Result, Tensor, TensorFile};
+
+#[derive(Args)]
+pub struct OpArgs {
+    /// none | scalar | key | key-bonus | both, or full (the Mamba selective scan)
+    #[arg(long)]
+    gate: String,
+    /// naive | recurrent | chunk | fused-chunk (full takes recurrent only)
+    #[arg(long, default_value = "chunk")]
+    form: String,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Offsets of sequences packed along T, e.g. 0,37,100 (needs B = 1)
+    #[arg(long, value_delimiter = ',')]
+    cu_seqlens: Option<Vec<usize>>,
+    #[arg(long, default_value_t = 64)]
+    chunk_size: usize,
+    /// Arithmetic precision on the CPU: f32, or f64 for reference values (files stay f32)
+    #[arg(long, default_value = "f32")]
+    precision: String,
+}
+
+pub fn run(a: &OpArgs) -> Result<()> {
+    crate::check_device(&a.device)?;
+    let file = read_safetensors(&a.input)?;
+    let out = match a.precision.as_str() {
+        "f32" => compute::<f32>(a, &file)?,
+        "f64" => compute::<f64>(a, &file)?,
+        p => {
+            return Err(Error::Invalid(format!(
+                "unknown precision `{p}` (expected f32 or f64)"
+            )))
+        }
+    };
+    write_safetensors(&a.output, &out)?;
+    let names: Vec<&str> = out.tensors.keys().map(|s| s.as_str()).collect();
+    println!("wrote {} ({})", a.output.display(), names.join(", "));
+    Ok(())
+}
+
+fn compute<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<TensorFile> {
+    let get = |name: &str| file.tensors.get(name).map(|t| t.cast::<F>());
+    let need = |name: &str| {
+        get(name).ok_or_else(|| Error::Missing {
+            name: name.into(),
+            why: format!("the input file {} has no such tensor", a.input.display()),
+        })
+    };
+    let scale =
+        match file.metadata.get("scale") {
+            None => None,
+            Some(s) => Some(s.trim().parse::<f64>().map_err(|_| {
+                Error::Invalid(format!("metadata `scale` = `{s}` is not a number"))
+            })?),
+        };
+    let mut out = TensorFile::default();
+    let mut put = |name: &str, t: Option<Tensor<F>>| {
+        if let Some(t) = t {
+            out.tensors.insert(name.to_string(), t.cast::<f32>());
+        }
+    };
+    let d_o = get("do");
+    if a.gate == "full" {
+        if a.form != "recurrent" {
+            return Err(Error::Invalid(format!(
+                "gate `full` (the selective scan) has only the recurrent form, not `{}`",
+                a.form
+            )));
+        }
+        if a.cu_seqlens.is_some() {
+            return Err(Error::Invalid(
+                "gate `full` does not take --cu-seqlens".into(),
+            ));
+        }
+        let x = ScanInputs {
+            q: need("q")?,
+            k: need("k")?,
+            v: need("v")?,
+            delta: need("delta")?,
+            a: need("a")?,
+            h0: get("h0"),
+            scale,
+        };
+        let (o, ht) = selective_scan_forward(&x)?;
+        put("o", Some(o));
+        put("ht", Some(ht));
+        if let Some(d_o) = d_o {
+            let g = selective_scan_backward(&x, &d_o, get("dht").as_ref())?;
+            for (n, t) in [
+                ("dq", g.dq),
+                ("dk", g.dk),
+                ("dv", g.dv),
+                ("ddelta", g.ddelta),
+                ("da", g.da),
+            ] {
+                put(n, Some(t));
+            }
+            put("dh0", g.dh0);
+        }
+        return Ok(out);
+    }
+    let gate: GateKind = a.gate.parse()?;
+    let opts = Options {
+        form: a.form.parse::<Form>()?,
+        chunk_size: a.chunk_size,
+    };
+    let x = GlaInputs {
+        q: need("q")?,
+        k: need("k")?,
+        v: need("v")?,
+        g: get("g"),
+        gv: get("gv"),
+        u: get("u"),
+        h0: get("h0"),
+        scale,
+        cu_seqlens: a.cu_seqlens.clone(),
+    };
+    let y = gla_forward(gate, &x, &opts)?;
+    put("o", Some(y.o));
+    put("ht", Some(y.ht));
+    if let Some(d_o) = d_o {
+        let g = gla_backward(gate, &x, &d_o, get("dht").as_ref(), &opts)?;
+        put("dq", Some(g.dq));
+        put("dk", Some(g.dk));
+        put("dv", Some(g.dv));
+        put("dg", g.dg);
+        put("dgv", g.dgv);
+        put("du", g.du);
+        put("dh0", g.dh0);
+    } else if get("dht").is_some() {
+        return Err(Error::Missing {
+            name: "do".into(),
+            why: "gradients need `do` (and optionally `dht`); the file has `dht` only".into(),
+        });
+    }
+    Ok(out)
+}
