@@ -30,6 +30,9 @@ pub struct CpuArgs {
     /// Sequence lengths to time (default 256,512,...,8192)
     #[arg(long, value_delimiter = ',')]
     lengths: Option<Vec<usize>>,
+    /// Forms to time (default recurrent,chunk,fused-chunk)
+    #[arg(long, value_delimiter = ',')]
+    forms: Option<Vec<String>>,
     /// Also write the results as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -132,6 +135,10 @@ fn cpu(a: &CpuArgs) -> Result<()> {
     } else {
         vec![256, 512, 1024, 2048, 4096, 8192]
     });
+    let forms: Vec<Form> = match &a.forms {
+        None => vec![Form::Recurrent, Form::Chunk, Form::FusedChunk],
+        Some(f) => f.iter().map(|s| s.parse()).collect::<Result<_>>()?,
+    };
     let mut table = String::new();
     let mut json = Vec::new();
     writeln!(
@@ -155,7 +162,7 @@ fn cpu(a: &CpuArgs) -> Result<()> {
         for &t in &lengths {
             let x = inputs(gate, b, t, h, d);
             let d_o = inputs(GateKind::None, b, t, h, d).v;
-            for form in [Form::Recurrent, Form::Chunk, Form::FusedChunk] {
+            for &form in &forms {
                 let opts = Options {
                     form,
                     chunk_size: c,

@@ -32,13 +32,15 @@ fn decayed<F: Real>(
     w: usize,
 ) -> Vec<F> {
     let Some(g) = g else { return m.to_vec() };
-    m.iter()
-        .enumerate()
-        .map(|(idx, &x)| {
-            let e = g[idx] - base.map_or(0.0, |b| b[idx % w]);
-            x * F::from_f64(if negate { -e } else { e }).exp()
-        })
-        .collect()
+    let sign = if negate { -1.0 } else { 1.0 };
+    let mut out = m.to_vec();
+    for (o, g) in out.chunks_mut(w).zip(g.chunks(w)) {
+        for c in 0..w {
+            let e = g[c] - base.map_or(0.0, |b| b[c]);
+            o[c] *= F::from_f64(sign * e).exp();
+        }
+    }
+    out
 }
 
 impl<'a, F: Real> Chunk<'a, F> {
