@@ -59,6 +59,20 @@ impl<F: Real> Tensor<F> {
         }
     }
 
+    /// Checks the shape (`pattern` names the dimensions, e.g. "[B, T, H, K]") and that every
+    /// value is finite; the error names the tensor and the shape expected.
+    pub fn expect_shape(&self, name: &str, want: &[usize], pattern: &str) -> Result<()> {
+        if self.shape != want {
+            let dims: Vec<String> = want.iter().map(|d| d.to_string()).collect();
+            return Err(Error::Shape {
+                name: name.into(),
+                expected: format!("{pattern} = [{}]", dims.join(", ")),
+                got: self.shape.clone(),
+            });
+        }
+        self.check_finite(name)
+    }
+
     /// The first non-finite value, as an error naming the tensor and the index.
     pub fn check_finite(&self, name: &str) -> Result<()> {
         match self.data.iter().position(|x| !x.is_finite()) {

@@ -57,13 +57,14 @@ pub fn backward<F: Real>(s: &Seq<F>, up: &SeqUpstream<F>, size: usize) -> SeqGra
         .into_par_iter()
         .map(|n| {
             let c = &cs[n];
-            let (dk, dv) = c.dk_dv(&leaving[n], &up.d_o);
+            let da = c.attention_grad(&up.d_o);
+            let (dk, dv) = c.dk_dv(&leaving[n], &up.d_o, &da);
             let o = if with_o {
                 c.output(&entering[n])
             } else {
                 Vec::new()
             };
-            (c.dq(&entering[n], &up.d_o), dk, dv, o)
+            (c.dq(&entering[n], &up.d_o, &da), dk, dv, o)
         })
         .collect();
     let (mut dq, mut dk, mut dv, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -153,8 +153,8 @@ impl<'a, F: Real> Chunk<'a, F> {
         )
     }
 
-    /// scale · masked decayed do v^T (the gradient of the attention).
-    fn attention_grad(&self, d_o: &[F]) -> Vec<F> {
+    /// scale · masked decayed do v^T (the gradient of the attention), which dq and dk share.
+    pub fn attention_grad(&self, d_o: &[F]) -> Vec<F> {
         let (vd, len) = (self.s.dv, self.len);
         let (d_o, v) = (self.rows(d_o, vd), self.rows(&self.s.v, vd));
         match self.value_decay() {
@@ -235,8 +235,9 @@ impl<'a, F: Real> Chunk<'a, F> {
         );
     }
 
-    /// dq of the chunk (L x K) given the state entering it, without the diagonal terms.
-    pub fn dq(&self, st: &[F], d_o: &[F]) -> Vec<F> {
+    /// dq of the chunk (L x K) given the state entering it and `attention_grad`, without the
+    /// diagonal terms.
+    pub fn dq(&self, st: &[F], d_o: &[F], da: &[F]) -> Vec<F> {
         let (kd, vd, len) = (self.s.dk, self.s.dv, self.len);
         let do_in = decayed(self.rows(d_o, vd), self.b.as_deref(), None, false, vd);
         let mut dq = vec![F::ZERO; len * kd];
@@ -251,10 +252,9 @@ impl<'a, F: Real> Chunk<'a, F> {
         if self.g.is_some() {
             dq = decayed(&dq, self.gq(), None, false, kd);
         }
-        let da = self.attention_grad(d_o);
         apply(
             len,
-            &da,
+            da,
             self.rows(&self.s.k, kd),
             kd,
             self.key_decay(),
@@ -264,8 +264,9 @@ impl<'a, F: Real> Chunk<'a, F> {
         dq
     }
 
-    /// dk and dv of the chunk given the gradient of the state leaving it, without the diagonal terms.
-    pub fn dk_dv(&self, ds: &[F], d_o: &[F]) -> (Vec<F>, Vec<F>) {
+    /// dk and dv of the chunk given the gradient of the state leaving it and `attention_grad`,
+    /// without the diagonal terms.
+    pub fn dk_dv(&self, ds: &[F], d_o: &[F], da: &[F]) -> (Vec<F>, Vec<F>) {
         let (kd, vd, len) = (self.s.dk, self.s.dv, self.len);
         let (k_out, v_out) = (self.k_out(), self.v_out());
         let mut dk = vec![F::ZERO; len * kd];
@@ -290,10 +291,9 @@ impl<'a, F: Real> Chunk<'a, F> {
         );
         let last_b = Self::last(&self.b, len, vd);
         dv = decayed(&dv, self.b.as_deref(), last_b, true, vd);
-        let da = self.attention_grad(d_o);
         apply_t(
             len,
-            &da,
+            da,
             self.rows(&self.s.q, kd),
             kd,
             self.key_decay(),

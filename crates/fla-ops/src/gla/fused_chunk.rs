@@ -27,7 +27,11 @@ pub fn backward<F: Real>(s: &Seq<F>, up: &SeqUpstream<F>, size: usize) -> SeqGra
     let mut o = s.gv.as_ref().map(|_| vec![F::ZERO; s.t * vd]);
     for (t0, len) in chunks(s.t, size) {
         let c = Chunk::new(s, t0, len);
-        dq[t0 * kd..(t0 + len) * kd].copy_from_slice(&c.dq(&st, &up.d_o));
+        dq[t0 * kd..(t0 + len) * kd].copy_from_slice(&c.dq(
+            &st,
+            &up.d_o,
+            &c.attention_grad(&up.d_o),
+        ));
         if let Some(o) = o.as_mut() {
             o[t0 * vd..(t0 + len) * vd].copy_from_slice(&c.output(&st));
         }
@@ -38,7 +42,8 @@ pub fn backward<F: Real>(s: &Seq<F>, up: &SeqUpstream<F>, size: usize) -> SeqGra
     let all: Vec<_> = chunks(s.t, size).collect();
     for &(t0, len) in all.iter().rev() {
         let c = Chunk::new(s, t0, len);
-        let (ck, cv) = c.dk_dv(&ds, &up.d_o);
+        // dA is recomputed rather than kept from the forward sweep: the fused form stores nothing per chunk.
+        let (ck, cv) = c.dk_dv(&ds, &up.d_o, &c.attention_grad(&up.d_o));
         dk[t0 * kd..(t0 + len) * kd].copy_from_slice(&ck);
         dv[t0 * vd..(t0 + len) * vd].copy_from_slice(&cv);
         c.state_grad(&mut ds, &up.d_o);

@@ -202,18 +202,6 @@ struct Problem {
     scale: f64,
 }
 
-fn expect_shape<F: Real>(name: &str, t: &Tensor<F>, want: &[usize], pattern: &str) -> Result<()> {
-    if t.shape() != want {
-        let dims: Vec<String> = want.iter().map(|d| d.to_string()).collect();
-        return Err(Error::Shape {
-            name: name.into(),
-            expected: format!("{pattern} = [{}]", dims.join(", ")),
-            got: t.shape().to_vec(),
-        });
-    }
-    t.check_finite(name)
-}
-
 fn check_gate<F: Real>(name: &str, g: &Tensor<F>) -> Result<()> {
     if let Some(i) = g.data().iter().position(|&x| x > F::ZERO) {
         return Err(Error::Invalid(format!(
@@ -263,33 +251,28 @@ impl Problem {
                 "head count and head sizes must be positive (H={h}, K={dk}, V={dv})"
             )));
         }
-        expect_shape("q", &x.q, &[b, t, h, dk], "[B, T, H, K]")?;
-        expect_shape("k", &x.k, &[b, t, h, dk], "[B, T, H, K]")?;
-        expect_shape("v", &x.v, &[b, t, h, dv], "[B, T, H, V]")?;
+        x.q.expect_shape("q", &[b, t, h, dk], "[B, T, H, K]")?;
+        x.k.expect_shape("k", &[b, t, h, dk], "[B, T, H, K]")?;
+        x.v.expect_shape("v", &[b, t, h, dv], "[B, T, H, V]")?;
         match gate {
             GateKind::None => absent("g", &x.g, gate)?,
             GateKind::Scalar => {
-                expect_shape("g", required("g", &x.g, gate)?, &[b, t, h], "[B, T, H]")?
+                required("g", &x.g, gate)?.expect_shape("g", &[b, t, h], "[B, T, H]")?
             }
-            _ => expect_shape(
-                "g",
-                required("g", &x.g, gate)?,
-                &[b, t, h, dk],
-                "[B, T, H, K]",
-            )?,
+            _ => required("g", &x.g, gate)?.expect_shape("g", &[b, t, h, dk], "[B, T, H, K]")?,
         }
         if let Some(g) = &x.g {
             check_gate("g", g)?;
         }
         if gate == GateKind::Both {
             let gv = required("gv", &x.gv, gate)?;
-            expect_shape("gv", gv, &[b, t, h, dv], "[B, T, H, V]")?;
+            gv.expect_shape("gv", &[b, t, h, dv], "[B, T, H, V]")?;
             check_gate("gv", gv)?;
         } else {
             absent("gv", &x.gv, gate)?;
         }
         if gate == GateKind::KeyBonus {
-            expect_shape("u", required("u", &x.u, gate)?, &[h, dk], "[H, K]")?;
+            required("u", &x.u, gate)?.expect_shape("u", &[h, dk], "[H, K]")?;
         } else {
             absent("u", &x.u, gate)?;
         }
@@ -314,7 +297,7 @@ impl Problem {
             }
         };
         if let Some(h0) = &x.h0 {
-            expect_shape("h0", h0, &[spans.len(), h, dk, dv], "[N, H, K, V]")?;
+            h0.expect_shape("h0", &[spans.len(), h, dk, dv], "[N, H, K, V]")?;
         }
         let scale = x.scale.unwrap_or((dk as f64).powf(-0.5));
         if !scale.is_finite() {
@@ -450,9 +433,9 @@ pub fn gla_backward<F: Real>(
 ) -> Result<GlaGrads<F>> {
     let p = Problem::new(gate, x)?;
     check_chunk(opts)?;
-    expect_shape("do", d_o, &[p.b, p.t, p.h, p.dv], "[B, T, H, V]")?;
+    d_o.expect_shape("do", &[p.b, p.t, p.h, p.dv], "[B, T, H, V]")?;
     if let Some(d) = dht {
-        expect_shape("dht", d, &[p.spans.len(), p.h, p.dk, p.dv], "[N, H, K, V]")?;
+        d.expect_shape("dht", &[p.spans.len(), p.h, p.dk, p.dv], "[N, H, K, V]")?;
     }
     let kv = p.dk * p.dv;
     let tasks = p.tasks();

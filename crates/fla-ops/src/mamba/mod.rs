@@ -46,15 +46,6 @@ struct Dims {
     v: usize,
 }
 
-fn shape_err(name: &str, pattern: &str, want: &[usize], got: &[usize]) -> Error {
-    let w: Vec<String> = want.iter().map(|d| d.to_string()).collect();
-    Error::Shape {
-        name: name.into(),
-        expected: format!("{pattern} = [{}]", w.join(", ")),
-        got: got.to_vec(),
-    }
-}
-
 fn check<F: Real>(x: &ScanInputs<F>) -> Result<Dims> {
     let (qs, vs) = (x.q.shape(), x.v.shape());
     if qs.len() != 4 {
@@ -86,17 +77,10 @@ fn check<F: Real>(x: &ScanInputs<F>) -> Result<Dims> {
         ("q", &x.q, "[B, T, H, K]", vec![d.b, d.t, d.h, d.k]),
     ];
     for (name, t, pattern, want) in named {
-        if t.shape() != want.as_slice() {
-            return Err(shape_err(name, pattern, &want, t.shape()));
-        }
-        t.check_finite(name)?;
+        t.expect_shape(name, &want, pattern)?;
     }
     if let Some(h0) = &x.h0 {
-        let want = [d.b, d.h, d.k, d.v];
-        if h0.shape() != want {
-            return Err(shape_err("h0", "[B, H, K, V]", &want, h0.shape()));
-        }
-        h0.check_finite("h0")?;
+        h0.expect_shape("h0", &[d.b, d.h, d.k, d.v], "[B, H, K, V]")?;
     }
     if x.delta.data().iter().any(|&x| x < F::ZERO) {
         return Err(Error::Invalid(
@@ -209,23 +193,9 @@ pub fn selective_scan_backward<F: Real>(
 ) -> Result<ScanGrads<F>> {
     let d = check(x)?;
     let (kd, vd, kv, tl) = (d.k, d.v, d.k * d.v, d.t);
-    if d_o.shape() != [d.b, d.t, d.h, vd] {
-        return Err(shape_err(
-            "do",
-            "[B, T, H, V]",
-            &[d.b, d.t, d.h, vd],
-            d_o.shape(),
-        ));
-    }
+    d_o.expect_shape("do", &[d.b, d.t, d.h, vd], "[B, T, H, V]")?;
     if let Some(g) = dht {
-        if g.shape() != [d.b, d.h, kd, vd] {
-            return Err(shape_err(
-                "dht",
-                "[B, H, K, V]",
-                &[d.b, d.h, kd, vd],
-                g.shape(),
-            ));
-        }
+        g.expect_shape("dht", &[d.b, d.h, kd, vd], "[B, H, K, V]")?;
     }
     let scale = F::from_f64(x.scale.unwrap_or(1.0));
     let tasks: Vec<(usize, usize)> = (0..d.b)
