@@ -8,60 +8,132 @@
 //!   S'    = (e^Γ ⊗ e^Β) ⊙ S + (k ⊙ e^(Γ-G))^T (v ⊙ e^(Β-B))
 //! Every exponent here is <= 0, so nothing overflows; intra.rs keeps the intra part stable.
 
-use super::intra::{apply, apply_t, mask, scores, Decay};
+use super::intra::{apply, apply_t, fits_one_block, mask, scores, Decay};
 use super::seq::{cumsum_rows_f64, Seq};
 use crate::linalg::{matmul, MatRef};
 use fla_tensor::Real;
+
+/// One side's gate inside a chunk: the key side (K wide) or the value side (V wide).
+struct GateSide<F> {
+    w: usize,
+    /// Inclusive cumulative gate G (f64, see cumsum_rows_f64), L x w.
+    right: Vec<f64>,
+    /// The query-side cumulative gate where it differs from G (the bonus: G one step back).
+    left: Option<Vec<f64>>,
+    /// e^Γ, the decay of the whole chunk (Γ the last row of G).
+    last_exp: Vec<F>,
+    /// (e^left, e^-G) when the chunk is one intra block (e^-G then stays below e^SAFE_EXP):
+    /// every decay of the chunk is a product of these, so each chunk takes L·w exps only.
+    exps: Option<(Vec<F>, Vec<F>)>,
+}
+
+impl<F: Real> GateSide<F> {
+    fn new(gate: &[F], t0: usize, len: usize, w: usize, shifted_left: bool) -> Self {
+        let right = cumsum_rows_f64(gate, t0, len, w);
+        let left = shifted_left.then(|| {
+            let mut l = vec![0.0; len * w];
+            l[w..].copy_from_slice(&right[..(len - 1) * w]);
+            l
+        });
+        let last = &right[(len - 1) * w..];
+        let last_exp = last.iter().map(|&x| F::from_f64(x).exp()).collect();
+        let exps = fits_one_block::<F>(last).then(|| {
+            let e: Vec<F> = right.iter().map(|&x| F::from_f64(x).exp()).collect();
+            let neg = e.iter().map(|&x| F::ONE / x).collect();
+            let left = if shifted_left {
+                let mut l = vec![F::ONE; len * w];
+                l[w..].copy_from_slice(&e[..(len - 1) * w]);
+                l
+            } else {
+                e
+            };
+            (left, neg)
+        });
+        GateSide {
+            w,
+            right,
+            left,
+            last_exp,
+            exps,
+        }
+    }
+
+    fn left(&self) -> &[f64] {
+        self.left.as_deref().unwrap_or(&self.right)
+    }
+
+    fn decay(&self) -> Decay<'_, F> {
+        Decay {
+            left: self.left(),
+            right: &self.right,
+            w: self.w,
+            exps: self.exps.as_ref().map(|(l, r)| (&l[..], &r[..])),
+        }
+    }
+
+    /// m ⊙ e^left: rows as they read the state entering the chunk.
+    fn entering(&self, m: &[F]) -> Vec<F> {
+        let mut out = m.to_vec();
+        match &self.exps {
+            Some((l, _)) => out.iter_mut().zip(l).for_each(|(o, e)| *o *= *e),
+            None => {
+                for (o, g) in out.chunks_mut(self.w).zip(self.left().chunks(self.w)) {
+                    o.iter_mut()
+                        .zip(g)
+                        .for_each(|(o, &g)| *o *= F::from_f64(g).exp());
+                }
+            }
+        }
+        out
+    }
+
+    /// m ⊙ e^(Γ-G): rows as they enter the state leaving the chunk.
+    fn leaving(&self, m: &[F]) -> Vec<F> {
+        let mut out = m.to_vec();
+        let last = &self.right[self.right.len() - self.w..];
+        for (r, o) in out.chunks_mut(self.w).enumerate() {
+            match &self.exps {
+                Some((_, neg)) => {
+                    let neg = &neg[r * self.w..(r + 1) * self.w];
+                    for c in 0..self.w {
+                        o[c] *= neg[c] * self.last_exp[c];
+                    }
+                }
+                None => {
+                    let g = &self.right[r * self.w..(r + 1) * self.w];
+                    for c in 0..self.w {
+                        o[c] *= F::from_f64(last[c] - g[c]).exp();
+                    }
+                }
+            }
+        }
+        out
+    }
+}
 
 pub struct Chunk<'a, F> {
     s: &'a Seq<F>,
     t0: usize,
     len: usize,
-    // Cumulative gates in f64 (see cumsum_rows_f64).
-    g: Option<Vec<f64>>,  // L x K
-    gq: Option<Vec<f64>>, // L x K, only with the bonus
-    b: Option<Vec<f64>>,  // L x V
-}
-
-/// `m ⊙ exp(sign·(g - base))`, row-wise, for an L x w matrix; unchanged without a gate.
-fn decayed<F: Real>(
-    m: &[F],
-    g: Option<&[f64]>,
-    base: Option<&[f64]>,
-    negate: bool,
-    w: usize,
-) -> Vec<F> {
-    let Some(g) = g else { return m.to_vec() };
-    let sign = if negate { -1.0 } else { 1.0 };
-    let mut out = m.to_vec();
-    for (o, g) in out.chunks_mut(w).zip(g.chunks(w)) {
-        for c in 0..w {
-            let e = g[c] - base.map_or(0.0, |b| b[c]);
-            o[c] *= F::from_f64(sign * e).exp();
-        }
-    }
-    out
+    key: Option<GateSide<F>>,
+    value: Option<GateSide<F>>,
 }
 
 impl<'a, F: Real> Chunk<'a, F> {
     pub fn new(s: &'a Seq<F>, t0: usize, len: usize) -> Self {
-        let g = s.gk.as_ref().map(|gk| cumsum_rows_f64(gk, t0, len, s.dk));
-        let gq = match (&g, &s.u) {
-            (Some(g), Some(_)) => {
-                let mut gq = vec![0.0; len * s.dk];
-                gq[s.dk..].copy_from_slice(&g[..(len - 1) * s.dk]);
-                Some(gq)
-            }
-            _ => None,
-        };
-        let b = s.gv.as_ref().map(|gv| cumsum_rows_f64(gv, t0, len, s.dv));
+        let bonus = s.u.is_some();
         Chunk {
             s,
             t0,
             len,
-            g,
-            gq,
-            b,
+            key: s
+                .gk
+                .as_ref()
+                .map(|g| GateSide::new(g, t0, len, s.dk, bonus)),
+            value: s
+                .gv
+                .as_ref()
+                .map(|g| GateSide::new(g, t0, len, s.dv, false)),
         }
     }
 
@@ -75,68 +147,39 @@ impl<'a, F: Real> Chunk<'a, F> {
         true
     }
 
-    fn gq(&self) -> Option<&[f64]> {
-        self.gq.as_deref().or(self.g.as_deref())
+    fn key_decay(&self) -> Option<Decay<'_, F>> {
+        self.key.as_ref().map(GateSide::decay)
     }
 
-    fn last(g: &Option<Vec<f64>>, len: usize, w: usize) -> Option<&[f64]> {
-        g.as_deref().map(|g| &g[(len - 1) * w..len * w])
+    fn value_decay(&self) -> Option<Decay<'_, F>> {
+        self.value.as_ref().map(GateSide::decay)
     }
 
-    fn key_decay(&self) -> Option<Decay<'_>> {
-        let g = self.g.as_deref()?;
-        Some(Decay {
-            left: self.gq().unwrap(),
-            right: g,
-            w: self.s.dk,
-        })
+    /// m ⊙ e^left of `side`, or m itself without that gate.
+    fn entering(side: &Option<GateSide<F>>, m: &[F]) -> Vec<F> {
+        side.as_ref().map_or_else(|| m.to_vec(), |g| g.entering(m))
     }
 
-    fn value_decay(&self) -> Option<Decay<'_>> {
-        let b = self.b.as_deref()?;
-        Some(Decay {
-            left: b,
-            right: b,
-            w: self.s.dv,
-        })
+    /// m ⊙ e^(Γ-G) of `side`, or m itself without that gate.
+    fn leaving(side: &Option<GateSide<F>>, m: &[F]) -> Vec<F> {
+        side.as_ref().map_or_else(|| m.to_vec(), |g| g.leaving(m))
     }
 
     /// The decay of the whole chunk applied to a state: S ⊙ (e^Γ ⊗ e^Β).
     fn decay_state(&self, st: &mut [F]) {
-        let (kd, vd) = (self.s.dk, self.s.dv);
-        let a = Self::last(&self.g, self.len, kd);
-        let b = Self::last(&self.b, self.len, vd);
-        if a.is_none() && b.is_none() {
-            return;
-        }
-        for i in 0..kd {
-            let ai = a.map_or(F::ONE, |a| F::from_f64(a[i]).exp());
-            for j in 0..vd {
-                st[i * vd + j] *= ai * b.map_or(F::ONE, |b| F::from_f64(b[j]).exp());
+        let vd = self.s.dv;
+        if let Some(key) = &self.key {
+            for (row, &a) in st.chunks_mut(vd).zip(&key.last_exp) {
+                row.iter_mut().for_each(|x| *x *= a);
             }
         }
-    }
-
-    /// q ⊙ e^Gq: the queries as they read the state entering the chunk.
-    fn q_in(&self) -> Vec<F> {
-        decayed(
-            self.rows(&self.s.q, self.s.dk),
-            self.gq(),
-            None,
-            false,
-            self.s.dk,
-        )
-    }
-
-    /// k ⊙ e^(Γ-G) and v ⊙ e^(Β-B): the keys and values as they enter the leaving state.
-    fn k_out(&self) -> Vec<F> {
-        let (kd, last) = (self.s.dk, Self::last(&self.g, self.len, self.s.dk));
-        decayed(self.rows(&self.s.k, kd), self.g.as_deref(), last, true, kd)
-    }
-
-    fn v_out(&self) -> Vec<F> {
-        let (vd, last) = (self.s.dv, Self::last(&self.b, self.len, self.s.dv));
-        decayed(self.rows(&self.s.v, vd), self.b.as_deref(), last, true, vd)
+        if let Some(value) = &self.value {
+            for row in st.chunks_mut(vd) {
+                row.iter_mut()
+                    .zip(&value.last_exp)
+                    .for_each(|(x, &b)| *x *= b);
+            }
+        }
     }
 
     /// scale · masked decayed q k^T (the intra-chunk attention).
@@ -178,7 +221,7 @@ impl<'a, F: Real> Chunk<'a, F> {
     /// The chunk's outputs (L x V) given the state entering it, without the diagonal terms.
     pub fn output(&self, st: &[F]) -> Vec<F> {
         let (kd, vd, len) = (self.s.dk, self.s.dv, self.len);
-        let q_in = self.q_in();
+        let q_in = Self::entering(&self.key, self.rows(&self.s.q, kd));
         let mut o = vec![F::ZERO; len * vd];
         matmul(
             &mut o,
@@ -188,8 +231,8 @@ impl<'a, F: Real> Chunk<'a, F> {
             self.s.scale,
             F::ZERO,
         );
-        if self.b.is_some() {
-            o = decayed(&o, self.b.as_deref(), None, false, vd);
+        if self.value.is_some() {
+            o = Self::entering(&self.value, &o);
         }
         let a = self.attention();
         apply(
@@ -208,7 +251,8 @@ impl<'a, F: Real> Chunk<'a, F> {
     pub fn update_state(&self, st: &mut [F]) {
         let (kd, vd) = (self.s.dk, self.s.dv);
         self.decay_state(st);
-        let (k_out, v_out) = (self.k_out(), self.v_out());
+        let k_out = Self::leaving(&self.key, self.rows(&self.s.k, kd));
+        let v_out = Self::leaving(&self.value, self.rows(&self.s.v, vd));
         matmul(
             st,
             vd,
@@ -223,8 +267,8 @@ impl<'a, F: Real> Chunk<'a, F> {
     pub fn state_grad(&self, ds: &mut [F], d_o: &[F]) {
         let (kd, vd) = (self.s.dk, self.s.dv);
         self.decay_state(ds);
-        let q_in = self.q_in();
-        let do_in = decayed(self.rows(d_o, vd), self.b.as_deref(), None, false, vd);
+        let q_in = Self::entering(&self.key, self.rows(&self.s.q, kd));
+        let do_in = Self::entering(&self.value, self.rows(d_o, vd));
         matmul(
             ds,
             vd,
@@ -239,7 +283,7 @@ impl<'a, F: Real> Chunk<'a, F> {
     /// diagonal terms.
     pub fn dq(&self, st: &[F], d_o: &[F], da: &[F]) -> Vec<F> {
         let (kd, vd, len) = (self.s.dk, self.s.dv, self.len);
-        let do_in = decayed(self.rows(d_o, vd), self.b.as_deref(), None, false, vd);
+        let do_in = Self::entering(&self.value, self.rows(d_o, vd));
         let mut dq = vec![F::ZERO; len * kd];
         matmul(
             &mut dq,
@@ -249,8 +293,8 @@ impl<'a, F: Real> Chunk<'a, F> {
             self.s.scale,
             F::ZERO,
         );
-        if self.g.is_some() {
-            dq = decayed(&dq, self.gq(), None, false, kd);
+        if self.key.is_some() {
+            dq = Self::entering(&self.key, &dq);
         }
         apply(
             len,
@@ -268,7 +312,8 @@ impl<'a, F: Real> Chunk<'a, F> {
     /// without the diagonal terms.
     pub fn dk_dv(&self, ds: &[F], d_o: &[F], da: &[F]) -> (Vec<F>, Vec<F>) {
         let (kd, vd, len) = (self.s.dk, self.s.dv, self.len);
-        let (k_out, v_out) = (self.k_out(), self.v_out());
+        let k_out = Self::leaving(&self.key, self.rows(&self.s.k, kd));
+        let v_out = Self::leaving(&self.value, self.rows(&self.s.v, vd));
         let mut dk = vec![F::ZERO; len * kd];
         matmul(
             &mut dk,
@@ -278,8 +323,9 @@ impl<'a, F: Real> Chunk<'a, F> {
             F::ONE,
             F::ZERO,
         );
-        let last_g = Self::last(&self.g, len, kd);
-        dk = decayed(&dk, self.g.as_deref(), last_g, true, kd);
+        if self.key.is_some() {
+            dk = Self::leaving(&self.key, &dk);
+        }
         let mut dv = vec![F::ZERO; len * vd];
         matmul(
             &mut dv,
@@ -289,8 +335,9 @@ impl<'a, F: Real> Chunk<'a, F> {
             F::ONE,
             F::ZERO,
         );
-        let last_b = Self::last(&self.b, len, vd);
-        dv = decayed(&dv, self.b.as_deref(), last_b, true, vd);
+        if self.value.is_some() {
+            dv = Self::leaving(&self.value, &dv);
+        }
         apply_t(
             len,
             da,

@@ -17,10 +17,19 @@ use fla_tensor::Real;
 
 /// Cumulative gates of both sides of a decayed product, `w` features wide.
 #[derive(Clone, Copy)]
-pub struct Decay<'a> {
+pub struct Decay<'a, F> {
     pub left: &'a [f64],
     pub right: &'a [f64],
     pub w: usize,
+    /// (e^left, e^-right), precomputed by the caller when the chunk is one block
+    /// (`fits_one_block`); they then replace every exp of that block.
+    pub exps: Option<(&'a [F], &'a [F])>,
+}
+
+/// Whether a chunk whose cumulative gate ends at `last` is one block: e^-right then stays
+/// below e^SAFE_EXP for every row.
+pub fn fits_one_block<F: Real>(last: &[f64]) -> bool {
+    last.iter().all(|&x| -x <= F::SAFE_EXP.to_f64())
 }
 
 /// A block of pairs: rows i in `i0..i1`, columns j in `j0..j1`, split at `reference`
@@ -35,7 +44,7 @@ struct Block {
     diagonal: bool,
 }
 
-fn blocks<F: Real>(len: usize, decay: Option<&Decay<'_>>, strict: bool) -> Vec<Block> {
+fn blocks<F: Real>(len: usize, decay: Option<&Decay<'_, F>>, strict: bool) -> Vec<Block> {
     let mut out = Vec::new();
     match decay {
         None => out.push(Block {
@@ -51,7 +60,7 @@ fn blocks<F: Real>(len: usize, decay: Option<&Decay<'_>>, strict: bool) -> Vec<B
     out
 }
 
-fn split<F: Real>(s: usize, e: usize, d: &Decay<'_>, strict: bool, out: &mut Vec<Block>) {
+fn split<F: Real>(s: usize, e: usize, d: &Decay<'_, F>, strict: bool, out: &mut Vec<Block>) {
     if e <= s || (strict && e - s == 1) {
         return;
     }
@@ -100,7 +109,7 @@ fn scaled_rows<F: Real>(
     r0: usize,
     r1: usize,
     w: usize,
-    d: Option<&Decay<'_>>,
+    d: Option<&Decay<'_, F>>,
     left: bool,
     reference: Option<usize>,
 ) -> Vec<F> {
@@ -117,10 +126,17 @@ fn scale_rows<F: Real>(
     r0: usize,
     r1: usize,
     w: usize,
-    d: &Decay<'_>,
+    d: &Decay<'_, F>,
     left: bool,
     reference: Option<usize>,
 ) {
+    if let (None, Some((exp_left, exp_neg_right))) = (reference, d.exps) {
+        let e = if left { exp_left } else { exp_neg_right };
+        m.iter_mut()
+            .zip(&e[r0 * w..r1 * w])
+            .for_each(|(x, &f)| *x *= f);
+        return;
+    }
     let g = if left { d.left } else { d.right };
     for r in r0..r1 {
         for c in 0..w {
@@ -141,7 +157,7 @@ pub fn scores<F: Real>(
     x: &[F],
     y: &[F],
     w: usize,
-    decay: Option<Decay<'_>>,
+    decay: Option<Decay<'_, F>>,
     strict: bool,
     alpha: F,
 ) -> Vec<F> {
@@ -186,7 +202,7 @@ pub fn apply<F: Real>(
     m: &[F],
     src: &[F],
     w: usize,
-    decay: Option<Decay<'_>>,
+    decay: Option<Decay<'_, F>>,
     strict: bool,
     out: &mut [F],
 ) {
@@ -229,7 +245,7 @@ pub fn apply_t<F: Real>(
     m: &[F],
     src: &[F],
     w: usize,
-    decay: Option<Decay<'_>>,
+    decay: Option<Decay<'_, F>>,
     strict: bool,
     out: &mut [F],
 ) {
@@ -283,10 +299,11 @@ mod tests {
         ] {
             let (len, w) = (64, 3);
             let g: Vec<f64> = (0..len * w).map(|i| step * ((i / w) + 1) as f64).collect();
-            let d = Decay {
+            let d = Decay::<f32> {
                 left: &g,
                 right: &g,
                 w,
+                exps: None,
             };
             let mut seen = vec![0; len * len];
             for b in blocks::<f32>(len, Some(&d), strict) {
