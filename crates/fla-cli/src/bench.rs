@@ -14,6 +14,8 @@ use fla_tensor::{Error, Result, Tensor};
 pub enum BenchCommand {
     /// The CPU forms (B=4, H=4, K=V in 64 and 128, T from 256 to 8192).
     Cpu(CpuArgs),
+    /// The CUDA kernels at 32768 tokens per batch (bf16; H=16 K=V=128 and H=4 K=256 V=512).
+    Cuda(crate::bench_cuda::CudaArgs),
 }
 
 #[derive(Args)]
@@ -41,6 +43,7 @@ pub struct CpuArgs {
 pub fn run(cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Cpu(a) => cpu(a),
+        BenchCommand::Cuda(a) => crate::bench_cuda::run(a),
     }
 }
 
@@ -71,7 +74,14 @@ fn gemm_ceiling() -> f64 {
 }
 
 /// Random inputs with GLA-like gates, logsigmoid(x)/16.
-fn inputs(gate: GateKind, b: usize, t: usize, h: usize, d: usize) -> GlaInputs<f32> {
+pub fn inputs(
+    gate: GateKind,
+    b: usize,
+    t: usize,
+    h: usize,
+    dk: usize,
+    dv: usize,
+) -> GlaInputs<f32> {
     let mut state = 0x2545F4914F6CDD1Du64;
     let mut next = move || {
         state ^= state << 13;
@@ -93,20 +103,20 @@ fn inputs(gate: GateKind, b: usize, t: usize, h: usize, d: usize) -> GlaInputs<f
         Tensor::new(shape.to_vec(), data).unwrap()
     };
     let mut x = GlaInputs::new(
-        tensor(&[b, t, h, d], false),
-        tensor(&[b, t, h, d], false),
-        tensor(&[b, t, h, d], false),
+        tensor(&[b, t, h, dk], false),
+        tensor(&[b, t, h, dk], false),
+        tensor(&[b, t, h, dv], false),
     );
     match gate {
         GateKind::None => {}
         GateKind::Scalar => x.g = Some(tensor(&[b, t, h], true)),
-        _ => x.g = Some(tensor(&[b, t, h, d], true)),
+        _ => x.g = Some(tensor(&[b, t, h, dk], true)),
     }
     if gate == GateKind::Both {
-        x.gv = Some(tensor(&[b, t, h, d], true));
+        x.gv = Some(tensor(&[b, t, h, dv], true));
     }
     if gate == GateKind::KeyBonus {
-        x.u = Some(tensor(&[h, d], false));
+        x.u = Some(tensor(&[h, dk], false));
     }
     x
 }
@@ -160,8 +170,8 @@ fn cpu(a: &CpuArgs) -> Result<()> {
     print!("{table}");
     for &d in &dims {
         for &t in &lengths {
-            let x = inputs(gate, b, t, h, d);
-            let d_o = inputs(GateKind::None, b, t, h, d).v;
+            let x = inputs(gate, b, t, h, d, d);
+            let d_o = inputs(GateKind::None, b, t, h, d, d).v;
             for &form in &forms {
                 let opts = Options {
                     form,

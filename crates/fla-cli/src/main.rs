@@ -1,6 +1,7 @@
 //! The `fla` command.
 
 mod bench;
+mod bench_cuda;
 mod op;
 
 use clap::{Parser, Subcommand};
@@ -34,23 +35,5 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
-    }
-}
-
-/// `--device auto|cpu|cuda[:N]`: only the CPU back end exists so far.
-pub fn check_device(device: &str) -> fla_tensor::Result<()> {
-    match device {
-        "auto" | "cpu" => Ok(()),
-        d if d == "cuda"
-            || d.strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok()) =>
-        {
-            Err(fla_tensor::Error::Invalid(format!(
-                "device `{d}`: this build has no CUDA back end yet; use --device cpu"
-            )))
-        }
-        d => Err(fla_tensor::Error::Invalid(format!(
-            "unknown device `{d}` (expected auto, cpu or cuda[:N])"
-        ))),
     }
 }

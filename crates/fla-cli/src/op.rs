@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use fla_cuda::{DType, DeviceChoice, Gpu};
 use fla_ops::mamba::{selective_scan_backward, selective_scan_forward, ScanInputs};
 use fla_ops::{gla_backward, gla_forward, Form, GateKind, GlaInputs, Options};
 use fla_tensor::{read_safetensors, write_safetensors, Error, Real, Result, Tensor, TensorFile};
@@ -20,8 +21,12 @@ pub struct OpArgs {
     input: PathBuf,
     #[arg(long)]
     output: PathBuf,
+    /// auto | cpu | cuda | cuda:N (auto: the GPU when one is usable and runs this op)
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Element type of q, k, v on the GPU: f32 or bf16 (gates, states and sums stay f32)
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Offsets of sequences packed along T, e.g. 0,37,100 (needs B = 1)
     #[arg(long, value_delimiter = ',')]
     cu_seqlens: Option<Vec<usize>>,
@@ -32,13 +37,44 @@ pub struct OpArgs {
     precision: String,
 }
 
+/// Why the GPU cannot run this call, if it cannot.
+fn cuda_unsupported(a: &OpArgs, file: &TensorFile) -> Option<String> {
+    if a.gate == "full" {
+        Some("the selective scan (gate full) runs on the CPU only".into())
+    } else if a.precision != "f32" {
+        Some(format!("precision {} runs on the CPU only", a.precision))
+    } else if !matches!(a.form.as_str(), "chunk" | "fused-chunk") {
+        Some(format!(
+            "form {} runs on the CPU only; the GPU runs the chunk form",
+            a.form
+        ))
+    } else if file.tensors.contains_key("do") || file.tensors.contains_key("dht") {
+        Some("gradients do not run on CUDA yet".into())
+    } else {
+        None
+    }
+}
+
 pub fn run(a: &OpArgs) -> Result<()> {
-    crate::check_device(&a.device)?;
+    let choice: DeviceChoice = a.device.parse()?;
+    let dtype: DType = a.dtype.parse()?;
     let file = read_safetensors(&a.input)?;
-    let out = match a.precision.as_str() {
-        "f32" => compute::<f32>(a, &file)?,
-        "f64" => compute::<f64>(a, &file)?,
-        p => {
+    let gpu = match (choice, cuda_unsupported(a, &file)) {
+        (DeviceChoice::Cpu, _) | (DeviceChoice::Auto, Some(_)) => None,
+        (DeviceChoice::Cuda(_), Some(why)) => {
+            return Err(Error::Invalid(format!(
+                "--device {}: {why}; use --device cpu",
+                a.device
+            )))
+        }
+        (DeviceChoice::Cuda(n), None) => Some(Gpu::new(n)?),
+        (DeviceChoice::Auto, None) => Gpu::new(0).ok(),
+    };
+    let out = match (a.precision.as_str(), &gpu) {
+        ("f32", Some(gpu)) => compute_cuda(a, &file, gpu, dtype)?,
+        ("f32", None) => compute::<f32>(a, &file)?,
+        ("f64", None) => compute::<f64>(a, &file)?,
+        (p, _) => {
             return Err(Error::Invalid(format!(
                 "unknown precision `{p}` (expected f32 or f64)"
             )))
@@ -50,21 +86,62 @@ pub fn run(a: &OpArgs) -> Result<()> {
     Ok(())
 }
 
-fn compute<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<TensorFile> {
+fn scale(file: &TensorFile) -> Result<Option<f64>> {
+    match file.metadata.get("scale") {
+        None => Ok(None),
+        Some(s) => s
+            .trim()
+            .parse::<f64>()
+            .map(Some)
+            .map_err(|_| Error::Invalid(format!("metadata `scale` = `{s}` is not a number"))),
+    }
+}
+
+fn getter<'a, F: Real>(
+    a: &'a OpArgs,
+    file: &'a TensorFile,
+) -> (
+    impl Fn(&str) -> Option<Tensor<F>> + 'a,
+    impl Fn(&str) -> Result<Tensor<F>> + 'a,
+) {
     let get = |name: &str| file.tensors.get(name).map(|t| t.cast::<F>());
-    let need = |name: &str| {
+    let need = move |name: &str| {
         get(name).ok_or_else(|| Error::Missing {
             name: name.into(),
             why: format!("the input file {} has no such tensor", a.input.display()),
         })
     };
-    let scale =
-        match file.metadata.get("scale") {
-            None => None,
-            Some(s) => Some(s.trim().parse::<f64>().map_err(|_| {
-                Error::Invalid(format!("metadata `scale` = `{s}` is not a number"))
-            })?),
-        };
+    (get, need)
+}
+
+fn gla_inputs<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<GlaInputs<F>> {
+    let (get, need) = getter::<F>(a, file);
+    Ok(GlaInputs {
+        q: need("q")?,
+        k: need("k")?,
+        v: need("v")?,
+        g: get("g"),
+        gv: get("gv"),
+        u: get("u"),
+        h0: get("h0"),
+        scale: scale(file)?,
+        cu_seqlens: a.cu_seqlens.clone(),
+    })
+}
+
+/// The forward on the GPU (cuda_unsupported has ruled out everything else).
+fn compute_cuda(a: &OpArgs, file: &TensorFile, gpu: &Gpu, dtype: DType) -> Result<TensorFile> {
+    let gate: GateKind = a.gate.parse()?;
+    let y = fla_cuda::gla_forward(gpu, gate, &gla_inputs::<f32>(a, file)?, dtype)?;
+    let mut out = TensorFile::default();
+    out.tensors.insert("o".into(), y.o);
+    out.tensors.insert("ht".into(), y.ht);
+    Ok(out)
+}
+
+fn compute<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<TensorFile> {
+    let (get, need) = getter::<F>(a, file);
+    let scale = scale(file)?;
     let mut out = TensorFile::default();
     let mut put = |name: &str, t: Option<Tensor<F>>| {
         if let Some(t) = t {
@@ -116,17 +193,7 @@ fn compute<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<TensorFile> {
         form: a.form.parse::<Form>()?,
         chunk_size: a.chunk_size,
     };
-    let x = GlaInputs {
-        q: need("q")?,
-        k: need("k")?,
-        v: need("v")?,
-        g: get("g"),
-        gv: get("gv"),
-        u: get("u"),
-        h0: get("h0"),
-        scale,
-        cu_seqlens: a.cu_seqlens.clone(),
-    };
+    let x = gla_inputs::<F>(a, file)?;
     let y = gla_forward(gate, &x, &opts)?;
     put("o", Some(y.o));
     put("ht", Some(y.ht));

@@ -27,6 +27,8 @@ pub enum Error {
     },
     /// A file was read but is not what it should be.
     Format { path: PathBuf, message: String },
+    /// The GPU back end cannot run: no driver, no NVRTC, an unsupported GPU, a failed launch.
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -61,6 +63,7 @@ impl fmt::Display for Error {
             Error::Invalid(msg) => f.write_str(msg),
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Format { path, message } => write!(f, "{}: {message}", path.display()),
+            Error::Device(msg) => write!(f, "CUDA: {msg}"),
         }
     }
 }

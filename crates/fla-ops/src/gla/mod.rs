@@ -189,17 +189,17 @@ pub struct GlaGrads<F> {
     pub dh0: Option<Tensor<F>>,
 }
 
-/// The checked sizes of a call.
-struct Problem {
-    gate: GateKind,
-    b: usize,
-    t: usize,
-    h: usize,
-    dk: usize,
-    dv: usize,
+/// The checked sizes of a call (shared with the GPU back end, which checks the same way).
+pub struct Problem {
+    pub gate: GateKind,
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub dk: usize,
+    pub dv: usize,
     /// (batch row, start, length) of each sequence.
-    spans: Vec<(usize, usize, usize)>,
-    scale: f64,
+    pub spans: Vec<(usize, usize, usize)>,
+    pub scale: f64,
 }
 
 fn check_gate<F: Real>(name: &str, g: &Tensor<F>) -> Result<()> {
@@ -227,7 +227,8 @@ fn required<'a, F>(name: &str, x: &'a Option<Tensor<F>>, gate: GateKind) -> Resu
 }
 
 impl Problem {
-    fn new<F: Real>(gate: GateKind, x: &GlaInputs<F>) -> Result<Problem> {
+    /// Checks every input's shape, presence and values for `gate`.
+    pub fn new<F: Real>(gate: GateKind, x: &GlaInputs<F>) -> Result<Problem> {
         let qs = x.q.shape();
         if qs.len() != 4 {
             return Err(Error::Shape {

@@ -1,0 +1,97 @@
+//! `fla bench cuda`: our kernels at 32768 tokens per batch, timed with device events. The
+//! side-by-side comparison with fla and PyTorch's SDPA, and the floors, are in
+//! bench/compare.py, which reads the JSON this writes.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::Args;
+use fla_cuda::{DType, DeviceGla, Gpu};
+use fla_ops::GateKind;
+use fla_tensor::{Error, Result};
+
+use crate::bench::inputs;
+
+#[derive(Args)]
+pub struct CudaArgs {
+    /// Gate kind to time (key is fla's chunk_gla, scalar its chunk_simple_gla)
+    #[arg(long, value_delimiter = ',', default_value = "key,scalar")]
+    gates: Vec<String>,
+    /// Sequence lengths (B = 32768 / T)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384"
+    )]
+    lengths: Vec<usize>,
+    /// f32 or bf16
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// GPU ordinal
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+    /// Also write the records as JSON here
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const TOKENS: usize = 32768;
+/// (H, K, V) of the two head configurations.
+const CONFIGS: [(usize, usize, usize); 2] = [(16, 128, 128), (4, 256, 512)];
+
+fn op_name(gate: GateKind) -> &'static str {
+    match gate {
+        GateKind::Scalar => "chunk_simple_gla",
+        GateKind::Key => "chunk_gla",
+        GateKind::KeyBonus => "chunk_rwkv6",
+        GateKind::None => "chunk_linear_attn",
+        GateKind::Both => "chunk_gla_both",
+    }
+}
+
+pub fn run(a: &CudaArgs) -> Result<()> {
+    let gpu = Gpu::new(a.gpu)?;
+    let dtype: DType = a.dtype.parse()?;
+    let gates: Vec<GateKind> = a.gates.iter().map(|g| g.parse()).collect::<Result<_>>()?;
+    let mut table = String::new();
+    writeln!(
+        table,
+        "fla bench cuda on {}: {dtype:?}, {TOKENS} tokens per batch",
+        gpu.describe()
+    )
+    .unwrap();
+    writeln!(
+        table,
+        "{:<18} {:>3} {:>5} {:>3} {:>4} {:>4} {:>9}",
+        "op", "B", "T", "H", "K", "V", "fwd ms"
+    )
+    .unwrap();
+    print!("{table}");
+    let mut records = Vec::new();
+    for &gate in &gates {
+        for &(h, dk, dv) in &CONFIGS {
+            for &t in &a.lengths {
+                if !TOKENS.is_multiple_of(t) {
+                    return Err(Error::Invalid(format!("T={t} does not divide {TOKENS}")));
+                }
+                let b = TOKENS / t;
+                let x = inputs(gate, b, t, h, dk, dv);
+                let mut d = DeviceGla::upload(&gpu, gate, &x, dtype)?;
+                let fwd = gpu.time_ms(3, 20, || d.forward(&gpu))?;
+                let op = op_name(gate);
+                let line = format!("{op:<18} {b:>3} {t:>5} {h:>3} {dk:>4} {dv:>4} {fwd:>9.3}\n");
+                print!("{line}");
+                table.push_str(&line);
+                records.push(format!(
+                    "{{\"op\":\"{op}\",\"impl\":\"ours\",\"B\":{b},\"T\":{t},\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{fwd:.4},\"fwdbwd_ms\":null}}"
+                ));
+            }
+        }
+    }
+    if let Some(path) = &a.json {
+        let body = format!("[\n  {}\n]\n", records.join(",\n  "));
+        fla_tensor::write_atomic(path, body.as_bytes())
+            .map_err(|e| Error::Invalid(format!("writing the JSON: {e}")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+// Shared pieces of the kernels: bf16 without toolkit headers, and one small matrix product
+// on shared-memory tiles (tensor cores in the bf16 build, FMA in the f32 build).
+//
+// Compile-time settings (-D): USE_BF16 (0/1), NT (threads per block).
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float bf16_to_f(bf16_t x) { return __uint_as_float(((u32)x) << 16); }
+
+// Round to nearest even, NaN kept a NaN.
+__device__ __forceinline__ bf16_t f_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+#if USE_BF16
+typedef bf16_t io_t;  // q, k, v, o, do and their gradients in device memory and shared tiles
+__device__ __forceinline__ float to_f(bf16_t x) { return bf16_to_f(x); }
+__device__ __forceinline__ bf16_t from_f(float x) { return f_to_bf16(x); }
+#define EXP(x) __expf(x)
+#else
+typedef float io_t;
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float from_f(float x) { return x; }
+#define EXP(x) expf(x)
+#endif
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16_t x) { return bf16_to_f(x); }
+
+#define NW (NT / 32)
+
+// A strided view of a matrix in shared memory: element (r, c) at p[r * rs + c * cs].
+template <typename T>
+struct Mat {
+    const T* p;
+    int rs, cs;
+    __device__ __forceinline__ float at(int r, int c) const { return to_f32(p[r * rs + c * cs]); }
+};
+
+template <typename T>
+__device__ __forceinline__ Mat<T> mat(const T* p, int rs, int cs) {
+    Mat<T> m;
+    m.p = p;
+    m.rs = rs;
+    m.cs = cs;
+    return m;
+}
+
+#if USE_BF16
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// C (M x N, f32, row stride ldc) = alpha * A B (+ C when acc). M and the inner size D are
+// multiples of 16, N of 8. Every thread of the block calls it; the caller synchronises
+// before (operands written) and after (C read). Each warp takes 16 x 32 tiles of C and
+// issues mma.m16n8k16 (bf16 operands rounded from the tiles, f32 accumulation).
+template <typename TA, typename TB>
+__device__ void gemm(float* c, int ldc, Mat<TA> a, Mat<TB> b, int M, int N, int D, float alpha,
+                     bool acc) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r = lane >> 2, cc = (lane & 3) * 2;
+    const int tiles_n = (N + 31) / 32;
+    for (int tile = warp; tile < (M / 16) * tiles_n; tile += NW) {
+        const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 32;
+        float d[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) d[j][e] = 0.f;
+        for (int k0 = 0; k0 < D; k0 += 16) {
+            const u32 a0 = pack_bf16x2(a.at(m0 + r, k0 + cc), a.at(m0 + r, k0 + cc + 1));
+            const u32 a1 = pack_bf16x2(a.at(m0 + r + 8, k0 + cc), a.at(m0 + r + 8, k0 + cc + 1));
+            const u32 a2 = pack_bf16x2(a.at(m0 + r, k0 + cc + 8), a.at(m0 + r, k0 + cc + 9));
+            const u32 a3 =
+                pack_bf16x2(a.at(m0 + r + 8, k0 + cc + 8), a.at(m0 + r + 8, k0 + cc + 9));
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int n = n0 + j * 8 + r;
+                if (n0 + j * 8 >= N) break;
+                const u32 b0 = pack_bf16x2(b.at(k0 + cc, n), b.at(k0 + cc + 1, n));
+                const u32 b1 = pack_bf16x2(b.at(k0 + cc + 8, n), b.at(k0 + cc + 9, n));
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                    "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                    : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (n0 + j * 8 >= N) break;
+            const int n = n0 + j * 8 + cc;
+            float* c0 = c + (m0 + r) * ldc + n;
+            float* c1 = c + (m0 + r + 8) * ldc + n;
+            c0[0] = alpha * d[j][0] + (acc ? c0[0] : 0.f);
+            c0[1] = alpha * d[j][1] + (acc ? c0[1] : 0.f);
+            c1[0] = alpha * d[j][2] + (acc ? c1[0] : 0.f);
+            c1[1] = alpha * d[j][3] + (acc ? c1[1] : 0.f);
+        }
+    }
+}
+#else
+// The f32 build: the same product with FMAs in f32, for checking.
+template <typename TA, typename TB>
+__device__ void gemm(float* c, int ldc, Mat<TA> a, Mat<TB> b, int M, int N, int D, float alpha,
+                     bool acc) {
+    for (int idx = threadIdx.x; idx < M * N; idx += NT) {
+        const int m = idx / N, n = idx % N;
+        float s = 0.f;
+        for (int k = 0; k < D; k++) s = fmaf(a.at(m, k), b.at(k, n), s);
+        float* out = c + m * ldc + n;
+        *out = alpha * s + (acc ? *out : 0.f);
+    }
+}
+#endif
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}

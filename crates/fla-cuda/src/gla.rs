@@ -1,0 +1,294 @@
+//! The gated linear attention family on the GPU: inputs uploaded once into device buffers,
+//! kernels launched on them, results read back as host f32 tensors in the exchange layout.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use fla_ops::gla::Problem;
+use fla_ops::{GateKind, GlaInputs, GlaOutputs};
+use fla_tensor::{Error, Result, Tensor};
+
+use crate::device::{device_err, Gpu};
+
+const FWD: &str = concat!(
+    include_str!("../kernels/common.cuh"),
+    "\n",
+    include_str!("../kernels/gla_fwd.cu")
+);
+/// Threads per block of every GLA kernel.
+const NT: u32 = 256;
+
+/// Element type of q, k, v, o and their gradients on the device. Gates, states and every
+/// accumulation stay f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::Bf16),
+            _ => Err(Error::Invalid(format!(
+                "unknown dtype `{s}`: expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl DType {
+    fn bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+}
+
+/// A device buffer of q, k, v or o in the chosen dtype (bf16 as its bits).
+pub enum Buf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl Buf {
+    fn upload(gpu: &Gpu, x: &[f32], dtype: DType) -> Result<Buf> {
+        let s = &gpu.stream;
+        Ok(match dtype {
+            DType::F32 => Buf::F32(s.clone_htod(x).map_err(device_err("upload"))?),
+            DType::Bf16 => {
+                let bits: Vec<u16> = x
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                Buf::Bf16(s.clone_htod(&bits).map_err(device_err("upload"))?)
+            }
+        })
+    }
+
+    fn zeros(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
+        let s = &gpu.stream;
+        Ok(match dtype {
+            DType::F32 => Buf::F32(s.alloc_zeros(n).map_err(device_err("allocation"))?),
+            DType::Bf16 => Buf::Bf16(s.alloc_zeros(n).map_err(device_err("allocation"))?),
+        })
+    }
+
+    fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let s = &gpu.stream;
+        Ok(match self {
+            Buf::F32(b) => s.clone_dtoh(b).map_err(device_err("download"))?,
+            Buf::Bf16(b) => s
+                .clone_dtoh(b)
+                .map_err(device_err("download"))?
+                .into_iter()
+                .map(|x| half::bf16::from_bits(x).to_f32())
+                .collect(),
+        })
+    }
+
+    fn ptr(&self, gpu: &Gpu) -> u64 {
+        match self {
+            Buf::F32(b) => b.device_ptr(&gpu.stream).0,
+            Buf::Bf16(b) => b.device_ptr(&gpu.stream).0,
+        }
+    }
+
+    fn ptr_mut(&mut self, gpu: &Gpu) -> u64 {
+        match self {
+            Buf::F32(b) => b.device_ptr_mut(&gpu.stream).0,
+            Buf::Bf16(b) => b.device_ptr_mut(&gpu.stream).0,
+        }
+    }
+}
+
+fn opt_ptr(x: &Option<CudaSlice<f32>>, gpu: &Gpu) -> u64 {
+    x.as_ref().map_or(0, |b| b.device_ptr(&gpu.stream).0)
+}
+
+fn upload_f32(gpu: &Gpu, x: Option<&Tensor<f32>>) -> Result<Option<CudaSlice<f32>>> {
+    x.map(|t| {
+        gpu.stream
+            .clone_htod(t.data())
+            .map_err(device_err("upload"))
+    })
+    .transpose()
+}
+
+/// Shared memory of the fused forward kernel; the same sum as the OFF_* chain in gla_fwd.cu.
+fn fwd_smem(c: usize, dk: usize, bv: usize, io: usize, has_g: bool, has_gv: bool) -> usize {
+    2 * c * dk * io
+        + c * bv * io
+        + if has_g { c * dk * 4 } else { 0 }
+        + if has_gv { c * bv * 4 } else { 0 }
+        + c * c * 4
+        + dk * bv * 4
+        + c * bv * 4
+        + c * 4
+        + 16
+}
+
+/// The inputs of one GLA call, on the device, with room for the outputs.
+pub struct DeviceGla {
+    gate: GateKind,
+    dtype: DType,
+    b: usize,
+    t: usize,
+    h: usize,
+    dk: usize,
+    dv: usize,
+    n_seqs: usize,
+    scale: f32,
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    g: Option<CudaSlice<f32>>,
+    gv: Option<CudaSlice<f32>>,
+    u: Option<CudaSlice<f32>>,
+    h0: Option<CudaSlice<f32>>,
+    cu_seqlens: CudaSlice<i32>,
+    pub o: Buf,
+    pub ht: CudaSlice<f32>,
+}
+
+/// The tiling of the fused forward: (chunk size, V tile), the largest that fit in shared memory.
+fn fwd_tiling(
+    gpu: &Gpu,
+    gate: GateKind,
+    dtype: DType,
+    dk: usize,
+    dv: usize,
+) -> Result<(usize, usize)> {
+    let has_g = gate != GateKind::None;
+    let has_gv = gate == GateKind::Both;
+    for c in [64, 32] {
+        for bv in [64, 32, 16] {
+            if dv.is_multiple_of(bv)
+                && fwd_smem(c, dk, bv, dtype.bytes(), has_g, has_gv) <= gpu.max_smem()
+            {
+                return Ok((c, bv));
+            }
+        }
+    }
+    Err(Error::Device(format!(
+        "head sizes K={dk}, V={dv} do not fit the GPU's shared memory"
+    )))
+}
+
+impl DeviceGla {
+    /// Checks the inputs like the CPU op does, then uploads them (q, k, v in `dtype`).
+    pub fn upload(gpu: &Gpu, gate: GateKind, x: &GlaInputs<f32>, dtype: DType) -> Result<Self> {
+        let p = Problem::new(gate, x)?;
+        if p.dk % 16 != 0 || p.dv % 16 != 0 || p.dk > 256 || p.dv > 512 {
+            return Err(Error::Invalid(format!(
+                "the CUDA kernels take head sizes K in 16..=256 and V in 16..=512, multiples of 16; got K={}, V={}",
+                p.dk, p.dv
+            )));
+        }
+        let n_seqs = p.spans.len();
+        let cu: Vec<i32> = match &x.cu_seqlens {
+            Some(c) => c.iter().map(|&x| x as i32).collect(),
+            None => (0..=p.b).map(|i| (i * p.t) as i32).collect(),
+        };
+        if p.b * p.t > i32::MAX as usize {
+            return Err(Error::Invalid("more than 2^31 tokens in one call".into()));
+        }
+        let s = &gpu.stream;
+        Ok(DeviceGla {
+            gate,
+            dtype,
+            b: p.b,
+            t: p.t,
+            h: p.h,
+            dk: p.dk,
+            dv: p.dv,
+            n_seqs,
+            scale: p.scale as f32,
+            q: Buf::upload(gpu, x.q.data(), dtype)?,
+            k: Buf::upload(gpu, x.k.data(), dtype)?,
+            v: Buf::upload(gpu, x.v.data(), dtype)?,
+            g: upload_f32(gpu, x.g.as_ref())?,
+            gv: upload_f32(gpu, x.gv.as_ref())?,
+            u: upload_f32(gpu, x.u.as_ref())?,
+            h0: upload_f32(gpu, x.h0.as_ref())?,
+            cu_seqlens: s.clone_htod(&cu).map_err(device_err("upload"))?,
+            o: Buf::zeros(gpu, p.b * p.t * p.h * p.dv, dtype)?,
+            ht: s
+                .alloc_zeros(n_seqs * p.h * p.dk * p.dv)
+                .map_err(device_err("allocation"))?,
+        })
+    }
+
+    /// Launches the forward: o and ht (the final states) into this struct's buffers.
+    pub fn forward(&mut self, gpu: &Gpu) -> Result<()> {
+        let (c, bv) = fwd_tiling(gpu, self.gate, self.dtype, self.dk, self.dv)?;
+        let has_g = self.gate != GateKind::None;
+        let has_gv = self.gate == GateKind::Both;
+        let smem = fwd_smem(c, self.dk, bv, self.dtype.bytes(), has_g, has_gv);
+        let defines = [
+            ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
+            ("NT", NT as i64),
+            ("HEAD_K", self.dk as i64),
+            ("HEAD_V", self.dv as i64),
+            ("BV", bv as i64),
+            ("CHUNK", c as i64),
+            ("HAS_G", i64::from(has_g)),
+            ("G_SCALAR", i64::from(self.gate == GateKind::Scalar)),
+            ("HAS_GV", i64::from(has_gv)),
+            ("HAS_U", i64::from(self.gate == GateKind::KeyBonus)),
+            ("HAS_H0", i64::from(self.h0.is_some())),
+            ("STORE_HT", 1),
+        ];
+        let f = gpu.function(FWD, "gla_fwd", &defines, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((self.dv / bv) as u32, self.h as u32, self.n_seqs as u32),
+            block_dim: (NT, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (q, k, v) = (self.q.ptr(gpu), self.k.ptr(gpu), self.v.ptr(gpu));
+        let (g, gv, u, h0) = (
+            opt_ptr(&self.g, gpu),
+            opt_ptr(&self.gv, gpu),
+            opt_ptr(&self.u, gpu),
+            opt_ptr(&self.h0, gpu),
+        );
+        let o = self.o.ptr_mut(gpu);
+        let ht = self.ht.device_ptr_mut(&gpu.stream).0;
+        let cu = self.cu_seqlens.device_ptr(&gpu.stream).0;
+        let h = self.h as i32;
+        let mut launch = gpu.stream.launch_builder(&f);
+        for p in [&q, &k, &v, &g, &gv, &u, &h0, &o, &ht, &cu] {
+            launch.arg(p);
+        }
+        launch.arg(&h).arg(&self.scale);
+        unsafe { launch.launch(cfg) }.map_err(device_err("gla_fwd launch"))?;
+        Ok(())
+    }
+
+    /// o [B,T,H,V] and ht [N,H,K,V] as host f32 tensors.
+    pub fn outputs(&self, gpu: &Gpu) -> Result<GlaOutputs<f32>> {
+        gpu.synchronize()?;
+        let o = self.o.download(gpu)?;
+        let ht = gpu
+            .stream
+            .clone_dtoh(&self.ht)
+            .map_err(device_err("download"))?;
+        Ok(GlaOutputs {
+            o: Tensor::new(vec![self.b, self.t, self.h, self.dv], o)?,
+            ht: Tensor::new(vec![self.n_seqs, self.h, self.dk, self.dv], ht)?,
+        })
+    }
+}
+
+/// The forward pass on the GPU from host tensors: upload, launch, read back.
+pub fn gla_forward(
+    gpu: &Gpu,
+    gate: GateKind,
+    x: &GlaInputs<f32>,
+    dtype: DType,
+) -> Result<GlaOutputs<f32>> {
+    let mut d = DeviceGla::upload(gpu, gate, x, dtype)?;
+    d.forward(gpu)?;
+    d.outputs(gpu)
+}

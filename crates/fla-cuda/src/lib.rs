@@ -1,0 +1,11 @@
+//! The CUDA back end: the project's own kernels (kernels/*.cu), compiled at first use by
+//! NVRTC for the GPU's architecture and cached on disk, launched through the driver API.
+//! Nothing of CUDA is needed to build: the driver and NVRTC libraries are loaded at run time,
+//! and a machine without them gets a one-line error naming what is missing.
+
+mod device;
+mod gla;
+mod nvrtc;
+
+pub use device::{open, DeviceChoice, Gpu};
+pub use gla::{gla_forward, Buf, DType, DeviceGla};
