@@ -41,6 +41,35 @@ struct Mat {
     __device__ __forceinline__ float at(int r, int c) const { return to_f32(p[r * rs + c * cs]); }
 };
 
+// Asynchronous 16-byte copy global -> shared (sm_80+); with `valid` false it writes zeros
+// and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    u32 d;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
+// Starts copying a tile of `tile_rows` rows x `width` columns into dst (row-major) from rows
+// row0.. of a [tokens, H, width_full] tensor at head hh, columns col0..; rows from `rows` on
+// are zeros. width * sizeof(T) must be a multiple of 16 bytes, and so must col0's offset.
+template <typename T>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, size_t row0, int rows,
+                                          int tile_rows, int H, int hh, int width_full,
+                                          int col0, int width) {
+    const int e = 16 / sizeof(T), per_row = width / e;
+    for (int idx = threadIdx.x; idx < tile_rows * per_row; idx += NT) {
+        const int i = idx / per_row, p = idx % per_row;
+        const bool ok = i < rows;
+        const T* s = ok ? src + ((row0 + i) * H + hh) * (size_t)width_full + col0 + p * e : src;
+        cp_async16(dst + i * width + p * e, s, ok);
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ Mat<T> mat(const T* p, int rs, int cs) {
     Mat<T> m;
@@ -55,6 +84,17 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+}
+
+// Elements (r, c) and (r + dr, c + dc) as a bf16 pair, the first in the low half: one 32-bit
+// load when they are adjacent bf16 in memory, else two loads and a conversion.
+__device__ __forceinline__ u32 pair(Mat<bf16_t> m, int r, int c, int dr, int dc) {
+    const int at = r * m.rs + c * m.cs;
+    if (dr * m.rs + dc * m.cs == 1 && (at & 1) == 0) return *(const u32*)(m.p + at);
+    return (u32)m.p[at] | ((u32)m.p[at + dr * m.rs + dc * m.cs] << 16);
+}
+__device__ __forceinline__ u32 pair(Mat<float> m, int r, int c, int dr, int dc) {
+    return pack_bf16x2(m.at(r, c), m.at(r + dr, c + dc));
 }
 
 // C (M x N, f32, row stride ldc) = alpha * A B (+ C when acc). M and the inner size D are
@@ -75,17 +115,16 @@ __device__ void gemm(float* c, int ldc, Mat<TA> a, Mat<TB> b, int M, int N, int 
 #pragma unroll
             for (int e = 0; e < 4; e++) d[j][e] = 0.f;
         for (int k0 = 0; k0 < D; k0 += 16) {
-            const u32 a0 = pack_bf16x2(a.at(m0 + r, k0 + cc), a.at(m0 + r, k0 + cc + 1));
-            const u32 a1 = pack_bf16x2(a.at(m0 + r + 8, k0 + cc), a.at(m0 + r + 8, k0 + cc + 1));
-            const u32 a2 = pack_bf16x2(a.at(m0 + r, k0 + cc + 8), a.at(m0 + r, k0 + cc + 9));
-            const u32 a3 =
-                pack_bf16x2(a.at(m0 + r + 8, k0 + cc + 8), a.at(m0 + r + 8, k0 + cc + 9));
+            const u32 a0 = pair(a, m0 + r, k0 + cc, 0, 1);
+            const u32 a1 = pair(a, m0 + r + 8, k0 + cc, 0, 1);
+            const u32 a2 = pair(a, m0 + r, k0 + cc + 8, 0, 1);
+            const u32 a3 = pair(a, m0 + r + 8, k0 + cc + 8, 0, 1);
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const int n = n0 + j * 8 + r;
-                if (n0 + j * 8 >= N) break;
-                const u32 b0 = pack_bf16x2(b.at(k0 + cc, n), b.at(k0 + cc + 1, n));
-                const u32 b1 = pack_bf16x2(b.at(k0 + cc + 8, n), b.at(k0 + cc + 9, n));
+                if (n0 + j * 8 >= N) continue;
+                const u32 b0 = pair(b, k0 + cc, n, 1, 0);
+                const u32 b1 = pair(b, k0 + cc + 8, n, 1, 0);
                 asm volatile(
                     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -95,7 +134,7 @@ __device__ void gemm(float* c, int ldc, Mat<TA> a, Mat<TB> b, int M, int N, int 
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            if (n0 + j * 8 >= N) break;
+            if (n0 + j * 8 >= N) continue;
             const int n = n0 + j * 8 + cc;
             float* c0 = c + (m0 + r) * ldc + n;
             float* c1 = c + (m0 + r + 8) * ldc + n;

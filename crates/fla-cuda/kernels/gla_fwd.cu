@@ -61,25 +61,23 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
         const int rows = min(C, len - c0);
         if (tid < 2) red[tid] = 0.f;
         // Load the chunk; rows past the sequence end are zeros (no key, no gate).
-        for (int idx = tid; idx < C * KD; idx += NT) {
-            const int i = idx / KD, kk = idx % KD;
-            const size_t t = (size_t)bos + c0 + i;
-            const bool in = i < rows;
-            sq[idx] = in ? q[(t * H + hh) * KD + kk] : from_f(0.f);
-            sk[idx] = in ? k[(t * H + hh) * KD + kk] : from_f(0.f);
-#if HAS_G
-            sG[idx] = in ? g[G_SCALAR ? t * H + hh : (t * H + hh) * KD + kk] : 0.f;
+        const size_t row0 = (size_t)bos + c0;
+        load_tile(sq, q, row0, rows, C, H, hh, KD, 0, KD);
+        load_tile(sk, k, row0, rows, C, H, hh, KD, 0, KD);
+        load_tile(sv, v, row0, rows, C, H, hh, HEAD_V, v0, BV);
+#if HAS_G && !G_SCALAR
+        load_tile(sG, g, row0, rows, C, H, hh, KD, 0, KD);
 #endif
-        }
-        for (int idx = tid; idx < C * BV; idx += NT) {
-            const int i = idx / BV, c = idx % BV;
-            const size_t t = (size_t)bos + c0 + i;
-            const bool in = i < rows;
-            sv[idx] = in ? v[(t * H + hh) * HEAD_V + v0 + c] : from_f(0.f);
 #if HAS_GV
-            sB[idx] = in ? gv[(t * H + hh) * HEAD_V + v0 + c] : 0.f;
+        load_tile(sB, gv, row0, rows, C, H, hh, HEAD_V, v0, BV);
 #endif
+#if HAS_G && G_SCALAR
+        for (int idx = tid; idx < C * KD; idx += NT) {
+            const int i = idx / KD;
+            sG[idx] = i < rows ? g[(row0 + i) * H + hh] : 0.f;
         }
+#endif
+        cp_async_wait_all();
         __syncthreads();
 
         // Cumulative gates down each column, and the chunk's total decay max(-Γ).

@@ -45,6 +45,7 @@ pub struct Gpu {
     name: String,
     arch: String,
     max_smem: usize,
+    sms: usize,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }
 
@@ -84,6 +85,11 @@ impl Gpu {
         let max_smem = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(device_err("no shared-memory limit"))? as usize;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(device_err("no multiprocessor count"))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let stream = ctx.default_stream();
         Ok(Gpu {
@@ -92,6 +98,7 @@ impl Gpu {
             name,
             arch,
             max_smem,
+            sms,
             modules: Mutex::new(HashMap::new()),
         })
     }
@@ -108,6 +115,11 @@ impl Gpu {
     /// The most dynamic shared memory one block may take.
     pub fn max_smem(&self) -> usize {
         self.max_smem
+    }
+
+    /// The number of streaming multiprocessors.
+    pub fn sms(&self) -> usize {
+        self.sms
     }
 
     /// Kernel `name` of `source` compiled with `defines`, loaded once per set of defines,

@@ -152,13 +152,21 @@ pub struct DeviceGla {
     pub ht: CudaSlice<f32>,
 }
 
-/// The tiling of the fused forward: (chunk size, V tile), the largest that fit in shared memory.
+/// `FLA_GLA_BV`: a V tile to use instead of the chosen one (16, 32 or 64), for tuning.
+fn forced_bv() -> Option<usize> {
+    let bv = std::env::var("FLA_GLA_BV").ok()?.parse().ok()?;
+    [16, 32, 64].contains(&bv).then_some(bv)
+}
+
+/// The tiling of the fused forward: (chunk size, V tile), the largest that fit in shared
+/// memory, with the V tile narrowed while that leaves more than half the GPU idle (few
+/// sequences and heads; each V tile recomputes the chunk's attention, so narrower costs).
 fn fwd_tiling(
     gpu: &Gpu,
     gate: GateKind,
     dtype: DType,
-    dk: usize,
-    dv: usize,
+    (dk, dv): (usize, usize),
+    heads: usize,
 ) -> Result<(usize, usize)> {
     let has_g = gate != GateKind::None;
     let has_gv = gate == GateKind::Both;
@@ -167,6 +175,17 @@ fn fwd_tiling(
             if dv.is_multiple_of(bv)
                 && fwd_smem(c, dk, bv, dtype.bytes(), has_g, has_gv) <= gpu.max_smem()
             {
+                if let Some(forced) = forced_bv() {
+                    if dv.is_multiple_of(forced)
+                        && fwd_smem(c, dk, forced, dtype.bytes(), has_g, has_gv) <= gpu.max_smem()
+                    {
+                        return Ok((c, forced));
+                    }
+                }
+                let mut bv = bv;
+                while bv > 16 && dv.is_multiple_of(bv / 2) && 2 * heads * dv / bv <= gpu.sms() {
+                    bv /= 2;
+                }
                 return Ok((c, bv));
             }
         }
@@ -222,7 +241,8 @@ impl DeviceGla {
 
     /// Launches the forward: o and ht (the final states) into this struct's buffers.
     pub fn forward(&mut self, gpu: &Gpu) -> Result<()> {
-        let (c, bv) = fwd_tiling(gpu, self.gate, self.dtype, self.dk, self.dv)?;
+        let heads = self.n_seqs * self.h;
+        let (c, bv) = fwd_tiling(gpu, self.gate, self.dtype, (self.dk, self.dv), heads)?;
         let has_g = self.gate != GateKind::None;
         let has_gv = self.gate == GateKind::Both;
         let smem = fwd_smem(c, self.dk, bv, self.dtype.bytes(), has_g, has_gv);
