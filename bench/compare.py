@@ -137,6 +137,7 @@ def main():
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--fla-lengths", default="", help="T values for fla (few: each new shape autotunes)")
     p.add_argument("--fla-ops", default="chunk_gla")
+    p.add_argument("--fla-configs", default="16x128x128,4x256x512", help="HxKxV for fla")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     gpu = torch.cuda.get_device_name()
@@ -146,7 +147,8 @@ def main():
     rows += sdpa_rows(lengths, rate, bandwidth)
     fla_lengths = [int(x) for x in args.fla_lengths.split(",") if x]
     if fla_lengths:
-        rows += fla_rows(args.fla_ops.split(","), [(16, 128, 128), (4, 256, 512)], fla_lengths)
+        configs = [tuple(int(n) for n in c.split("x")) for c in args.fla_configs.split(",")]
+        rows += fla_rows(args.fla_ops.split(","), configs, fla_lengths)
     for r in rows:
         if r["op"].startswith("chunk"):
             r["floor_fwd_ms"], r["floor_fwdbwd_ms"] = gla_floor(r["op"], r["B"], r["T"], r["H"], r["K"], r["V"], bandwidth, rate)

@@ -54,11 +54,11 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
-// Starts copying a tile of `tile_rows` rows x `width` columns into dst (row-major) from rows
-// row0.. of a [tokens, H, width_full] tensor at head hh, columns col0..; rows from `rows` on
-// are zeros. width * sizeof(T) must be a multiple of 16 bytes, and so must col0's offset.
+// Starts copying a tile of `tile_rows` rows x `width` columns into dst (row stride ld) from
+// rows row0.. of a [tokens, H, width_full] tensor at head hh, columns col0..; rows from
+// `rows` on are zeros. width, ld and col0 must be multiples of 16 bytes.
 template <typename T>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, size_t row0, int rows,
+__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, size_t row0, int rows,
                                           int tile_rows, int H, int hh, int width_full,
                                           int col0, int width) {
     const int e = 16 / sizeof(T), per_row = width / e;
@@ -66,7 +66,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, size_t row0, int
         const int i = idx / per_row, p = idx % per_row;
         const bool ok = i < rows;
         const T* s = ok ? src + ((row0 + i) * H + hh) * (size_t)width_full + col0 + p * e : src;
-        cp_async16(dst + i * width + p * e, s, ok);
+        cp_async16(dst + i * ld + p * e, s, ok);
     }
 }
 
@@ -94,7 +94,12 @@ __device__ __forceinline__ u32 pair(Mat<bf16_t> m, int r, int c, int dr, int dc)
     return (u32)m.p[at] | ((u32)m.p[at + dr * m.rs + dc * m.cs] << 16);
 }
 __device__ __forceinline__ u32 pair(Mat<float> m, int r, int c, int dr, int dc) {
-    return pack_bf16x2(m.at(r, c), m.at(r + dr, c + dc));
+    const int at = r * m.rs + c * m.cs;
+    if (dr * m.rs + dc * m.cs == 1 && (at & 1) == 0) {
+        const float2 x = *(const float2*)(m.p + at);
+        return pack_bf16x2(x.x, x.y);
+    }
+    return pack_bf16x2(m.p[at], m.p[at + dr * m.rs + dc * m.cs]);
 }
 
 // C (M x N, f32, row stride ldc) = alpha * A B (+ C when acc). M and the inner size D are

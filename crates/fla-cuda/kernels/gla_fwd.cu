@@ -17,16 +17,24 @@
 #define C CHUNK
 #define SAFE_EXP 40.f
 
+// Row strides of the shared tiles, padded so that the rows a warp reads for one MMA fragment
+// fall in different banks (16 bytes on q, k, v; 16 or 32 bytes on the f32 tiles).
+#define QS (KD + 16 / sizeof(io_t))
+#define VS (BV + 16 / sizeof(io_t))
+#define AS (C + 8)
+#define SS (BV + 4)
+#define OS (BV + 4)
+
 // Shared memory, in this order (each region a multiple of 16 bytes for the sizes allowed).
 #define OFF_Q 0
-#define OFF_K (OFF_Q + C * KD * sizeof(io_t))
-#define OFF_V (OFF_K + C * KD * sizeof(io_t))
-#define OFF_G (OFF_V + C * BV * sizeof(io_t))
+#define OFF_K (OFF_Q + C * QS * sizeof(io_t))
+#define OFF_V (OFF_K + C * QS * sizeof(io_t))
+#define OFF_G (OFF_V + C * VS * sizeof(io_t))
 #define OFF_B (OFF_G + (HAS_G ? C * KD * 4 : 0))
 #define OFF_A (OFF_B + (HAS_GV ? C * BV * 4 : 0))
-#define OFF_S (OFF_A + C * C * 4)
-#define OFF_O (OFF_S + KD * BV * 4)
-#define OFF_D (OFF_O + C * BV * 4)
+#define OFF_S (OFF_A + C * AS * 4)
+#define OFF_O (OFF_S + KD * SS * 4)
+#define OFF_D (OFF_O + C * OS * 4)
 #define OFF_RED (OFF_D + C * 4)
 #define SMEM_BYTES (OFF_RED + 16)
 
@@ -54,7 +62,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
 
     for (int idx = tid; idx < KD * BV; idx += NT) {
         const int i = idx / BV, c = idx % BV;
-        sS[idx] = HAS_H0 ? h0[state_at + (size_t)i * HEAD_V + v0 + c] : 0.f;
+        sS[i * SS + c] = HAS_H0 ? h0[state_at + (size_t)i * HEAD_V + v0 + c] : 0.f;
     }
 
     for (int c0 = 0; c0 < len; c0 += C) {
@@ -62,14 +70,14 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
         if (tid < 2) red[tid] = 0.f;
         // Load the chunk; rows past the sequence end are zeros (no key, no gate).
         const size_t row0 = (size_t)bos + c0;
-        load_tile(sq, q, row0, rows, C, H, hh, KD, 0, KD);
-        load_tile(sk, k, row0, rows, C, H, hh, KD, 0, KD);
-        load_tile(sv, v, row0, rows, C, H, hh, HEAD_V, v0, BV);
+        load_tile(sq, QS, q, row0, rows, C, H, hh, KD, 0, KD);
+        load_tile(sk, QS, k, row0, rows, C, H, hh, KD, 0, KD);
+        load_tile(sv, VS, v, row0, rows, C, H, hh, HEAD_V, v0, BV);
 #if HAS_G && !G_SCALAR
-        load_tile(sG, g, row0, rows, C, H, hh, KD, 0, KD);
+        load_tile(sG, KD, g, row0, rows, C, H, hh, KD, 0, KD);
 #endif
 #if HAS_GV
-        load_tile(sB, gv, row0, rows, C, H, hh, HEAD_V, v0, BV);
+        load_tile(sB, BV, gv, row0, rows, C, H, hh, HEAD_V, v0, BV);
 #endif
 #if HAS_G && G_SCALAR
         for (int idx = tid; idx < C * KD; idx += NT) {
@@ -107,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
             float s = 0.f;
             for (int kk = lane; kk < KD; kk += 32) {
                 const float w = HAS_U ? u[hh * KD + kk] : 1.f;
-                s += to_f(sq[i * KD + kk]) * w * to_f(sk[i * KD + kk]);
+                s += to_f(sq[i * QS + kk]) * w * to_f(sk[i * QS + kk]);
             }
             s = warp_sum(s);
             if (lane == 0) sd[i] = s;
@@ -124,9 +132,9 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
                 float s = 0.f;
                 if (j < i)
                     for (int kk = 0; kk < KD; kk++)
-                        s += to_f(sq[i * KD + kk]) * to_f(sk[j * KD + kk]) *
+                        s += to_f(sq[i * QS + kk]) * to_f(sk[j * QS + kk]) *
                              EXP(GQ(i, kk) - sG[j * KD + kk]);
-                sA[idx] = scale * s;
+                sA[i * AS + j] = scale * s;
             }
             __syncthreads();
         }
@@ -134,53 +142,58 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
         for (int idx = tid; idx < C * KD; idx += NT) {
             const int i = idx / KD, kk = idx % KD;
             const float gl = sG[(C - 1) * KD + kk];
-            sq[idx] = from_f(to_f(sq[idx]) * EXP(GQ(i, kk)));
-            sk[idx] = from_f(to_f(sk[idx]) * EXP(fast_g ? -sG[idx] : gl - sG[idx]));
+            const int at = i * QS + kk;
+            sq[at] = from_f(to_f(sq[at]) * EXP(GQ(i, kk)));
+            sk[at] = from_f(to_f(sk[at]) * EXP(fast_g ? -sG[idx] : gl - sG[idx]));
         }
 #undef GQ
         __syncthreads();
 #endif
         if (!HAS_G || fast_g) {
-            gemm(sA, C, mat(sq, KD, 1), mat(sk, 1, KD), C, C, KD, scale, false);
+            gemm(sA, AS, mat(sq, QS, 1), mat(sk, 1, QS), C, C, KD, scale, false);
             __syncthreads();
         }
         for (int idx = tid; idx < C * C; idx += NT) {
             const int i = idx / C, j = idx % C;
-            if (j >= i) sA[idx] = j == i ? scale * sd[i] : 0.f;
+            if (j >= i) sA[i * AS + j] = j == i ? scale * sd[i] : 0.f;
         }
 #if HAS_G
         if (fast_g)  // k ⊙ e^-G ⊙ e^Γ = k ⊙ e^(Γ-G)
-            for (int idx = tid; idx < C * KD; idx += NT)
-                sk[idx] = from_f(to_f(sk[idx]) * EXP(sG[(C - 1) * KD + idx % KD]));
+            for (int idx = tid; idx < C * KD; idx += NT) {
+                const int at = (idx / KD) * QS + idx % KD;
+                sk[at] = from_f(to_f(sk[at]) * EXP(sG[(C - 1) * KD + idx % KD]));
+            }
 #endif
         // Inter-chunk part: O = scale (q ⊙ e^Gq) S.
-        gemm(sO, BV, mat(sq, KD, 1), mat(sS, BV, 1), C, BV, KD, scale, false);
+        gemm(sO, OS, mat(sq, QS, 1), mat(sS, SS, 1), C, BV, KD, scale, false);
         __syncthreads();
 #if HAS_GV
         if (fast_b) {
-            for (int idx = tid; idx < C * BV; idx += NT)
-                sv[idx] = from_f(to_f(sv[idx]) * EXP(-sB[idx]));
+            for (int idx = tid; idx < C * BV; idx += NT) {
+                const int at = (idx / BV) * VS + idx % BV;
+                sv[at] = from_f(to_f(sv[at]) * EXP(-sB[idx]));
+            }
             __syncthreads();
-            gemm(sO, BV, mat(sA, C, 1), mat(sv, BV, 1), C, BV, C, 1.f, true);
+            gemm(sO, OS, mat(sA, AS, 1), mat(sv, VS, 1), C, BV, C, 1.f, true);
             __syncthreads();
-            for (int idx = tid; idx < C * BV; idx += NT) sO[idx] *= EXP(sB[idx]);
+            for (int idx = tid; idx < C * BV; idx += NT) sO[(idx / BV) * OS + idx % BV] *= EXP(sB[idx]);
         } else {
             for (int idx = tid; idx < C * BV; idx += NT) {
                 const int i = idx / BV, c = idx % BV;
-                float s = sO[idx] * EXP(sB[idx]);
+                float s = sO[i * OS + c] * EXP(sB[idx]);
                 for (int j = 0; j <= i; j++)
-                    s += sA[i * C + j] * to_f(sv[j * BV + c]) * EXP(sB[idx] - sB[j * BV + c]);
-                sO[idx] = s;
+                    s += sA[i * AS + j] * to_f(sv[j * VS + c]) * EXP(sB[idx] - sB[j * BV + c]);
+                sO[i * OS + c] = s;
             }
         }
 #else
-        gemm(sO, BV, mat(sA, C, 1), mat(sv, BV, 1), C, BV, C, 1.f, true);
+        gemm(sO, OS, mat(sA, AS, 1), mat(sv, VS, 1), C, BV, C, 1.f, true);
 #endif
         __syncthreads();
         for (int idx = tid; idx < rows * BV; idx += NT) {
             const int i = idx / BV, c = idx % BV;
             const size_t t = (size_t)bos + c0 + i;
-            o[(t * H + hh) * HEAD_V + v0 + c] = from_f(sO[idx]);
+            o[(t * H + hh) * HEAD_V + v0 + c] = from_f(sO[i * OS + c]);
         }
 
         // The state: decay by the whole chunk, then add (k ⊙ e^(Γ-G))^T (v ⊙ e^(Β-B)).
@@ -188,7 +201,8 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
         for (int idx = tid; idx < C * BV; idx += NT) {
             const float bl = sB[(C - 1) * BV + idx % BV];
             // sv holds v ⊙ e^-B on the fast path, v otherwise.
-            sv[idx] = from_f(to_f(sv[idx]) * EXP(fast_b ? bl : bl - sB[idx]));
+            const int at = (idx / BV) * VS + idx % BV;
+            sv[at] = from_f(to_f(sv[at]) * EXP(fast_b ? bl : bl - sB[idx]));
         }
 #endif
         for (int idx = tid; idx < KD * BV; idx += NT) {
@@ -199,16 +213,16 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
 #if HAS_GV
             f *= EXP(sB[(C - 1) * BV + idx % BV]);
 #endif
-            sS[idx] *= f;
+            sS[(idx / BV) * SS + idx % BV] *= f;
         }
         __syncthreads();
-        gemm(sS, BV, mat(sk, 1, KD), mat(sv, BV, 1), KD, BV, C, 1.f, true);
+        gemm(sS, SS, mat(sk, 1, QS), mat(sv, VS, 1), KD, BV, C, 1.f, true);
         __syncthreads();
     }
 #if STORE_HT
     for (int idx = tid; idx < KD * BV; idx += NT) {
         const int i = idx / BV, c = idx % BV;
-        ht[state_at + (size_t)i * HEAD_V + v0 + c] = sS[idx];
+        ht[state_at + (size_t)i * HEAD_V + v0 + c] = sS[i * SS + c];
     }
 #endif
 }

@@ -118,13 +118,14 @@ fn upload_f32(gpu: &Gpu, x: Option<&Tensor<f32>>) -> Result<Option<CudaSlice<f32
 
 /// Shared memory of the fused forward kernel; the same sum as the OFF_* chain in gla_fwd.cu.
 fn fwd_smem(c: usize, dk: usize, bv: usize, io: usize, has_g: bool, has_gv: bool) -> usize {
-    2 * c * dk * io
-        + c * bv * io
+    let pad = 16 / io; // the row padding of the q, k, v tiles (QS, VS)
+    2 * c * (dk + pad) * io
+        + c * (bv + pad) * io
         + if has_g { c * dk * 4 } else { 0 }
         + if has_gv { c * bv * 4 } else { 0 }
-        + c * c * 4
-        + dk * bv * 4
-        + c * bv * 4
+        + c * (c + 8) * 4
+        + dk * (bv + 4) * 4
+        + c * (bv + 4) * 4
         + c * 4
         + 16
 }
