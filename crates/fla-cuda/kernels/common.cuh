@@ -5,6 +5,9 @@
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
+struct __align__(8) f32x2 {
+    float x, y;
+};
 
 __device__ __forceinline__ float bf16_to_f(bf16_t x) { return __uint_as_float(((u32)x) << 16); }
 
@@ -96,7 +99,7 @@ __device__ __forceinline__ u32 pair(Mat<bf16_t> m, int r, int c, int dr, int dc)
 __device__ __forceinline__ u32 pair(Mat<float> m, int r, int c, int dr, int dc) {
     const int at = r * m.rs + c * m.cs;
     if (dr * m.rs + dc * m.cs == 1 && (at & 1) == 0) {
-        const float2 x = *(const float2*)(m.p + at);
+        const f32x2 x = *(const f32x2*)(m.p + at);
         return pack_bf16x2(x.x, x.y);
     }
     return pack_bf16x2(m.p[at], m.p[at + dr * m.rs + dc * m.cs]);
