@@ -97,25 +97,31 @@ fn scale(file: &TensorFile) -> Result<Option<f64>> {
     }
 }
 
-fn getter<'a, F: Real>(
+/// The tensors of the input file, cast to F.
+struct Tensors<'a> {
     a: &'a OpArgs,
     file: &'a TensorFile,
-) -> (
-    impl Fn(&str) -> Option<Tensor<F>> + 'a,
-    impl Fn(&str) -> Result<Tensor<F>> + 'a,
-) {
-    let get = |name: &str| file.tensors.get(name).map(|t| t.cast::<F>());
-    let need = move |name: &str| {
-        get(name).ok_or_else(|| Error::Missing {
+}
+
+impl Tensors<'_> {
+    fn get<F: Real>(&self, name: &str) -> Option<Tensor<F>> {
+        self.file.tensors.get(name).map(|t| t.cast::<F>())
+    }
+
+    fn need<F: Real>(&self, name: &str) -> Result<Tensor<F>> {
+        self.get(name).ok_or_else(|| Error::Missing {
             name: name.into(),
-            why: format!("the input file {} has no such tensor", a.input.display()),
+            why: format!(
+                "the input file {} has no such tensor",
+                self.a.input.display()
+            ),
         })
-    };
-    (get, need)
+    }
 }
 
 fn gla_inputs<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<GlaInputs<F>> {
-    let (get, need) = getter::<F>(a, file);
+    let t = Tensors { a, file };
+    let (get, need) = (|n: &str| t.get::<F>(n), |n: &str| t.need::<F>(n));
     Ok(GlaInputs {
         q: need("q")?,
         k: need("k")?,
@@ -140,7 +146,8 @@ fn compute_cuda(a: &OpArgs, file: &TensorFile, gpu: &Gpu, dtype: DType) -> Resul
 }
 
 fn compute<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<TensorFile> {
-    let (get, need) = getter::<F>(a, file);
+    let t = Tensors { a, file };
+    let (get, need) = (|n: &str| t.get::<F>(n), |n: &str| t.need::<F>(n));
     let scale = scale(file)?;
     let mut out = TensorFile::default();
     let mut put = |name: &str, t: Option<Tensor<F>>| {
