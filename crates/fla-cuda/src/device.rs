@@ -126,13 +126,14 @@ impl Gpu {
     /// allowed `smem` bytes of dynamic shared memory.
     pub(crate) fn function(
         &self,
-        source: &str,
+        source: &'static str,
         name: &str,
         defines: &[(&str, i64)],
         smem: usize,
     ) -> Result<CudaFunction> {
         let options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
-        let key = format!("{name}:{}:{}", nvrtc_key(source), options.join(" "));
+        // A source is a static string, so its address names it within the process.
+        let key = format!("{name}:{:p}:{}", source.as_ptr(), options.join(" "));
         let module = {
             let mut modules = self.modules.lock().unwrap();
             match modules.get(&key) {
@@ -202,11 +203,6 @@ impl Gpu {
             .synchronize()
             .map_err(device_err("a kernel failed"))
     }
-}
-
-fn nvrtc_key(source: &str) -> usize {
-    // Sources are static strings: their address names them within one process.
-    source.as_ptr() as usize
 }
 
 /// The usable GPU for a choice: None for the CPU, an error when CUDA was asked for and

@@ -169,26 +169,19 @@ fn fwd_tiling(
     (dk, dv): (usize, usize),
     heads: usize,
 ) -> Result<(usize, usize)> {
-    let has_g = gate != GateKind::None;
-    let has_gv = gate == GateKind::Both;
+    let (has_g, has_gv) = (gate != GateKind::None, gate == GateKind::Both);
+    let fits = |c, bv| {
+        dv.is_multiple_of(bv) && fwd_smem(c, dk, bv, dtype.bytes(), has_g, has_gv) <= gpu.max_smem()
+    };
     for c in [64, 32] {
-        for bv in [64, 32, 16] {
-            if dv.is_multiple_of(bv)
-                && fwd_smem(c, dk, bv, dtype.bytes(), has_g, has_gv) <= gpu.max_smem()
-            {
-                if let Some(forced) = forced_bv() {
-                    if dv.is_multiple_of(forced)
-                        && fwd_smem(c, dk, forced, dtype.bytes(), has_g, has_gv) <= gpu.max_smem()
-                    {
-                        return Ok((c, forced));
-                    }
-                }
-                let mut bv = bv;
-                while bv > 16 && dv.is_multiple_of(bv / 2) && 2 * heads * dv / bv <= gpu.sms() {
-                    bv /= 2;
-                }
-                return Ok((c, bv));
+        if let Some(bv) = forced_bv().filter(|&bv| fits(c, bv)) {
+            return Ok((c, bv));
+        }
+        if let Some(mut bv) = [64, 32, 16].into_iter().find(|&bv| fits(c, bv)) {
+            while bv > 16 && dv.is_multiple_of(bv / 2) && 2 * heads * dv / bv <= gpu.sms() {
+                bv /= 2;
             }
+            return Ok((c, bv));
         }
     }
     Err(Error::Device(format!(
