@@ -62,8 +62,8 @@ pub fn run(a: &CudaArgs) -> Result<()> {
     .unwrap();
     writeln!(
         table,
-        "{:<18} {:>3} {:>5} {:>3} {:>4} {:>4} {:>9}",
-        "op", "B", "T", "H", "K", "V", "fwd ms"
+        "{:<18} {:>3} {:>5} {:>3} {:>4} {:>4} {:>9} {:>10}",
+        "op", "B", "T", "H", "K", "V", "fwd ms", "fwdbwd ms"
     )
     .unwrap();
     print!("{table}");
@@ -78,12 +78,20 @@ pub fn run(a: &CudaArgs) -> Result<()> {
                 let x = inputs(gate, b, t, h, dk, dv);
                 let mut d = DeviceGla::upload(&gpu, gate, &x, dtype)?;
                 let fwd = gpu.time_ms(3, 20, || d.forward(&gpu))?;
+                // Any do of the right shape times the same: v's data serves.
+                let up = d.upstream(&gpu, &x.v, None)?;
+                let fwdbwd = gpu.time_ms(3, 20, || {
+                    d.forward(&gpu)?;
+                    d.backward(&gpu, &up)
+                })?;
                 let op = op_name(gate);
-                let line = format!("{op:<18} {b:>3} {t:>5} {h:>3} {dk:>4} {dv:>4} {fwd:>9.3}\n");
+                let line = format!(
+                    "{op:<18} {b:>3} {t:>5} {h:>3} {dk:>4} {dv:>4} {fwd:>9.3} {fwdbwd:>10.3}\n"
+                );
                 print!("{line}");
                 table.push_str(&line);
                 records.push(format!(
-                    "{{\"op\":\"{op}\",\"impl\":\"ours\",\"B\":{b},\"T\":{t},\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{fwd:.4},\"fwdbwd_ms\":null}}"
+                    "{{\"op\":\"{op}\",\"impl\":\"ours\",\"B\":{b},\"T\":{t},\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{fwd:.4},\"fwdbwd_ms\":{fwdbwd:.4}}}"
                 ));
             }
         }

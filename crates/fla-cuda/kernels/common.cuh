@@ -36,6 +36,14 @@ __device__ __forceinline__ float to_f32(bf16_t x) { return bf16_to_f(x); }
 
 #define NW (NT / 32)
 
+// Stops the kernel when it was launched with less dynamic shared memory than its layout
+// needs (the host's size formula and the kernel's OFF_* chain disagree).
+__device__ __forceinline__ void check_smem(u32 need) {
+    u32 have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < need) __trap();
+}
+
 // A strided view of a matrix in shared memory: element (r, c) at p[r * rs + c * cs].
 template <typename T>
 struct Mat {

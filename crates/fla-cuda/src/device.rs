@@ -122,8 +122,8 @@ impl Gpu {
         self.sms
     }
 
-    /// Kernel `name` of `source` compiled with `defines`, loaded once per set of defines,
-    /// allowed `smem` bytes of dynamic shared memory.
+    /// Kernel `name` of `source` compiled with `defines` (one module per source and set of
+    /// defines, holding all its kernels), allowed `smem` bytes of dynamic shared memory.
     pub(crate) fn function(
         &self,
         source: &'static str,
@@ -133,7 +133,7 @@ impl Gpu {
     ) -> Result<CudaFunction> {
         let options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
         // A source is a static string, so its address names it within the process.
-        let key = format!("{name}:{:p}:{}", source.as_ptr(), options.join(" "));
+        let key = format!("{:p}:{}", source.as_ptr(), options.join(" "));
         let module = {
             let mut modules = self.modules.lock().unwrap();
             match modules.get(&key) {

@@ -14,7 +14,7 @@ const FWD: &str = concat!(
     include_str!("../kernels/gla_fwd.cu")
 );
 /// Threads per block of every GLA kernel.
-const NT: u32 = 256;
+pub(crate) const NT: u32 = 256;
 
 /// Element type of q, k, v, o and their gradients on the device. Gates, states and every
 /// accumulation stay f32.
@@ -38,7 +38,7 @@ impl std::str::FromStr for DType {
 }
 
 impl DType {
-    fn bytes(self) -> usize {
+    pub(crate) fn bytes(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::Bf16 => 2,
@@ -53,7 +53,7 @@ pub enum Buf {
 }
 
 impl Buf {
-    fn upload(gpu: &Gpu, x: &[f32], dtype: DType) -> Result<Buf> {
+    pub(crate) fn upload(gpu: &Gpu, x: &[f32], dtype: DType) -> Result<Buf> {
         let s = &gpu.stream;
         Ok(match dtype {
             DType::F32 => Buf::F32(s.clone_htod(x).map_err(device_err("upload"))?),
@@ -67,7 +67,7 @@ impl Buf {
         })
     }
 
-    fn zeros(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
+    pub(crate) fn zeros(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
         let s = &gpu.stream;
         Ok(match dtype {
             DType::F32 => Buf::F32(s.alloc_zeros(n).map_err(device_err("allocation"))?),
@@ -75,7 +75,7 @@ impl Buf {
         })
     }
 
-    fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+    pub(crate) fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let s = &gpu.stream;
         Ok(match self {
             Buf::F32(b) => s.clone_dtoh(b).map_err(device_err("download"))?,
@@ -88,14 +88,14 @@ impl Buf {
         })
     }
 
-    fn ptr(&self, gpu: &Gpu) -> u64 {
+    pub(crate) fn ptr(&self, gpu: &Gpu) -> u64 {
         match self {
             Buf::F32(b) => b.device_ptr(&gpu.stream).0,
             Buf::Bf16(b) => b.device_ptr(&gpu.stream).0,
         }
     }
 
-    fn ptr_mut(&mut self, gpu: &Gpu) -> u64 {
+    pub(crate) fn ptr_mut(&mut self, gpu: &Gpu) -> u64 {
         match self {
             Buf::F32(b) => b.device_ptr_mut(&gpu.stream).0,
             Buf::Bf16(b) => b.device_ptr_mut(&gpu.stream).0,
@@ -103,11 +103,11 @@ impl Buf {
     }
 }
 
-fn opt_ptr(x: &Option<CudaSlice<f32>>, gpu: &Gpu) -> u64 {
+pub(crate) fn opt_ptr(x: &Option<CudaSlice<f32>>, gpu: &Gpu) -> u64 {
     x.as_ref().map_or(0, |b| b.device_ptr(&gpu.stream).0)
 }
 
-fn upload_f32(gpu: &Gpu, x: Option<&Tensor<f32>>) -> Result<Option<CudaSlice<f32>>> {
+pub(crate) fn upload_f32(gpu: &Gpu, x: Option<&Tensor<f32>>) -> Result<Option<CudaSlice<f32>>> {
     x.map(|t| {
         gpu.stream
             .clone_htod(t.data())
@@ -130,33 +130,41 @@ fn fwd_smem(c: usize, dk: usize, bv: usize, io: usize, has_g: bool, has_gv: bool
         + 16
 }
 
-/// The inputs of one GLA call, on the device, with room for the outputs.
+/// The inputs of one GLA call, on the device, with room for the outputs (and, once a
+/// backward has run, for the gradients).
 pub struct DeviceGla {
-    gate: GateKind,
-    dtype: DType,
-    b: usize,
-    t: usize,
-    h: usize,
-    dk: usize,
-    dv: usize,
-    n_seqs: usize,
-    scale: f32,
-    q: Buf,
-    k: Buf,
-    v: Buf,
-    g: Option<CudaSlice<f32>>,
-    gv: Option<CudaSlice<f32>>,
-    u: Option<CudaSlice<f32>>,
-    h0: Option<CudaSlice<f32>>,
-    cu_seqlens: CudaSlice<i32>,
+    pub(crate) gate: GateKind,
+    pub(crate) dtype: DType,
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) h: usize,
+    pub(crate) dk: usize,
+    pub(crate) dv: usize,
+    pub(crate) n_seqs: usize,
+    /// Each sequence's length.
+    pub(crate) lens: Vec<usize>,
+    pub(crate) scale: f32,
+    pub(crate) q: Buf,
+    pub(crate) k: Buf,
+    pub(crate) v: Buf,
+    pub(crate) g: Option<CudaSlice<f32>>,
+    pub(crate) gv: Option<CudaSlice<f32>>,
+    pub(crate) u: Option<CudaSlice<f32>>,
+    pub(crate) h0: Option<CudaSlice<f32>>,
+    pub(crate) cu_seqlens: CudaSlice<i32>,
     pub o: Buf,
     pub ht: CudaSlice<f32>,
+    /// The output without its diagonal terms, f32, kept for the value gate's gradient.
+    pub(crate) ond: Option<CudaSlice<f32>>,
+    pub(crate) forward_done: bool,
+    pub(crate) grads: Option<crate::gla_bwd::DeviceGrads>,
 }
 
-/// `FLA_GLA_BV`: a V tile to use instead of the chosen one (16, 32 or 64), for tuning.
-fn forced_bv() -> Option<usize> {
-    let bv = std::env::var("FLA_GLA_BV").ok()?.parse().ok()?;
-    [16, 32, 64].contains(&bv).then_some(bv)
+/// A tile width (16, 32 or 64) forced by the environment variable `var` instead of the chosen
+/// one, for tuning: FLA_GLA_BV (forward V tile), FLA_GLA_BK (backward K tile).
+pub(crate) fn forced_tile(var: &str) -> Option<usize> {
+    let x = std::env::var(var).ok()?.parse().ok()?;
+    [16, 32, 64].contains(&x).then_some(x)
 }
 
 /// The tiling of the fused forward: (chunk size, V tile), the largest that fit in shared
@@ -174,7 +182,7 @@ fn fwd_tiling(
         dv.is_multiple_of(bv) && fwd_smem(c, dk, bv, dtype.bytes(), has_g, has_gv) <= gpu.max_smem()
     };
     for c in [64, 32] {
-        if let Some(bv) = forced_bv().filter(|&bv| fits(c, bv)) {
+        if let Some(bv) = forced_tile("FLA_GLA_BV").filter(|&bv| fits(c, bv)) {
             return Ok((c, bv));
         }
         if let Some(mut bv) = [64, 32, 16].into_iter().find(|&bv| fits(c, bv)) {
@@ -217,6 +225,7 @@ impl DeviceGla {
             dk: p.dk,
             dv: p.dv,
             n_seqs,
+            lens: p.spans.iter().map(|s| s.2).collect(),
             scale: p.scale as f32,
             q: Buf::upload(gpu, x.q.data(), dtype)?,
             k: Buf::upload(gpu, x.k.data(), dtype)?,
@@ -230,6 +239,16 @@ impl DeviceGla {
             ht: s
                 .alloc_zeros(n_seqs * p.h * p.dk * p.dv)
                 .map_err(device_err("allocation"))?,
+            ond: if gate == GateKind::Both {
+                Some(
+                    s.alloc_zeros(p.b * p.t * p.h * p.dv)
+                        .map_err(device_err("allocation"))?,
+                )
+            } else {
+                None
+            },
+            forward_done: false,
+            grads: None,
         })
     }
 
@@ -253,6 +272,7 @@ impl DeviceGla {
             ("HAS_U", i64::from(self.gate == GateKind::KeyBonus)),
             ("HAS_H0", i64::from(self.h0.is_some())),
             ("STORE_HT", 1),
+            ("STORE_OND", i64::from(self.ond.is_some())),
         ];
         let f = gpu.function(FWD, "gla_fwd", &defines, smem)?;
         let cfg = LaunchConfig {
@@ -269,14 +289,19 @@ impl DeviceGla {
         );
         let o = self.o.ptr_mut(gpu);
         let ht = self.ht.device_ptr_mut(&gpu.stream).0;
+        let ond = self
+            .ond
+            .as_mut()
+            .map_or(0, |b| b.device_ptr_mut(&gpu.stream).0);
         let cu = self.cu_seqlens.device_ptr(&gpu.stream).0;
         let h = self.h as i32;
         let mut launch = gpu.stream.launch_builder(&f);
-        for p in [&q, &k, &v, &g, &gv, &u, &h0, &o, &ht, &cu] {
+        for p in [&q, &k, &v, &g, &gv, &u, &h0, &o, &ht, &ond, &cu] {
             launch.arg(p);
         }
         launch.arg(&h).arg(&self.scale);
         unsafe { launch.launch(cfg) }.map_err(device_err("gla_fwd launch"))?;
+        self.forward_done = true;
         Ok(())
     }
 

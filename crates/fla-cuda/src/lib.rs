@@ -5,7 +5,9 @@
 
 mod device;
 mod gla;
+mod gla_bwd;
 mod nvrtc;
 
 pub use device::{open, DeviceChoice, Gpu};
 pub use gla::{gla_forward, Buf, DType, DeviceGla};
+pub use gla_bwd::{gla_backward, DeviceUpstream};

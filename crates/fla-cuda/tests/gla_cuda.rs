@@ -7,9 +7,9 @@
 mod common;
 
 use common::{cast_inputs, inputs, Rng, Shape};
-use fla_cuda::{gla_forward, DType, Gpu};
-use fla_ops::{Form, GateKind, GlaInputs, GlaOutputs, Options};
-use fla_tensor::Tensor;
+use fla_cuda::{gla_backward, gla_forward, DType, Gpu};
+use fla_ops::{Form, GateKind, GlaGrads, GlaInputs, GlaOutputs, Options};
+use fla_tensor::{Real, Tensor};
 
 fn gpu() -> Option<Gpu> {
     match Gpu::new(0) {
@@ -62,6 +62,73 @@ fn check_forward(gpu: &Gpu, gate: GateKind, x: &GlaInputs<f64>, what: &str) {
             eh < tol,
             "{what} {gate} {dtype:?}: ht relative error {eh:.3e} >= {tol:.0e}"
         );
+    }
+}
+
+fn check(what: &str, got: &Tensor<f32>, want: &Tensor<f64>, tol: f64) -> f64 {
+    let e = rel_err(got, want);
+    assert!(e < tol, "{what}: relative error {e:.3e} >= {tol:.0e}");
+    e
+}
+
+/// The gradients present, by name.
+fn named<F: Real>(g: &GlaGrads<F>) -> Vec<(&'static str, &Tensor<F>)> {
+    let mut v = vec![("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)];
+    for (n, t) in [
+        ("dg", &g.dg),
+        ("dgv", &g.dgv),
+        ("du", &g.du),
+        ("dh0", &g.dh0),
+    ] {
+        if let Some(t) = t {
+            v.push((n, t));
+        }
+    }
+    v
+}
+
+/// Outputs and every gradient against the f64 recurrent form, with a random do and, when
+/// `with_dht`, a random dht.
+fn check_backward(
+    gpu: &Gpu,
+    gate: GateKind,
+    x: &GlaInputs<f64>,
+    rng: &mut Rng,
+    with_dht: bool,
+    what: &str,
+) {
+    let opts = Options {
+        form: Form::Recurrent,
+        ..Options::default()
+    };
+    let want_out = reference(gate, x);
+    let d_o = rng.tensor(want_out.o.shape());
+    let dht = with_dht.then(|| rng.tensor(want_out.ht.shape()));
+    let want = fla_ops::gla_backward(gate, x, &d_o, dht.as_ref(), &opts).unwrap();
+    for dtype in [DType::F32, DType::Bf16] {
+        let tol = tolerance(dtype);
+        let (out, got) = gla_backward(
+            gpu,
+            gate,
+            &cast_inputs::<f32>(x),
+            &d_o.cast(),
+            dht.as_ref().map(|t| t.cast()).as_ref(),
+            dtype,
+        )
+        .unwrap();
+        let mut line = format!("{what} {gate} {dtype:?}:");
+        let tag = |n: &str| format!("{what} {gate} {dtype:?} {n}");
+        line += &format!(" o {:.1e}", check(&tag("o"), &out.o, &want_out.o, tol));
+        let (got32, want64) = (named(&got), named(&want));
+        assert_eq!(
+            got32.iter().map(|p| p.0).collect::<Vec<_>>(),
+            want64.iter().map(|p| p.0).collect::<Vec<_>>(),
+            "{what}: the GPU returned other gradients than the CPU"
+        );
+        for ((n, g), (_, w)) in got32.iter().zip(&want64) {
+            line += &format!(" {n} {:.1e}", check(&tag(n), g, w, tol));
+        }
+        println!("{line}");
     }
 }
 
@@ -185,4 +252,98 @@ fn bad_head_size_is_a_clear_error() {
     let x = cast_inputs::<f32>(&inputs(&mut rng, GateKind::Key, &s, false, 1.0));
     let err = gla_forward(&gpu, GateKind::Key, &x, DType::Bf16).unwrap_err();
     assert!(err.to_string().contains("multiples of 16"), "{err}");
+}
+
+#[test]
+fn backward_every_gate_awkward_shapes() {
+    let Some(gpu) = gpu() else { return };
+    let shapes = [
+        Shape {
+            b: 2,
+            t: 100,
+            h: 3,
+            k: 32,
+            v: 48,
+        },
+        Shape {
+            b: 1,
+            t: 1,
+            h: 2,
+            k: 16,
+            v: 16,
+        },
+        Shape {
+            b: 2,
+            t: 130,
+            h: 2,
+            k: 128,
+            v: 64,
+        },
+        Shape {
+            b: 1,
+            t: 70,
+            h: 1,
+            k: 256,
+            v: 512,
+        },
+    ];
+    let mut rng = Rng::new(21);
+    for gate in GATES {
+        for (i, s) in shapes.iter().enumerate() {
+            let x = inputs(&mut rng, gate, s, i % 2 == 0, 1.0);
+            let what = format!("T={} K={} V={}", s.t, s.k, s.v);
+            check_backward(&gpu, gate, &x, &mut rng, i != 1, &what);
+        }
+    }
+}
+
+#[test]
+fn backward_varlen_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(22);
+    for gate in GATES {
+        let s = Shape {
+            b: 1,
+            t: 163,
+            h: 2,
+            k: 48,
+            v: 32,
+        };
+        let mut x = inputs(&mut rng, gate, &s, false, 1.0);
+        x.cu_seqlens = Some(vec![0, 37, 37, 100, 163]);
+        x.h0 = Some(rng.tensor(&[4, 2, 48, 32]));
+        check_backward(&gpu, gate, &x, &mut rng, true, "varlen");
+    }
+}
+
+/// Gates near -20 per step (term-by-term paths) and mild gates near the switch point.
+#[test]
+fn backward_strong_gates_long_sequence() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(23);
+    for (gate, t, strength) in [
+        (GateKind::Key, 16384, 20.0),
+        (GateKind::Both, 2048, 20.0),
+        (GateKind::KeyBonus, 2048, 20.0),
+        (GateKind::Scalar, 2048, 20.0),
+        (GateKind::Key, 4096, 0.9),
+        (GateKind::Both, 4096, 0.9),
+    ] {
+        let s = Shape {
+            b: 1,
+            t,
+            h: 1,
+            k: 64,
+            v: 64,
+        };
+        let x = inputs(&mut rng, gate, &s, true, strength);
+        check_backward(
+            &gpu,
+            gate,
+            &x,
+            &mut rng,
+            true,
+            &format!("strength {strength} T={t}"),
+        );
+    }
 }

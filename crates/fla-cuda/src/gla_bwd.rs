@@ -1,0 +1,359 @@
+//! The GLA backward on the GPU (kernels/gla_bwd.cu): upstream gradients uploaded beside a
+//! [`DeviceGla`] whose forward has run, four kernels launched, gradients read back as host
+//! f32 tensors in the exchange layout.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use fla_ops::{GateKind, GlaGrads, GlaInputs, GlaOutputs};
+use fla_tensor::{Error, Result, Tensor};
+
+use crate::device::{device_err, Gpu};
+use crate::gla::{forced_tile, opt_ptr, upload_f32, Buf, DType, DeviceGla, NT};
+
+const BWD: &str = concat!(
+    include_str!("../kernels/common.cuh"),
+    "\n",
+    include_str!("../kernels/gla_bwd.cu")
+);
+/// Rows per block of gla_bwd_rows (RB in the kernel).
+const ROWS_PER_BLOCK: usize = 64;
+
+/// The upstream gradients of one call on the device: do [B,T,H,V] in the call's dtype and,
+/// optionally, dht [N,H,K,V] in f32.
+pub struct DeviceUpstream {
+    d_o: Buf,
+    dht: Option<CudaSlice<f32>>,
+}
+
+/// Gradient buffers, with the f32 work buffers the kernels pass between them.
+pub(crate) struct DeviceGrads {
+    dq: Buf,
+    dk: Buf,
+    dv: Buf,
+    /// dv without its diagonal terms, summed over key tiles.
+    dv_acc: CudaSlice<f32>,
+    /// q ⊙ dq without the diagonal terms, for the key gate's gradient.
+    qdq: Option<CudaSlice<f32>>,
+    /// The key gate's gradient per key column [B,T,H,K] (summed over K for a scalar gate).
+    dgk: Option<CudaSlice<f32>>,
+    dg_scalar: Option<CudaSlice<f32>>,
+    dgv: Option<CudaSlice<f32>>,
+    du: Option<CudaSlice<f32>>,
+    dh0: Option<CudaSlice<f32>>,
+    /// Each chunk's starting state [chunks, H, K, V] (with a gate), for the gates' gradients.
+    states: Option<Buf>,
+    /// The value gate's chunk boundary terms [chunks, H, V].
+    zv: Option<CudaSlice<f32>>,
+    /// The first chunk of each sequence (and the total), and each chunk's sequence.
+    chunk_off: CudaSlice<i32>,
+    chunk_seq: CudaSlice<i32>,
+    chunks: usize,
+}
+
+fn zeros(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
+    gpu.stream.alloc_zeros(n).map_err(device_err("allocation"))
+}
+
+fn zeros_if(gpu: &Gpu, cond: bool, n: usize) -> Result<Option<CudaSlice<f32>>> {
+    cond.then(|| zeros(gpu, n)).transpose()
+}
+
+fn ptr_mut(x: &mut Option<CudaSlice<f32>>, gpu: &Gpu) -> u64 {
+    x.as_mut().map_or(0, |b| b.device_ptr_mut(&gpu.stream).0)
+}
+
+/// Shared memory of gla_bwd_dq and gla_bwd_dkv; the same sum as the OFF_* chain of
+/// gla_bwd.cu.
+fn bwd_smem(c: usize, bk: usize, bvs: usize, dv: usize, io: usize, gates: (bool, bool)) -> usize {
+    let pad = 16 / io;
+    4 * c * (bk + pad) * io
+        + 2 * c * (bvs + pad) * io
+        + if gates.0 { c * bk * 4 } else { 0 }
+        + if gates.1 { c * bvs * 4 } else { 0 }
+        + 2 * c * (c + 8) * 4
+        + c * (bk + 4) * 4
+        + c * (bvs + 4) * 4
+        + bk * (dv + 4) * 4
+        + c * 4
+        + bk * 4
+        + 16
+}
+
+/// (chunk, K tile, V step) of the backward: the widest that fit in shared memory, the K tile
+/// then narrowed while that leaves more than half the GPU idle (each K tile recomputes the
+/// chunk's do·v products, so narrower costs).
+fn bwd_tiling(gpu: &Gpu, d: &DeviceGla) -> Result<(usize, usize, usize)> {
+    let gates = (d.gate != GateKind::None, d.gate == GateKind::Both);
+    let (dk, dv, io) = (d.dk, d.dv, d.dtype.bytes());
+    let fits = |c, bk, bvs| {
+        dk.is_multiple_of(bk)
+            && dv.is_multiple_of(bvs)
+            && bwd_smem(c, bk, bvs, dv, io, gates) <= gpu.max_smem()
+    };
+    let heads = d.n_seqs * d.h;
+    for c in [64, 32] {
+        for bvs in [64, 32, 16] {
+            if let Some(bk) = forced_tile("FLA_GLA_BK").filter(|&bk| fits(c, bk, bvs)) {
+                return Ok((c, bk, bvs));
+            }
+            if let Some(mut bk) = [64, 32, 16].into_iter().find(|&bk| fits(c, bk, bvs)) {
+                while bk > 16 && fits(c, bk / 2, bvs) && 2 * heads * dk / bk <= gpu.sms() {
+                    bk /= 2;
+                }
+                return Ok((c, bk, bvs));
+            }
+        }
+    }
+    Err(Error::Device(format!(
+        "head sizes K={dk}, V={dv} do not fit the GPU's shared memory"
+    )))
+}
+
+impl DeviceGla {
+    /// Checks and uploads the upstream gradients: do like o, dht like ht.
+    pub fn upstream(
+        &self,
+        gpu: &Gpu,
+        d_o: &Tensor<f32>,
+        dht: Option<&Tensor<f32>>,
+    ) -> Result<DeviceUpstream> {
+        d_o.expect_shape("do", &[self.b, self.t, self.h, self.dv], "[B, T, H, V]")?;
+        if let Some(d) = dht {
+            d.expect_shape(
+                "dht",
+                &[self.n_seqs, self.h, self.dk, self.dv],
+                "[N, H, K, V]",
+            )?;
+        }
+        Ok(DeviceUpstream {
+            d_o: Buf::upload(gpu, d_o.data(), self.dtype)?,
+            dht: upload_f32(gpu, dht)?,
+        })
+    }
+
+    fn alloc_grads(&self, gpu: &Gpu, chunk: usize) -> Result<DeviceGrads> {
+        let rows = self.b * self.t * self.h;
+        let has_g = self.gate != GateKind::None;
+        let mut chunk_off = vec![0i32];
+        let mut chunk_seq = Vec::new();
+        for (n, &len) in self.lens.iter().enumerate() {
+            let c = len.div_ceil(chunk);
+            chunk_off.push(chunk_off[n] + c as i32);
+            chunk_seq.extend(std::iter::repeat_n(n as i32, c));
+        }
+        let chunks = chunk_seq.len();
+        // cudarc refuses empty uploads: a sequence-less call keeps one unused entry.
+        chunk_seq.push(0);
+        let upload = |x: &[i32]| gpu.stream.clone_htod(x).map_err(device_err("upload"));
+        let states_len = chunks * self.h * self.dk * self.dv;
+        Ok(DeviceGrads {
+            dq: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
+            dk: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
+            dv: Buf::zeros(gpu, rows * self.dv, self.dtype)?,
+            dv_acc: zeros(gpu, rows * self.dv)?,
+            qdq: zeros_if(gpu, has_g, rows * self.dk)?,
+            dgk: zeros_if(gpu, has_g, rows * self.dk)?,
+            dg_scalar: zeros_if(gpu, self.gate == GateKind::Scalar, rows)?,
+            dgv: zeros_if(gpu, self.gate == GateKind::Both, rows * self.dv)?,
+            du: zeros_if(gpu, self.u.is_some(), self.h * self.dk)?,
+            dh0: zeros_if(
+                gpu,
+                self.h0.is_some(),
+                self.n_seqs * self.h * self.dk * self.dv,
+            )?,
+            states: has_g
+                .then(|| Buf::zeros(gpu, states_len.max(1), self.dtype))
+                .transpose()?,
+            zv: zeros_if(
+                gpu,
+                self.gate == GateKind::Both,
+                (chunks * self.h * self.dv).max(1),
+            )?,
+            chunk_off: upload(&chunk_off)?,
+            chunk_seq: upload(&chunk_seq)?,
+            chunks,
+        })
+    }
+
+    /// Launches the backward for upstream gradients `up`; the forward must have run (the
+    /// gates' gradients read its final states, and the value gate's its outputs).
+    pub fn backward(&mut self, gpu: &Gpu, up: &DeviceUpstream) -> Result<()> {
+        if !self.forward_done {
+            return Err(Error::Invalid(
+                "the GPU backward needs the forward run first".into(),
+            ));
+        }
+        let (c, bk, bvs) = bwd_tiling(gpu, self)?;
+        if self.grads.is_none() {
+            self.grads = Some(self.alloc_grads(gpu, c)?);
+        }
+        let gates = (self.gate != GateKind::None, self.gate == GateKind::Both);
+        let smem = bwd_smem(c, bk, bvs, self.dv, self.dtype.bytes(), gates);
+        let atomic = self.dk / bk > 1;
+        let defines = [
+            ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
+            ("NT", NT as i64),
+            ("HEAD_K", self.dk as i64),
+            ("HEAD_V", self.dv as i64),
+            ("BK", bk as i64),
+            ("BVS", bvs as i64),
+            ("CHUNK", c as i64),
+            ("HAS_G", i64::from(gates.0)),
+            ("G_SCALAR", i64::from(self.gate == GateKind::Scalar)),
+            ("HAS_GV", i64::from(gates.1)),
+            ("HAS_U", i64::from(self.gate == GateKind::KeyBonus)),
+            ("HAS_H0", i64::from(self.h0.is_some())),
+            ("HAS_DHT", i64::from(up.dht.is_some())),
+            ("DV_ATOMIC", i64::from(atomic)),
+        ];
+        let s = &gpu.stream;
+        let gr = self.grads.as_mut().expect("allocated above");
+        if atomic {
+            s.memset_zeros(&mut gr.dv_acc)
+                .map_err(device_err("memset"))?;
+        }
+        for x in [gr.du.as_mut(), gr.zv.as_mut()].into_iter().flatten() {
+            s.memset_zeros(x).map_err(device_err("memset"))?;
+        }
+        let (q, k, v) = (self.q.ptr(gpu), self.k.ptr(gpu), self.v.ptr(gpu));
+        let (g, gv, u, h0) = (
+            opt_ptr(&self.g, gpu),
+            opt_ptr(&self.gv, gpu),
+            opt_ptr(&self.u, gpu),
+            opt_ptr(&self.h0, gpu),
+        );
+        let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
+        let ond = opt_ptr(&self.ond, gpu);
+        let cu = self.cu_seqlens.device_ptr(s).0;
+        let (dq, dk, dv) = (gr.dq.ptr_mut(gpu), gr.dk.ptr_mut(gpu), gr.dv.ptr_mut(gpu));
+        let dv_acc = gr.dv_acc.device_ptr_mut(s).0;
+        let (qdq, dgk) = (ptr_mut(&mut gr.qdq, gpu), ptr_mut(&mut gr.dgk, gpu));
+        let (dgs, dgv) = (ptr_mut(&mut gr.dg_scalar, gpu), ptr_mut(&mut gr.dgv, gpu));
+        let (du, dh0) = (ptr_mut(&mut gr.du, gpu), ptr_mut(&mut gr.dh0, gpu));
+        let states = gr.states.as_mut().map_or(0, |b| b.ptr_mut(gpu));
+        let zv = ptr_mut(&mut gr.zv, gpu);
+        let chunk_off = gr.chunk_off.device_ptr(s).0;
+        let chunk_seq = gr.chunk_seq.device_ptr(s).0;
+        let (h, scale) = (self.h as i32, self.scale);
+        let sweep = LaunchConfig {
+            grid_dim: ((self.dk / bk) as u32, self.h as u32, self.n_seqs as u32),
+            block_dim: (NT, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let launch = |name: &str, smem: usize, cfg: LaunchConfig, ptrs: &[&u64], ints: &[&i32]| {
+            let f = gpu.function(BWD, name, &defines, smem)?;
+            let mut l = s.launch_builder(&f);
+            for p in ptrs {
+                l.arg(*p);
+            }
+            for i in ints {
+                l.arg(*i);
+            }
+            l.arg(&scale);
+            unsafe { l.launch(cfg) }.map_err(device_err("gla backward launch"))?;
+            Ok::<(), Error>(())
+        };
+        launch(
+            "gla_bwd_dq",
+            smem,
+            sweep,
+            &[
+                &q, &k, &v, &g, &gv, &u, &h0, &d_o, &dq, &qdq, &states, &cu, &chunk_off,
+            ],
+            &[&h],
+        )?;
+        launch(
+            "gla_bwd_dkv",
+            smem,
+            sweep,
+            &[
+                &q, &k, &v, &g, &gv, &u, &d_o, &dht, &qdq, &states, &dk, &dv_acc, &dgk, &zv, &dh0,
+                &cu, &chunk_off,
+            ],
+            &[&h],
+        )?;
+        let tokens = (self.b * self.t) as i32;
+        let rows = LaunchConfig {
+            grid_dim: (
+                (self.b * self.t).div_ceil(ROWS_PER_BLOCK).max(1) as u32,
+                self.h as u32,
+                1,
+            ),
+            block_dim: (NT, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch(
+            "gla_bwd_rows",
+            0,
+            rows,
+            &[
+                &q, &k, &v, &u, &d_o, &ond, &dv_acc, &dgk, &dv, &dgs, &dgv, &du,
+            ],
+            &[&tokens, &h],
+        )?;
+        if gates.1 && gr.chunks > 0 {
+            // gla_bwd_dgv takes no scale: launched by hand.
+            let f = gpu.function(BWD, "gla_bwd_dgv", &defines, 0)?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    self.dv.div_ceil(NT as usize) as u32,
+                    self.h as u32,
+                    gr.chunks as u32,
+                ),
+                block_dim: (NT, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut l = s.launch_builder(&f);
+            l.arg(&dgv)
+                .arg(&zv)
+                .arg(&cu)
+                .arg(&chunk_off)
+                .arg(&chunk_seq)
+                .arg(&h);
+            unsafe { l.launch(cfg) }.map_err(device_err("gla_bwd_dgv launch"))?;
+        }
+        Ok(())
+    }
+
+    /// The gradients of the last backward as host f32 tensors, shaped like the CPU op's.
+    pub fn gradients(&self, gpu: &Gpu) -> Result<GlaGrads<f32>> {
+        let gr = self
+            .grads
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("no GPU backward has run".into()))?;
+        gpu.synchronize()?;
+        let (b, t, h, dk, dv) = (self.b, self.t, self.h, self.dk, self.dv);
+        let get = |x: &CudaSlice<f32>| gpu.stream.clone_dtoh(x).map_err(device_err("download"));
+        let tensor = |x: &Option<CudaSlice<f32>>, shape: Vec<usize>| {
+            x.as_ref().map(|x| Tensor::new(shape, get(x)?)).transpose()
+        };
+        let dg = match self.gate {
+            GateKind::Scalar => tensor(&gr.dg_scalar, vec![b, t, h])?,
+            _ => tensor(&gr.dgk, vec![b, t, h, dk])?,
+        };
+        Ok(GlaGrads {
+            dq: Tensor::new(vec![b, t, h, dk], gr.dq.download(gpu)?)?,
+            dk: Tensor::new(vec![b, t, h, dk], gr.dk.download(gpu)?)?,
+            dv: Tensor::new(vec![b, t, h, dv], gr.dv.download(gpu)?)?,
+            dg,
+            dgv: tensor(&gr.dgv, vec![b, t, h, dv])?,
+            du: tensor(&gr.du, vec![h, dk])?,
+            dh0: tensor(&gr.dh0, vec![self.n_seqs, h, dk, dv])?,
+        })
+    }
+}
+
+/// Forward and backward on the GPU from host tensors: outputs and every gradient.
+pub fn gla_backward(
+    gpu: &Gpu,
+    gate: GateKind,
+    x: &GlaInputs<f32>,
+    d_o: &Tensor<f32>,
+    dht: Option<&Tensor<f32>>,
+    dtype: DType,
+) -> Result<(GlaOutputs<f32>, GlaGrads<f32>)> {
+    let mut d = DeviceGla::upload(gpu, gate, x, dtype)?;
+    let up = d.upstream(gpu, d_o, dht)?;
+    d.forward(gpu)?;
+    d.backward(gpu, &up)?;
+    Ok((d.outputs(gpu)?, d.gradients(gpu)?))
+}
