@@ -38,7 +38,7 @@ pub struct OpArgs {
 }
 
 /// Why the GPU cannot run this call, if it cannot.
-fn cuda_unsupported(a: &OpArgs, file: &TensorFile) -> Option<String> {
+fn cuda_unsupported(a: &OpArgs) -> Option<String> {
     if a.gate == "full" {
         Some("the selective scan (gate full) runs on the CPU only".into())
     } else if a.precision != "f32" {
@@ -48,8 +48,6 @@ fn cuda_unsupported(a: &OpArgs, file: &TensorFile) -> Option<String> {
             "form {} runs on the CPU only; the GPU runs the chunk form",
             a.form
         ))
-    } else if file.tensors.contains_key("do") || file.tensors.contains_key("dht") {
-        Some("gradients do not run on CUDA yet".into())
     } else {
         None
     }
@@ -59,7 +57,7 @@ pub fn run(a: &OpArgs) -> Result<()> {
     let choice: DeviceChoice = a.device.parse()?;
     let dtype: DType = a.dtype.parse()?;
     let file = read_safetensors(&a.input)?;
-    let gpu = match (choice, cuda_unsupported(a, &file)) {
+    let gpu = match (choice, cuda_unsupported(a)) {
         (DeviceChoice::Cpu, _) | (DeviceChoice::Auto, Some(_)) => None,
         (DeviceChoice::Cuda(_), Some(why)) => {
             return Err(Error::Invalid(format!(
@@ -135,14 +133,48 @@ fn gla_inputs<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<GlaInputs<F>> {
     })
 }
 
-/// The forward on the GPU (cuda_unsupported has ruled out everything else).
+/// The op on the GPU (cuda_unsupported has ruled out everything else): the forward, and the
+/// backward when the file holds `do`.
 fn compute_cuda(a: &OpArgs, file: &TensorFile, gpu: &Gpu, dtype: DType) -> Result<TensorFile> {
     let gate: GateKind = a.gate.parse()?;
-    let y = fla_cuda::gla_forward(gpu, gate, &gla_inputs::<f32>(a, file)?, dtype)?;
+    let t = Tensors { a, file };
+    let x = gla_inputs::<f32>(a, file)?;
     let mut out = TensorFile::default();
-    out.tensors.insert("o".into(), y.o);
-    out.tensors.insert("ht".into(), y.ht);
+    let mut put = |name: &str, t: Option<Tensor<f32>>| {
+        if let Some(t) = t {
+            out.tensors.insert(name.to_string(), t);
+        }
+    };
+    match t.get::<f32>("do") {
+        None => {
+            if t.get::<f32>("dht").is_some() {
+                return Err(missing_do());
+            }
+            let y = fla_cuda::gla_forward(gpu, gate, &x, dtype)?;
+            put("o", Some(y.o));
+            put("ht", Some(y.ht));
+        }
+        Some(d_o) => {
+            let dht = t.get::<f32>("dht");
+            let (y, g) = fla_cuda::gla_backward(gpu, gate, &x, &d_o, dht.as_ref(), dtype)?;
+            put("o", Some(y.o));
+            put("ht", Some(y.ht));
+            for (n, t) in [("dq", g.dq), ("dk", g.dk), ("dv", g.dv)] {
+                put(n, Some(t));
+            }
+            for (n, t) in [("dg", g.dg), ("dgv", g.dgv), ("du", g.du), ("dh0", g.dh0)] {
+                put(n, t);
+            }
+        }
+    }
     Ok(out)
+}
+
+fn missing_do() -> Error {
+    Error::Missing {
+        name: "do".into(),
+        why: "gradients need `do` (and optionally `dht`); the file has `dht` only".into(),
+    }
 }
 
 fn compute<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<TensorFile> {
@@ -214,10 +246,7 @@ fn compute<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<TensorFile> {
         put("du", g.du);
         put("dh0", g.dh0);
     } else if get("dht").is_some() {
-        return Err(Error::Missing {
-            name: "do".into(),
-            why: "gradients need `do` (and optionally `dht`); the file has `dht` only".into(),
-        });
+        return Err(missing_do());
     }
     Ok(out)
 }
