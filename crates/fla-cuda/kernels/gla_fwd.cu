@@ -3,16 +3,16 @@
 //
 // Per chunk of C rows, with G (B) the chunk-local inclusive cumulative key (value) gate,
 // Γ (Β) its last row, Gq = G (G one step back with the RWKV-6 bonus, 0 at the first row):
-//   A_ij = scale Σ_k q_ik k_jk e^(Gq_ik - G_jk)       for j < i, else 0
-//   o_i  = e^(B_i) ⊙ (scale (q_i ⊙ e^Gq_i) S + Σ_j A_ij v_j ⊙ e^(-B_j)) + scale (q_i·(w ⊙ k_i)) v_i
+//   A_ij = scale Σ_k q_ik k_jk e^(Gq_ik - G_jk)       for j < i; A_ii = scale q_i·(w ⊙ k_i)
+//   o_i  = e^(B_i) ⊙ (scale (q_i ⊙ e^Gq_i) S + Σ_j A_ij v_j ⊙ e^(-B_j))
 //   S   <- (e^Γ ⊗ e^Β) ⊙ S + (k ⊙ e^(Γ-G))^T (v ⊙ e^(Β-B))
 // with w = u (bonus) or 1. When the chunk's total decay max(-Γ) is at most SAFE_EXP, e^(-G)
 // stays finite and A is one matrix product of q ⊙ e^Gq and k ⊙ e^-G (the paper's
 // one-reference form); otherwise A is summed term by term with exact exponents (slow, only
 // for gates far stronger than trained models use). The value side likewise.
 //
-// The diagonal term scale (q_i·(w ⊙ k_i)) v_i is added last; with STORE_OND the output
-// without it (f32) is written too, for the value gate's gradient (see gla_bwd.cu).
+// With STORE_OND the diagonal term scale (q_i·(w ⊙ k_i)) v_i is left out of A and added last,
+// and the output without it (f32) is written too, for the value gate's gradient (gla_bwd.cu).
 //
 // Settings (-D): HEAD_K, HEAD_V, BV, CHUNK, HAS_G, G_SCALAR, HAS_GV, HAS_U, HAS_H0, STORE_HT,
 // STORE_OND.
@@ -160,7 +160,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
         }
         for (int idx = tid; idx < C * C; idx += NT) {
             const int i = idx / C, j = idx % C;
-            if (j >= i) sA[i * AS + j] = 0.f;
+            if (j >= i) sA[i * AS + j] = j == i && !STORE_OND ? scale * sd[i] : 0.f;
         }
 #if HAS_G
         if (fast_g)  // k ⊙ e^-G ⊙ e^Γ = k ⊙ e^(Γ-G)
@@ -186,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
             for (int idx = tid; idx < C * BV; idx += NT) {
                 const int i = idx / BV, c = idx % BV;
                 float s = sO[i * OS + c] * EXP(sB[idx]);
-                for (int j = 0; j < i; j++)
+                for (int j = 0; j <= i - STORE_OND; j++)
                     s += sA[i * AS + j] * to_f(sv[j * VS + c]) * EXP(sB[idx] - sB[j * BV + c]);
                 sO[i * OS + c] = s;
             }
@@ -198,13 +198,14 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
         for (int idx = tid; idx < rows * BV; idx += NT) {
             const int i = idx / BV, c = idx % BV;
             const size_t at = (((size_t)bos + c0 + i) * H + hh) * HEAD_V + v0 + c;
-            // v and o share a layout; the global v is the exact one (sv may be rescaled).
 #if STORE_OND
+            // v and o share a layout; the global v is the exact one (sv may be rescaled).
             ond[at] = sO[i * OS + c];
-#endif
             o[at] = from_f(sO[i * OS + c] + scale * sd[i] * to_f(v[at]));
+#else
+            o[at] = from_f(sO[i * OS + c]);
+#endif
         }
-        __syncthreads();
 
         // The state: decay by the whole chunk, then add (k ⊙ e^(Γ-G))^T (v ⊙ e^(Β-B)).
 #if HAS_GV

@@ -161,7 +161,8 @@ pub struct DeviceGla {
 }
 
 /// A tile width (16, 32 or 64) forced by the environment variable `var` instead of the chosen
-/// one, for tuning: FLA_GLA_BV (forward V tile), FLA_GLA_BK (backward K tile).
+/// one, for tuning: FLA_GLA_BV (forward V tile), FLA_GLA_BK and FLA_GLA_BVS (backward K tile
+/// and V step).
 pub(crate) fn forced_tile(var: &str) -> Option<usize> {
     let x = std::env::var(var).ok()?.parse().ok()?;
     [16, 32, 64].contains(&x).then_some(x)

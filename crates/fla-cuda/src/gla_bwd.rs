@@ -91,7 +91,11 @@ fn bwd_tiling(gpu: &Gpu, d: &DeviceGla) -> Result<(usize, usize, usize)> {
     };
     let heads = d.n_seqs * d.h;
     for c in [64, 32] {
-        for bvs in [64, 32, 16] {
+        let forced_bvs = forced_tile("FLA_GLA_BVS");
+        for bvs in [64, 32, 16]
+            .into_iter()
+            .filter(|&b| forced_bvs.is_none_or(|f| f == b))
+        {
             if let Some(bk) = forced_tile("FLA_GLA_BK").filter(|&bk| fits(c, bk, bvs)) {
                 return Ok((c, bk, bvs));
             }
