@@ -501,17 +501,26 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
         __syncthreads();
 #if HAS_G
         // The key gate: reverse sums of q⊙dq (one row later with the bonus, within the
-        // chunk) - k⊙dk down the chunk.
+        // chunk) - k⊙dk down the chunk. The chunk's q⊙dq is staged in the P and A tiles (free
+        // now; 2 C (C + 8) >= C BK floats) so that the sums wait on no global load.
+        float* sqdq = t.P;
+        for (int idx = tid; idx < rows * BK; idx += NT)
+            sqdq[idx] = qdq[((row0 + idx / BK) * H + hh) * KD + k0 + idx % BK];
+        __syncthreads();
         if (tid < BK) {
             const int kk = tid;
+            float next = 0.f;  // the bonus reads row j + 1's q⊙dq, overwritten by then
             for (int j = rows - 1; j >= 0; j--) {
-                const int r = j + (HAS_U ? 1 : 0);
-                const size_t at = ((row0 + j) * H + hh) * KD + k0 + kk;
-                if (r < rows) carry += qdq[((row0 + r) * H + hh) * KD + k0 + kk];
+                const float own = sqdq[j * BK + kk];
+                carry += HAS_U ? next : own;
+                next = own;
                 carry -= to_f(t.kr[j * KS + kk]) * t.X[j * XS + kk];
-                dgk[at] = carry;
+                sqdq[j * BK + kk] = carry;
             }
         }
+        __syncthreads();
+        for (int idx = tid; idx < rows * BK; idx += NT)
+            dgk[((row0 + idx / BK) * H + hh) * KD + k0 + idx % BK] = sqdq[idx];
 #endif
         for (int idx = tid; idx < rows * BK; idx += NT) {
             const int j = idx / BK, kk = idx % BK;
