@@ -124,6 +124,30 @@ __device__ __forceinline__ void load_keys(Tiles t, const io_t* q, const io_t* k,
 #endif
 }
 
+// The block's K tile of a state [N, H, K, V] at state_at (h0 or dht) into S; zeros without.
+__device__ void init_state(Tiles t, const float* src, size_t state_at, int k0) {
+    for (int idx = threadIdx.x; idx < BK * HEAD_V; idx += NT) {
+        const int kk = idx / HEAD_V, c = idx % HEAD_V;
+        t.S[kk * SS + c] = src ? src[state_at + (size_t)(k0 + kk) * HEAD_V + c] : 0.f;
+    }
+}
+
+// Starts a chunk of both sweeps: its keys and key gate loaded, the gate's cumulative sums
+// taken, dov and w cleared. Returns whether the one-reference (fast) path applies.
+__device__ bool begin_chunk(Tiles t, const io_t* q, const io_t* k, const float* g, size_t row0,
+                            int rows, int H, int hh, int k0) {
+    load_keys(t, q, k, g, row0, rows, H, hh, k0);
+    for (int i = threadIdx.x; i < C; i += NT) t.dov[i] = 0.f;
+    for (int i = threadIdx.x; i < BK; i += NT) t.w[i] = 0.f;
+    cp_async_wait_all();
+#if HAS_G
+    return cumsum_span(t.G, BK, t.red) <= SAFE_EXP;
+#else
+    __syncthreads();
+    return true;
+#endif
+}
+
 // Loads the chunk's v and do at value columns v0.. (BVS wide) and the value gate's cumulative
 // sums; adds do_i·v_i into dov (the diagonal terms' weight). Returns the value side's total
 // decay (0 without the value gate). Synchronises at the end.
@@ -237,21 +261,11 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dq(
     const int bos = cu_seqlens[n], len = cu_seqlens[n + 1] - bos;
     const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V;
 
-    for (int idx = tid; idx < BK * HEAD_V; idx += NT) {
-        const int kk = idx / HEAD_V, c = idx % HEAD_V;
-        t.S[kk * SS + c] = HAS_H0 ? h0[state_at + (size_t)(k0 + kk) * HEAD_V + c] : 0.f;
-    }
+    init_state(t, HAS_H0 ? h0 : nullptr, state_at, k0);
     for (int c0 = 0; c0 < len; c0 += C) {
         const int rows = min(C, len - c0);
         const size_t row0 = (size_t)bos + c0;
-        load_keys(t, q, k, g, row0, rows, H, hh, k0);
-        for (int i = tid; i < C; i += NT) t.dov[i] = 0.f;
-        cp_async_wait_all();
-#if HAS_G
-        const bool fast_g = cumsum_span(t.G, BK, t.red) <= SAFE_EXP;
-#else
-        __syncthreads();
-#endif
+        const bool fast_g = begin_chunk(t, q, k, g, row0, rows, H, hh, k0);
         // t1 = K̃ (fast path; the exact path reads raw k), t2 = K̂.
         for (int idx = tid; idx < C * BK; idx += NT) {
             const int at = (idx / BK) * KS + idx % BK;
@@ -332,23 +346,12 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
     const int bos = cu_seqlens[n], len = cu_seqlens[n + 1] - bos;
     const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V;
 
-    for (int idx = tid; idx < BK * HEAD_V; idx += NT) {
-        const int kk = idx / HEAD_V, c = idx % HEAD_V;
-        t.S[kk * SS + c] = HAS_DHT ? dht[state_at + (size_t)(k0 + kk) * HEAD_V + c] : 0.f;
-    }
+    init_state(t, HAS_DHT ? dht : nullptr, state_at, k0);
     for (int c0 = len > 0 ? (len - 1) / C * C : -1; c0 >= 0; c0 -= C) {
         const int rows = min(C, len - c0);
         const size_t row0 = (size_t)bos + c0;
-        load_keys(t, q, k, g, row0, rows, H, hh, k0);
-        for (int i = tid; i < C; i += NT) t.dov[i] = 0.f;
-        for (int i = tid; i < BK; i += NT) t.w[i] = 0.f;
         const size_t chunk = (size_t)chunk_off[n] + c0 / C;
-        cp_async_wait_all();
-#if HAS_G
-        const bool fast_g = cumsum_span(t.G, BK, t.red) <= SAFE_EXP;
-#else
-        __syncthreads();
-#endif
+        const bool fast_g = begin_chunk(t, q, k, g, row0, rows, H, hh, k0);
         // A from t2 = Q̃ and t1 = K̃ (or term by term), then t1 <- K̂.
 #if HAS_G
         for (int idx = tid; idx < C * BK; idx += NT) {

@@ -253,6 +253,20 @@ impl DeviceGla {
         })
     }
 
+    /// Device addresses of q, k, v, g, gv, u, h0 (0 for those absent), the kernels' first
+    /// arguments.
+    pub(crate) fn input_ptrs(&self, gpu: &Gpu) -> [u64; 7] {
+        [
+            self.q.ptr(gpu),
+            self.k.ptr(gpu),
+            self.v.ptr(gpu),
+            opt_ptr(&self.g, gpu),
+            opt_ptr(&self.gv, gpu),
+            opt_ptr(&self.u, gpu),
+            opt_ptr(&self.h0, gpu),
+        ]
+    }
+
     /// Launches the forward: o and ht (the final states) into this struct's buffers.
     pub fn forward(&mut self, gpu: &Gpu) -> Result<()> {
         let heads = self.n_seqs * self.h;
@@ -281,13 +295,7 @@ impl DeviceGla {
             block_dim: (NT, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let (q, k, v) = (self.q.ptr(gpu), self.k.ptr(gpu), self.v.ptr(gpu));
-        let (g, gv, u, h0) = (
-            opt_ptr(&self.g, gpu),
-            opt_ptr(&self.gv, gpu),
-            opt_ptr(&self.u, gpu),
-            opt_ptr(&self.h0, gpu),
-        );
+        let [q, k, v, g, gv, u, h0] = self.input_ptrs(gpu);
         let o = self.o.ptr_mut(gpu);
         let ht = self.ht.device_ptr_mut(&gpu.stream).0;
         let ond = self

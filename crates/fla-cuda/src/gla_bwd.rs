@@ -210,6 +210,7 @@ impl DeviceGla {
             ("DV_ATOMIC", i64::from(atomic)),
         ];
         let s = &gpu.stream;
+        let [q, k, v, g, gv, u, h0] = self.input_ptrs(gpu);
         let gr = self.grads.as_mut().expect("allocated above");
         if atomic {
             s.memset_zeros(&mut gr.dv_acc)
@@ -218,13 +219,6 @@ impl DeviceGla {
         for x in [gr.du.as_mut(), gr.zv.as_mut()].into_iter().flatten() {
             s.memset_zeros(x).map_err(device_err("memset"))?;
         }
-        let (q, k, v) = (self.q.ptr(gpu), self.k.ptr(gpu), self.v.ptr(gpu));
-        let (g, gv, u, h0) = (
-            opt_ptr(&self.g, gpu),
-            opt_ptr(&self.gv, gpu),
-            opt_ptr(&self.u, gpu),
-            opt_ptr(&self.h0, gpu),
-        );
         let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
         let ond = opt_ptr(&self.ond, gpu);
         let cu = self.cu_seqlens.device_ptr(s).0;
