@@ -253,6 +253,23 @@ impl DeviceGla {
         })
     }
 
+    /// The -D settings every GLA kernel takes: element type, block size, head sizes, chunk
+    /// size and which gates and extras are present.
+    pub(crate) fn defines(&self, chunk: usize) -> Vec<(&'static str, i64)> {
+        vec![
+            ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
+            ("NT", NT as i64),
+            ("HEAD_K", self.dk as i64),
+            ("HEAD_V", self.dv as i64),
+            ("CHUNK", chunk as i64),
+            ("HAS_G", i64::from(self.gate != GateKind::None)),
+            ("G_SCALAR", i64::from(self.gate == GateKind::Scalar)),
+            ("HAS_GV", i64::from(self.gate == GateKind::Both)),
+            ("HAS_U", i64::from(self.gate == GateKind::KeyBonus)),
+            ("HAS_H0", i64::from(self.h0.is_some())),
+        ]
+    }
+
     /// Device addresses of q, k, v, g, gv, u, h0 (0 for those absent), the kernels' first
     /// arguments.
     pub(crate) fn input_ptrs(&self, gpu: &Gpu) -> [u64; 7] {
@@ -274,21 +291,12 @@ impl DeviceGla {
         let has_g = self.gate != GateKind::None;
         let has_gv = self.gate == GateKind::Both;
         let smem = fwd_smem(c, self.dk, bv, self.dtype.bytes(), has_g, has_gv);
-        let defines = [
-            ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
-            ("NT", NT as i64),
-            ("HEAD_K", self.dk as i64),
-            ("HEAD_V", self.dv as i64),
+        let mut defines = self.defines(c);
+        defines.extend([
             ("BV", bv as i64),
-            ("CHUNK", c as i64),
-            ("HAS_G", i64::from(has_g)),
-            ("G_SCALAR", i64::from(self.gate == GateKind::Scalar)),
-            ("HAS_GV", i64::from(has_gv)),
-            ("HAS_U", i64::from(self.gate == GateKind::KeyBonus)),
-            ("HAS_H0", i64::from(self.h0.is_some())),
             ("STORE_HT", 1),
             ("STORE_OND", i64::from(self.ond.is_some())),
-        ];
+        ]);
         let f = gpu.function(FWD, "gla_fwd", &defines, smem)?;
         let cfg = LaunchConfig {
             grid_dim: ((self.dv / bv) as u32, self.h as u32, self.n_seqs as u32),

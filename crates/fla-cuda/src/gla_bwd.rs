@@ -193,22 +193,13 @@ impl DeviceGla {
         let gates = (self.gate != GateKind::None, self.gate == GateKind::Both);
         let smem = bwd_smem(c, bk, bvs, self.dv, self.dtype.bytes(), gates);
         let atomic = self.dk / bk > 1;
-        let defines = [
-            ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
-            ("NT", NT as i64),
-            ("HEAD_K", self.dk as i64),
-            ("HEAD_V", self.dv as i64),
+        let mut defines = self.defines(c);
+        defines.extend([
             ("BK", bk as i64),
             ("BVS", bvs as i64),
-            ("CHUNK", c as i64),
-            ("HAS_G", i64::from(gates.0)),
-            ("G_SCALAR", i64::from(self.gate == GateKind::Scalar)),
-            ("HAS_GV", i64::from(gates.1)),
-            ("HAS_U", i64::from(self.gate == GateKind::KeyBonus)),
-            ("HAS_H0", i64::from(self.h0.is_some())),
             ("HAS_DHT", i64::from(up.dht.is_some())),
             ("DV_ATOMIC", i64::from(atomic)),
-        ];
+        ]);
         let s = &gpu.stream;
         let [q, k, v, g, gv, u, h0] = self.input_ptrs(gpu);
         let gr = self.grads.as_mut().expect("allocated above");
