@@ -130,6 +130,31 @@ def fla_rows(ops, configs, lengths):
     return rows
 
 
+def fla_decode_rows(configs, batches):
+    """fla's fused_recurrent_gla on one token per sequence from a given state: the decode step."""
+    try:
+        from fla.ops.gla import fused_recurrent_gla
+    except Exception as e:
+        print(f"fla decode: skipped ({type(e).__name__}: {e})")
+        return []
+    rows = []
+    for H, K, V in configs:
+        for B in batches:
+            gen = lambda *s: torch.randn(*s, dtype=torch.bfloat16, device="cuda")
+            q, k, v = gen(B, 1, H, K), gen(B, 1, H, K), gen(B, 1, H, V)
+            g = torch.nn.functional.logsigmoid(torch.randn(B, 1, H, K, device="cuda")) / 16
+            h0 = torch.randn(B, H, K, V, dtype=torch.float32, device="cuda")
+            try:
+                ms = time_ms(lambda: fused_recurrent_gla(q, k, v, gk=g, initial_state=h0, output_final_state=True),
+                             warmup=10, reps=200)
+            except Exception as e:
+                print(f"fla decode B={B} H={H} K={K} V={V}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                continue
+            rows.append(dict(op="decode", impl="fla", B=B, T=1, H=H, K=K, V=V, fwd_ms=ms, fwdbwd_ms=None))
+            print(f"fla decode B={B} H={H} K={K} V={V}: {ms * 1e3:.1f} us", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ours", required=True)
@@ -138,6 +163,7 @@ def main():
     p.add_argument("--fla-lengths", default="", help="T values for fla (few: each new shape autotunes)")
     p.add_argument("--fla-ops", default="chunk_gla")
     p.add_argument("--fla-configs", default="16x128x128,4x256x512", help="HxKxV for fla")
+    p.add_argument("--decode-batches", default="1,64", help="B of fla's decode rows (empty: none)")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     gpu = torch.cuda.get_device_name()
@@ -149,22 +175,28 @@ def main():
     if fla_lengths:
         configs = [tuple(int(n) for n in c.split("x")) for c in args.fla_configs.split(",")]
         rows += fla_rows(args.fla_ops.split(","), configs, fla_lengths)
+    batches = [int(x) for x in args.decode_batches.split(",") if x]
+    if batches:
+        rows += fla_decode_rows([(16, 128, 128), (4, 256, 512)], batches)
     for r in rows:
         if r["op"].startswith("chunk"):
             r["floor_fwd_ms"], r["floor_fwdbwd_ms"] = gla_floor(r["op"], r["B"], r["T"], r["H"], r["K"], r["V"], bandwidth, rate)
+        elif r["op"] == "decode":  # the f32 states read and written
+            r["floor_fwd_ms"] = 2 * r["B"] * r["H"] * r["K"] * r["V"] * 4 / bandwidth * 1e3
     slug = gpu.lower().replace("nvidia ", "").replace(" ", "-")
     out = dict(gpu=gpu, copy_bytes_per_s=bandwidth, bf16_gemm_flops=rate, tokens=TOKENS, records=rows)
     path = os.path.join(args.out, f"kernels-{slug}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
-    fla = {(r["op"], r["T"], r["H"], r["K"], r["V"]): r for r in rows if r["impl"] == "fla"}
+    key = lambda r: (r["op"], r["B"], r["T"], r["H"], r["K"], r["V"])
+    fla = {key(r): r for r in rows if r["impl"] == "fla"}
     print(f"\n{'op':<17} {'impl':<10} {'B':>3} {'T':>5} {'H':>3} {'K':>4} {'V':>4} {'fwd ms':>8} {'floor':>7} {'fwd+bwd':>8} {'floor':>7} {'fla/ours fwd':>12}")
-    for r in sorted(rows, key=lambda r: (r["op"], r["H"], r["T"], r["impl"])):
+    for r in sorted(rows, key=lambda r: (r["op"], r["H"], r["B"], r["T"], r["impl"])):
         fb = r.get("fwdbwd_ms")
-        ref = fla.get((r["op"], r["T"], r["H"], r["K"], r["V"]))
+        ref = fla.get(key(r))
         ratio = f"{ref['fwd_ms'] / r['fwd_ms']:.2f}x" if ref and r["impl"] == "ours" else ""
         fbs = f"{fb:8.3f}" if fb else f"{'-':>8}"
-        print(f"{r['op']:<17} {r['impl']:<10} {r['B']:>3} {r['T']:>5} {r['H']:>3} {r['K']:>4} {r['V']:>4} {r['fwd_ms']:8.3f} "
+        print(f"{r['op']:<17} {r['impl']:<10} {r['B']:>3} {r['T']:>5} {r['H']:>3} {r['K']:>4} {r['V']:>4} {r['fwd_ms']:8.4f} "
               f"{r.get('floor_fwd_ms', math.nan):7.3f} {fbs} {r.get('floor_fwdbwd_ms', math.nan):7.3f} {ratio:>12}")
     print(f"wrote {path}")
 

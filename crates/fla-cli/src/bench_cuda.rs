@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
-use fla_cuda::{DType, DeviceGla, Gpu};
+use fla_cuda::{Buf, DType, Decoder, DeviceGla, Gpu, StepInputs};
 use fla_ops::GateKind;
 use fla_tensor::{Error, Result};
 
@@ -30,6 +30,9 @@ pub struct CudaArgs {
     /// GPU ordinal
     #[arg(long, default_value_t = 0)]
     gpu: usize,
+    /// Batch sizes of the decode-step rows (key gate, one token per sequence)
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    decode_batches: Vec<usize>,
     /// Also write the records as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -96,10 +99,51 @@ pub fn run(a: &CudaArgs) -> Result<()> {
             }
         }
     }
+    for &(h, dk, dv) in &CONFIGS {
+        for &b in &a.decode_batches {
+            let ms = decode_ms(&gpu, dtype, b, (h, dk, dv))?;
+            let line = format!(
+                "{:<18} {b:>3} {:>5} {h:>3} {dk:>4} {dv:>4} {ms:>9.4} {:>10}\n",
+                "decode", 1, "-"
+            );
+            print!("{line}");
+            table.push_str(&line);
+            records.push(format!(
+                "{{\"op\":\"decode\",\"impl\":\"ours\",\"B\":{b},\"T\":1,\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{ms:.5},\"fwdbwd_ms\":null}}"
+            ));
+        }
+    }
     if let Some(path) = &a.json {
         let body = format!("[\n  {}\n]\n", records.join(",\n  "));
         fla_tensor::write_atomic(path, body.as_bytes())
             .map_err(|e| Error::Invalid(format!("writing the JSON: {e}")))?;
     }
     Ok(())
+}
+
+/// One decode step (key gate): b sequences, one token each, states on the device.
+fn decode_ms(gpu: &Gpu, dtype: DType, b: usize, (h, dk, dv): (usize, usize, usize)) -> Result<f64> {
+    let x = inputs(GateKind::Key, b, 1, h, dk, dv);
+    let scale = 1.0 / (dk as f32).sqrt();
+    let mut dec = Decoder::new(gpu, GateKind::Key, (b, h), (dk, dv), scale, dtype)?;
+    let (q, k, v) = (
+        Buf::upload(gpu, x.q.data(), dtype)?,
+        Buf::upload(gpu, x.k.data(), dtype)?,
+        Buf::upload(gpu, x.v.data(), dtype)?,
+    );
+    let g = x.g.as_ref().expect("key gate inputs have g");
+    let g = gpu
+        .stream()
+        .clone_htod(g.data())
+        .map_err(|e| Error::Device(format!("upload: {e:?}")))?;
+    let mut o = Buf::zeros(gpu, b * h * dv, dtype)?;
+    let step = StepInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        g: Some(&g),
+        gv: None,
+        u: None,
+    };
+    gpu.time_ms(10, 200, || dec.step(gpu, &step, &mut o))
 }

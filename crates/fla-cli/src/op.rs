@@ -43,11 +43,10 @@ fn cuda_unsupported(a: &OpArgs) -> Option<String> {
         Some("the selective scan (gate full) runs on the CPU only".into())
     } else if a.precision != "f32" {
         Some(format!("precision {} runs on the CPU only", a.precision))
-    } else if !matches!(a.form.as_str(), "chunk" | "fused-chunk") {
-        Some(format!(
-            "form {} runs on the CPU only; the GPU runs the chunk form",
-            a.form
-        ))
+    } else if a.form == "naive" {
+        Some(
+            "form naive runs on the CPU only; the GPU runs chunk, fused-chunk and recurrent".into(),
+        )
     } else {
         None
     }
@@ -137,6 +136,7 @@ fn gla_inputs<F: Real>(a: &OpArgs, file: &TensorFile) -> Result<GlaInputs<F>> {
 /// backward when the file holds `do`.
 fn compute_cuda(a: &OpArgs, file: &TensorFile, gpu: &Gpu, dtype: DType) -> Result<TensorFile> {
     let gate: GateKind = a.gate.parse()?;
+    let form: Form = a.form.parse()?;
     let t = Tensors { a, file };
     let x = gla_inputs::<f32>(a, file)?;
     let mut out = TensorFile::default();
@@ -150,13 +150,13 @@ fn compute_cuda(a: &OpArgs, file: &TensorFile, gpu: &Gpu, dtype: DType) -> Resul
             if t.get::<f32>("dht").is_some() {
                 return Err(missing_do());
             }
-            let y = fla_cuda::gla_forward(gpu, gate, &x, dtype)?;
+            let y = fla_cuda::gla_forward(gpu, gate, &x, dtype, form)?;
             put("o", Some(y.o));
             put("ht", Some(y.ht));
         }
         Some(d_o) => {
             let dht = t.get::<f32>("dht");
-            let (y, g) = fla_cuda::gla_backward(gpu, gate, &x, &d_o, dht.as_ref(), dtype)?;
+            let (y, g) = fla_cuda::gla_backward(gpu, gate, &x, &d_o, dht.as_ref(), dtype, form)?;
             put("o", Some(y.o));
             put("ht", Some(y.ht));
             for (n, t) in [("dq", g.dq), ("dk", g.dk), ("dv", g.dv)] {

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use fla_ops::gla::Problem;
-use fla_ops::{GateKind, GlaInputs, GlaOutputs};
+use fla_ops::{Form, GateKind, GlaInputs, GlaOutputs};
 use fla_tensor::{Error, Result, Tensor};
 
 use crate::device::{device_err, Gpu};
@@ -53,7 +53,8 @@ pub enum Buf {
 }
 
 impl Buf {
-    pub(crate) fn upload(gpu: &Gpu, x: &[f32], dtype: DType) -> Result<Buf> {
+    /// `x` on the device in `dtype`.
+    pub fn upload(gpu: &Gpu, x: &[f32], dtype: DType) -> Result<Buf> {
         let s = &gpu.stream;
         Ok(match dtype {
             DType::F32 => Buf::F32(s.clone_htod(x).map_err(device_err("upload"))?),
@@ -67,7 +68,7 @@ impl Buf {
         })
     }
 
-    pub(crate) fn zeros(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
+    pub fn zeros(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
         let s = &gpu.stream;
         Ok(match dtype {
             DType::F32 => Buf::F32(s.alloc_zeros(n).map_err(device_err("allocation"))?),
@@ -75,7 +76,8 @@ impl Buf {
         })
     }
 
-    pub(crate) fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+    /// The elements as host f32.
+    pub fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let s = &gpu.stream;
         Ok(match self {
             Buf::F32(b) => s.clone_dtoh(b).map_err(device_err("download"))?,
@@ -86,6 +88,25 @@ impl Buf {
                 .map(|x| half::bf16::from_bits(x).to_f32())
                 .collect(),
         })
+    }
+
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        match self {
+            Buf::F32(b) => b.len(),
+            Buf::Bf16(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Buf::F32(_) => DType::F32,
+            Buf::Bf16(_) => DType::Bf16,
+        }
     }
 
     pub(crate) fn ptr(&self, gpu: &Gpu) -> u64 {
@@ -337,14 +358,33 @@ impl DeviceGla {
     }
 }
 
+/// Which kernels run `form` on the GPU: the chunk and fused-chunk forms both take the fused
+/// chunkwise kernels; the naive form runs on the CPU only.
+pub(crate) fn recurrent_kernels(form: Form) -> Result<bool> {
+    match form {
+        Form::Chunk | Form::FusedChunk => Ok(false),
+        Form::Recurrent => Ok(true),
+        Form::Naive => Err(Error::Invalid(
+            "the naive form runs on the CPU only; the GPU runs the chunk and recurrent forms"
+                .into(),
+        )),
+    }
+}
+
 /// The forward pass on the GPU from host tensors: upload, launch, read back.
 pub fn gla_forward(
     gpu: &Gpu,
     gate: GateKind,
     x: &GlaInputs<f32>,
     dtype: DType,
+    form: Form,
 ) -> Result<GlaOutputs<f32>> {
+    let recurrent = recurrent_kernels(form)?;
     let mut d = DeviceGla::upload(gpu, gate, x, dtype)?;
-    d.forward(gpu)?;
+    if recurrent {
+        d.forward_recurrent(gpu)?;
+    } else {
+        d.forward(gpu)?;
+    }
     d.outputs(gpu)
 }

@@ -3,11 +3,11 @@
 //! f32 tensors in the exchange layout.
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use fla_ops::{GateKind, GlaGrads, GlaInputs, GlaOutputs};
+use fla_ops::{Form, GateKind, GlaGrads, GlaInputs, GlaOutputs};
 use fla_tensor::{Error, Result, Tensor};
 
 use crate::device::{device_err, Gpu};
-use crate::gla::{forced_tile, opt_ptr, upload_f32, Buf, DType, DeviceGla, NT};
+use crate::gla::{forced_tile, opt_ptr, recurrent_kernels, upload_f32, Buf, DType, DeviceGla, NT};
 
 const BWD: &str = concat!(
     include_str!("../kernels/common.cuh"),
@@ -20,25 +20,41 @@ const ROWS_PER_BLOCK: usize = 64;
 /// The upstream gradients of one call on the device: do [B,T,H,V] in the call's dtype and,
 /// optionally, dht [N,H,K,V] in f32.
 pub struct DeviceUpstream {
-    d_o: Buf,
-    dht: Option<CudaSlice<f32>>,
+    pub(crate) d_o: Buf,
+    pub(crate) dht: Option<CudaSlice<f32>>,
 }
 
 /// Gradient buffers, with the f32 work buffers the kernels pass between them.
 pub(crate) struct DeviceGrads {
-    dq: Buf,
-    dk: Buf,
-    dv: Buf,
+    pub(crate) dq: Buf,
+    pub(crate) dk: Buf,
+    pub(crate) dv: Buf,
+    /// q ⊙ dq without the diagonal terms, for the key gate's gradient.
+    pub(crate) qdq: Option<CudaSlice<f32>>,
+    /// The key gate's gradient per key column [B,T,H,K] (summed over K for a scalar gate).
+    pub(crate) dgk: Option<CudaSlice<f32>>,
+    pub(crate) dg_scalar: Option<CudaSlice<f32>>,
+    pub(crate) dgv: Option<CudaSlice<f32>>,
+    pub(crate) du: Option<CudaSlice<f32>>,
+    pub(crate) dh0: Option<CudaSlice<f32>>,
+    pub(crate) work: Work,
+}
+
+/// What only one form's backward keeps.
+pub(crate) enum Work {
+    Chunk(ChunkWork),
+    /// dq and dk summed in f32 over the recurrent kernels' V tiles, then cast; the state at
+    /// the end of every segment (with a gate), for the gate gradients' sums.
+    Recurrent {
+        dq: CudaSlice<f32>,
+        dk: CudaSlice<f32>,
+        ckpt: Option<CudaSlice<f32>>,
+    },
+}
+
+pub(crate) struct ChunkWork {
     /// dv without its diagonal terms, summed over key tiles.
     dv_acc: CudaSlice<f32>,
-    /// q ⊙ dq without the diagonal terms, for the key gate's gradient.
-    qdq: Option<CudaSlice<f32>>,
-    /// The key gate's gradient per key column [B,T,H,K] (summed over K for a scalar gate).
-    dgk: Option<CudaSlice<f32>>,
-    dg_scalar: Option<CudaSlice<f32>>,
-    dgv: Option<CudaSlice<f32>>,
-    du: Option<CudaSlice<f32>>,
-    dh0: Option<CudaSlice<f32>>,
     /// Each chunk's starting state [chunks, H, K, V] (with a gate), for the gates' gradients.
     states: Option<Buf>,
     /// The value gate's chunk boundary terms [chunks, H, V].
@@ -49,7 +65,7 @@ pub(crate) struct DeviceGrads {
     chunks: usize,
 }
 
-fn zeros(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
+pub(crate) fn zeros(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
     gpu.stream.alloc_zeros(n).map_err(device_err("allocation"))
 }
 
@@ -57,7 +73,7 @@ fn zeros_if(gpu: &Gpu, cond: bool, n: usize) -> Result<Option<CudaSlice<f32>>> {
     cond.then(|| zeros(gpu, n)).transpose()
 }
 
-fn ptr_mut(x: &mut Option<CudaSlice<f32>>, gpu: &Gpu) -> u64 {
+pub(crate) fn ptr_mut(x: &mut Option<CudaSlice<f32>>, gpu: &Gpu) -> u64 {
     x.as_mut().map_or(0, |b| b.device_ptr_mut(&gpu.stream).0)
 }
 
@@ -134,9 +150,29 @@ impl DeviceGla {
         })
     }
 
-    fn alloc_grads(&self, gpu: &Gpu, chunk: usize) -> Result<DeviceGrads> {
+    /// The gradient buffers, zeroed, around one form's work buffers.
+    pub(crate) fn alloc_grads(&self, gpu: &Gpu, work: Work) -> Result<DeviceGrads> {
         let rows = self.b * self.t * self.h;
         let has_g = self.gate != GateKind::None;
+        Ok(DeviceGrads {
+            dq: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
+            dk: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
+            dv: Buf::zeros(gpu, rows * self.dv, self.dtype)?,
+            qdq: zeros_if(gpu, has_g, rows * self.dk)?,
+            dgk: zeros_if(gpu, has_g, rows * self.dk)?,
+            dg_scalar: zeros_if(gpu, self.gate == GateKind::Scalar, rows)?,
+            dgv: zeros_if(gpu, self.gate == GateKind::Both, rows * self.dv)?,
+            du: zeros_if(gpu, self.u.is_some(), self.h * self.dk)?,
+            dh0: zeros_if(
+                gpu,
+                self.h0.is_some(),
+                self.n_seqs * self.h * self.dk * self.dv,
+            )?,
+            work,
+        })
+    }
+
+    fn chunk_work(&self, gpu: &Gpu, chunk: usize) -> Result<ChunkWork> {
         let mut chunk_off = vec![0i32];
         let mut chunk_seq = Vec::new();
         for (n, &len) in self.lens.iter().enumerate() {
@@ -149,22 +185,9 @@ impl DeviceGla {
         chunk_seq.push(0);
         let upload = |x: &[i32]| gpu.stream.clone_htod(x).map_err(device_err("upload"));
         let states_len = chunks * self.h * self.dk * self.dv;
-        Ok(DeviceGrads {
-            dq: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
-            dk: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
-            dv: Buf::zeros(gpu, rows * self.dv, self.dtype)?,
-            dv_acc: zeros(gpu, rows * self.dv)?,
-            qdq: zeros_if(gpu, has_g, rows * self.dk)?,
-            dgk: zeros_if(gpu, has_g, rows * self.dk)?,
-            dg_scalar: zeros_if(gpu, self.gate == GateKind::Scalar, rows)?,
-            dgv: zeros_if(gpu, self.gate == GateKind::Both, rows * self.dv)?,
-            du: zeros_if(gpu, self.u.is_some(), self.h * self.dk)?,
-            dh0: zeros_if(
-                gpu,
-                self.h0.is_some(),
-                self.n_seqs * self.h * self.dk * self.dv,
-            )?,
-            states: has_g
+        Ok(ChunkWork {
+            dv_acc: zeros(gpu, self.b * self.t * self.h * self.dv)?,
+            states: (self.gate != GateKind::None)
                 .then(|| Buf::zeros(gpu, states_len.max(1), self.dtype))
                 .transpose()?,
             zv: zeros_if(
@@ -187,8 +210,15 @@ impl DeviceGla {
             ));
         }
         let (c, bk, bvs) = bwd_tiling(gpu, self)?;
-        if self.grads.is_none() {
-            self.grads = Some(self.alloc_grads(gpu, c)?);
+        if !matches!(
+            self.grads,
+            Some(DeviceGrads {
+                work: Work::Chunk(_),
+                ..
+            })
+        ) {
+            let work = Work::Chunk(self.chunk_work(gpu, c)?);
+            self.grads = Some(self.alloc_grads(gpu, work)?);
         }
         let gates = (self.gate != GateKind::None, self.gate == GateKind::Both);
         let smem = bwd_smem(c, bk, bvs, self.dv, self.dtype.bytes(), gates);
@@ -203,25 +233,28 @@ impl DeviceGla {
         let s = &gpu.stream;
         let [q, k, v, g, gv, u, h0] = self.input_ptrs(gpu);
         let gr = self.grads.as_mut().expect("allocated above");
+        let Work::Chunk(cw) = &mut gr.work else {
+            unreachable!("chunk work allocated above")
+        };
         if atomic {
-            s.memset_zeros(&mut gr.dv_acc)
+            s.memset_zeros(&mut cw.dv_acc)
                 .map_err(device_err("memset"))?;
         }
-        for x in [gr.du.as_mut(), gr.zv.as_mut()].into_iter().flatten() {
+        for x in [gr.du.as_mut(), cw.zv.as_mut()].into_iter().flatten() {
             s.memset_zeros(x).map_err(device_err("memset"))?;
         }
         let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
         let ond = opt_ptr(&self.ond, gpu);
         let cu = self.cu_seqlens.device_ptr(s).0;
         let (dq, dk, dv) = (gr.dq.ptr_mut(gpu), gr.dk.ptr_mut(gpu), gr.dv.ptr_mut(gpu));
-        let dv_acc = gr.dv_acc.device_ptr_mut(s).0;
+        let dv_acc = cw.dv_acc.device_ptr_mut(s).0;
         let (qdq, dgk) = (ptr_mut(&mut gr.qdq, gpu), ptr_mut(&mut gr.dgk, gpu));
         let (dgs, dgv) = (ptr_mut(&mut gr.dg_scalar, gpu), ptr_mut(&mut gr.dgv, gpu));
         let (du, dh0) = (ptr_mut(&mut gr.du, gpu), ptr_mut(&mut gr.dh0, gpu));
-        let states = gr.states.as_mut().map_or(0, |b| b.ptr_mut(gpu));
-        let zv = ptr_mut(&mut gr.zv, gpu);
-        let chunk_off = gr.chunk_off.device_ptr(s).0;
-        let chunk_seq = gr.chunk_seq.device_ptr(s).0;
+        let states = cw.states.as_mut().map_or(0, |b| b.ptr_mut(gpu));
+        let zv = ptr_mut(&mut cw.zv, gpu);
+        let chunk_off = cw.chunk_off.device_ptr(s).0;
+        let chunk_seq = cw.chunk_seq.device_ptr(s).0;
         let (h, scale) = (self.h as i32, self.scale);
         let sweep = LaunchConfig {
             grid_dim: ((self.dk / bk) as u32, self.h as u32, self.n_seqs as u32),
@@ -279,14 +312,14 @@ impl DeviceGla {
             ],
             &[&tokens, &h],
         )?;
-        if gates.1 && gr.chunks > 0 {
+        if gates.1 && cw.chunks > 0 {
             // gla_bwd_dgv takes no scale: launched by hand.
             let f = gpu.function(BWD, "gla_bwd_dgv", &defines, 0)?;
             let cfg = LaunchConfig {
                 grid_dim: (
                     self.dv.div_ceil(NT as usize) as u32,
                     self.h as u32,
-                    gr.chunks as u32,
+                    cw.chunks as u32,
                 ),
                 block_dim: (NT, 1, 1),
                 shared_mem_bytes: 0,
@@ -331,7 +364,7 @@ impl DeviceGla {
     }
 }
 
-/// Forward and backward on the GPU from host tensors: outputs and every gradient.
+/// Forward and backward on the GPU from host tensors in `form`: outputs and every gradient.
 pub fn gla_backward(
     gpu: &Gpu,
     gate: GateKind,
@@ -339,10 +372,17 @@ pub fn gla_backward(
     d_o: &Tensor<f32>,
     dht: Option<&Tensor<f32>>,
     dtype: DType,
+    form: Form,
 ) -> Result<(GlaOutputs<f32>, GlaGrads<f32>)> {
+    let recurrent = recurrent_kernels(form)?;
     let mut d = DeviceGla::upload(gpu, gate, x, dtype)?;
     let up = d.upstream(gpu, d_o, dht)?;
-    d.forward(gpu)?;
-    d.backward(gpu, &up)?;
+    if recurrent {
+        d.forward_recurrent(gpu)?;
+        d.backward_recurrent(gpu, &up)?;
+    } else {
+        d.forward(gpu)?;
+        d.backward(gpu, &up)?;
+    }
     Ok((d.outputs(gpu)?, d.gradients(gpu)?))
 }

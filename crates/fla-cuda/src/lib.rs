@@ -6,8 +6,10 @@
 mod device;
 mod gla;
 mod gla_bwd;
+mod gla_rec;
 mod nvrtc;
 
 pub use device::{open, DeviceChoice, Gpu};
 pub use gla::{gla_forward, Buf, DType, DeviceGla};
 pub use gla_bwd::{gla_backward, DeviceUpstream};
+pub use gla_rec::{Decoder, StepInputs};

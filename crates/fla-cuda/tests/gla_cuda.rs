@@ -9,7 +9,7 @@
 mod common;
 
 use common::{cast_inputs, inputs, Rng, Shape};
-use fla_cuda::{gla_backward, gla_forward, DType, Gpu};
+use fla_cuda::{gla_backward, gla_forward, Buf, DType, Decoder, Gpu, StepInputs};
 use fla_ops::{Form, GateKind, GlaGrads, GlaInputs, GlaOutputs, Options};
 use fla_tensor::{Real, Tensor};
 
@@ -80,22 +80,22 @@ fn stored_inputs(x: &GlaInputs<f64>, dtype: DType) -> GlaInputs<f64> {
     }
 }
 
+/// The GPU's forms: the chunk kernels and the recurrent ones.
+const FORMS: [Form; 2] = [Form::Chunk, Form::Recurrent];
+
 fn check_forward(gpu: &Gpu, gate: GateKind, x: &GlaInputs<f64>, what: &str) {
     for dtype in [DType::F32, DType::Bf16] {
         let x = &stored_inputs(x, dtype);
         let want = reference(gate, x);
-        let got = gla_forward(gpu, gate, &cast_inputs::<f32>(x), dtype).unwrap();
         let tol = tolerance(dtype);
-        let (eo, eh) = (rel_err(&got.o, &want.o), rel_err(&got.ht, &want.ht));
-        println!("{what} {gate} {dtype:?}: o {eo:.2e}, ht {eh:.2e}");
-        assert!(
-            eo < tol,
-            "{what} {gate} {dtype:?}: o relative error {eo:.3e} >= {tol:.0e}"
-        );
-        assert!(
-            eh < tol,
-            "{what} {gate} {dtype:?}: ht relative error {eh:.3e} >= {tol:.0e}"
-        );
+        for form in FORMS {
+            let got = gla_forward(gpu, gate, &cast_inputs::<f32>(x), dtype, form).unwrap();
+            let (eo, eh) = (rel_err(&got.o, &want.o), rel_err(&got.ht, &want.ht));
+            let tag = format!("{what} {gate} {form} {dtype:?}");
+            println!("{tag}: o {eo:.2e}, ht {eh:.2e}");
+            assert!(eo < tol, "{tag}: o relative error {eo:.3e} >= {tol:.0e}");
+            assert!(eh < tol, "{tag}: ht relative error {eh:.3e} >= {tol:.0e}");
+        }
     }
 }
 
@@ -154,28 +154,31 @@ fn check_backward(
         let dht = dht.as_ref().map(|t| as_stored(t, DType::F32));
         let want_out = reference(gate, x);
         let want = fla_ops::gla_backward(gate, x, &d_o, dht.as_ref(), &opts).unwrap();
-        let (out, got) = gla_backward(
-            gpu,
-            gate,
-            &cast_inputs::<f32>(x),
-            &d_o.cast(),
-            dht.as_ref().map(|t| t.cast()).as_ref(),
-            dtype,
-        )
-        .unwrap();
-        let mut line = format!("{what} {gate} {dtype:?}:");
-        let tag = |n: &str| format!("{what} {gate} {dtype:?} {n}");
-        line += &format!(" o {:.1e}", check(&tag("o"), &out.o, &want_out.o, tol));
-        let (got32, want64) = (named(&got), named(&want));
-        assert_eq!(
-            got32.iter().map(|p| p.0).collect::<Vec<_>>(),
-            want64.iter().map(|p| p.0).collect::<Vec<_>>(),
-            "{what}: the GPU returned other gradients than the CPU"
-        );
-        for ((n, g), (_, w)) in got32.iter().zip(&want64) {
-            line += &format!(" {n} {:.1e}", check(&tag(n), g, w, tol));
+        for form in FORMS {
+            let (out, got) = gla_backward(
+                gpu,
+                gate,
+                &cast_inputs::<f32>(x),
+                &d_o.cast(),
+                dht.as_ref().map(|t| t.cast()).as_ref(),
+                dtype,
+                form,
+            )
+            .unwrap();
+            let mut line = format!("{what} {gate} {form} {dtype:?}:");
+            let tag = |n: &str| format!("{what} {gate} {form} {dtype:?} {n}");
+            line += &format!(" o {:.1e}", check(&tag("o"), &out.o, &want_out.o, tol));
+            let (got32, want64) = (named(&got), named(&want));
+            assert_eq!(
+                got32.iter().map(|p| p.0).collect::<Vec<_>>(),
+                want64.iter().map(|p| p.0).collect::<Vec<_>>(),
+                "{what}: the GPU returned other gradients than the CPU"
+            );
+            for ((n, g), (_, w)) in got32.iter().zip(&want64) {
+                line += &format!(" {n} {:.1e}", check(&tag(n), g, w, tol));
+            }
+            println!("{line}");
         }
-        println!("{line}");
     }
 }
 
@@ -297,8 +300,10 @@ fn bad_head_size_is_a_clear_error() {
         v: 32,
     };
     let x = cast_inputs::<f32>(&inputs(&mut rng, GateKind::Key, &s, false, 1.0));
-    let err = gla_forward(&gpu, GateKind::Key, &x, DType::Bf16).unwrap_err();
+    let err = gla_forward(&gpu, GateKind::Key, &x, DType::Bf16, Form::Chunk).unwrap_err();
     assert!(err.to_string().contains("multiples of 16"), "{err}");
+    let err = Decoder::new(&gpu, GateKind::Key, (1, 1), (24, 32), 1.0, DType::Bf16).err();
+    assert!(err.unwrap().to_string().contains("multiples of 16"));
 }
 
 #[test]
@@ -393,4 +398,93 @@ fn backward_strong_gates_long_sequence() {
             &format!("strength {strength} T={t}"),
         );
     }
+}
+
+/// The decode step, token by token from a prefilled state, against the reference forward of
+/// the whole sequences: every output and the final states.
+#[test]
+fn decode_steps_match_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(31);
+    let s = Shape {
+        b: 3,
+        t: 6,
+        h: 2,
+        k: 32,
+        v: 48,
+    };
+    let (b, t, h, dk, dv) = (s.b, s.t, s.h, s.k, s.v);
+    for gate in GATES {
+        let x0 = inputs(&mut rng, gate, &s, true, 1.0);
+        for dtype in [DType::F32, DType::Bf16] {
+            let x = &stored_inputs(&x0, dtype);
+            let want = reference(gate, x);
+            let scale = x.scale.unwrap_or(1.0 / (dk as f64).sqrt()) as f32;
+            let mut dec = Decoder::new(&gpu, gate, (b, h), (dk, dv), scale, dtype).unwrap();
+            dec.set_state(&gpu, &x.h0.as_ref().unwrap().cast()).unwrap();
+            // Token i of every sequence, [B, H, D].
+            let token = |x: &Tensor<f64>, i: usize| -> Vec<f32> {
+                let w = x.data().len() / (b * t);
+                (0..b)
+                    .flat_map(|bi| x.data()[(bi * t + i) * w..(bi * t + i + 1) * w].to_vec())
+                    .map(|v| v as f32)
+                    .collect()
+            };
+            let upload = |v: Vec<f32>| gpu.stream().clone_htod(&v).unwrap();
+            let u =
+                x.u.as_ref()
+                    .map(|u| upload(u.data().iter().map(|&v| v as f32).collect()));
+            let mut o = Buf::zeros(&gpu, b * h * dv, dtype).unwrap();
+            let mut got = vec![0f32; b * t * h * dv];
+            for i in 0..t {
+                let (q, k, v) = (
+                    Buf::upload(&gpu, &token(&x.q, i), dtype).unwrap(),
+                    Buf::upload(&gpu, &token(&x.k, i), dtype).unwrap(),
+                    Buf::upload(&gpu, &token(&x.v, i), dtype).unwrap(),
+                );
+                let g = x.g.as_ref().map(|g| upload(token(g, i)));
+                let gv = x.gv.as_ref().map(|g| upload(token(g, i)));
+                let step = StepInputs {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    g: g.as_ref(),
+                    gv: gv.as_ref(),
+                    u: u.as_ref(),
+                };
+                dec.step(&gpu, &step, &mut o).unwrap();
+                let oi = o.download(&gpu).unwrap();
+                for bi in 0..b {
+                    let w = h * dv;
+                    got[(bi * t + i) * w..(bi * t + i + 1) * w]
+                        .copy_from_slice(&oi[bi * w..(bi + 1) * w]);
+                }
+            }
+            let got = Tensor::new(vec![b, t, h, dv], got).unwrap();
+            let tol = tolerance(dtype);
+            let tag = format!("decode {gate} {dtype:?}");
+            let eo = check(&format!("{tag} o"), &got, &want.o, tol);
+            let eh = check(
+                &format!("{tag} state"),
+                &dec.state(&gpu).unwrap(),
+                &want.ht,
+                tol,
+            );
+            println!("{tag}: o {eo:.1e}, state {eh:.1e}");
+        }
+    }
+    // A step with a missing gate is refused, naming it.
+    let mut dec = Decoder::new(&gpu, GateKind::Key, (1, 1), (16, 16), 1.0, DType::F32).unwrap();
+    let z = Buf::zeros(&gpu, 16, DType::F32).unwrap();
+    let mut o = Buf::zeros(&gpu, 16, DType::F32).unwrap();
+    let step = StepInputs {
+        q: &z,
+        k: &z,
+        v: &z,
+        g: None,
+        gv: None,
+        u: None,
+    };
+    let err = dec.step(&gpu, &step, &mut o).unwrap_err();
+    assert!(err.to_string().contains("needs `g`"), "{err}");
 }
