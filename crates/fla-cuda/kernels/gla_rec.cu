@@ -55,8 +55,9 @@ struct Rec {
     __device__ size_t state(size_t n, int r) const {
         return ((n * H + h) * HEAD_K + kg * ROWS + r) * HEAD_V + jv + j;
     }
-    // The checkpoint of the segment holding token t: distinct for every sequence and segment.
-    __device__ size_t segment(int t) const { return (size_t)(bos + t) / SEG + blockIdx.z; }
+    // The checkpoint of the segment holding token t (of this sequence): bos / SEG + n leaves
+    // room for every earlier sequence's ceil(len / SEG) segments.
+    __device__ size_t segment(int t) const { return (size_t)bos / SEG + blockIdx.z + t / SEG; }
     __device__ float a(int st, int r) const {
         if (!HAS_G) return 1.f;
         return G_SCALAR ? sm[OFF_A + st] : sm[OFF_A + st * HEAD_K + kg * ROWS + r];

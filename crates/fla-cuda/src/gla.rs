@@ -181,6 +181,15 @@ pub struct DeviceGla {
     pub(crate) grads: Option<crate::gla_bwd::DeviceGrads>,
 }
 
+/// Threads per block of a kernel family: 256, or 512 when the environment variable `var` says
+/// so (for tuning: FLA_GLA_FWD_NT for the forward, FLA_GLA_BWD_NT for the backward).
+pub(crate) fn threads(var: &str) -> u32 {
+    match std::env::var(var).ok().and_then(|x| x.parse().ok()) {
+        Some(512) => 512,
+        _ => NT,
+    }
+}
+
 /// A tile width (16, 32 or 64) forced by the environment variable `var` instead of the chosen
 /// one, for tuning: FLA_GLA_BV (forward V tile), FLA_GLA_BK and FLA_GLA_BVS (backward K tile
 /// and V step).
@@ -274,12 +283,12 @@ impl DeviceGla {
         })
     }
 
-    /// The -D settings every GLA kernel takes: element type, block size, head sizes, chunk
+    /// The -D settings every GLA kernel takes: element type, `threads` per block, head sizes, chunk
     /// size and which gates and extras are present.
-    pub(crate) fn defines(&self, chunk: usize) -> Vec<(&'static str, i64)> {
+    pub(crate) fn defines(&self, chunk: usize, threads: u32) -> Vec<(&'static str, i64)> {
         vec![
             ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
-            ("NT", NT as i64),
+            ("NT", threads as i64),
             ("HEAD_K", self.dk as i64),
             ("HEAD_V", self.dv as i64),
             ("CHUNK", chunk as i64),
@@ -312,7 +321,8 @@ impl DeviceGla {
         let has_g = self.gate != GateKind::None;
         let has_gv = self.gate == GateKind::Both;
         let smem = fwd_smem(c, self.dk, bv, self.dtype.bytes(), has_g, has_gv);
-        let mut defines = self.defines(c);
+        let nt = threads("FLA_GLA_FWD_NT");
+        let mut defines = self.defines(c, nt);
         defines.extend([
             ("BV", bv as i64),
             ("STORE_HT", 1),
@@ -321,7 +331,7 @@ impl DeviceGla {
         let f = gpu.function(FWD, "gla_fwd", &defines, smem)?;
         let cfg = LaunchConfig {
             grid_dim: ((self.dv / bv) as u32, self.h as u32, self.n_seqs as u32),
-            block_dim: (NT, 1, 1),
+            block_dim: (nt, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let [q, k, v, g, gv, u, h0] = self.input_ptrs(gpu);

@@ -7,7 +7,9 @@ use fla_ops::{Form, GateKind, GlaGrads, GlaInputs, GlaOutputs};
 use fla_tensor::{Error, Result, Tensor};
 
 use crate::device::{device_err, Gpu};
-use crate::gla::{forced_tile, opt_ptr, recurrent_kernels, upload_f32, Buf, DType, DeviceGla, NT};
+use crate::gla::{
+    forced_tile, opt_ptr, recurrent_kernels, threads, upload_f32, Buf, DType, DeviceGla,
+};
 
 const BWD: &str = concat!(
     include_str!("../kernels/common.cuh"),
@@ -223,7 +225,8 @@ impl DeviceGla {
         let gates = (self.gate != GateKind::None, self.gate == GateKind::Both);
         let smem = bwd_smem(c, bk, bvs, self.dv, self.dtype.bytes(), gates);
         let atomic = self.dk / bk > 1;
-        let mut defines = self.defines(c);
+        let nt = threads("FLA_GLA_BWD_NT");
+        let mut defines = self.defines(c, nt);
         defines.extend([
             ("BK", bk as i64),
             ("BVS", bvs as i64),
@@ -258,7 +261,7 @@ impl DeviceGla {
         let (h, scale) = (self.h as i32, self.scale);
         let sweep = LaunchConfig {
             grid_dim: ((self.dk / bk) as u32, self.h as u32, self.n_seqs as u32),
-            block_dim: (NT, 1, 1),
+            block_dim: (nt, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let launch = |name: &str, smem: usize, cfg: LaunchConfig, ptrs: &[&u64], ints: &[&i32]| {
@@ -300,7 +303,7 @@ impl DeviceGla {
                 self.h as u32,
                 1,
             ),
-            block_dim: (NT, 1, 1),
+            block_dim: (nt, 1, 1),
             shared_mem_bytes: 0,
         };
         launch(
@@ -317,11 +320,11 @@ impl DeviceGla {
             let f = gpu.function(BWD, "gla_bwd_dgv", &defines, 0)?;
             let cfg = LaunchConfig {
                 grid_dim: (
-                    self.dv.div_ceil(NT as usize) as u32,
+                    self.dv.div_ceil(nt as usize) as u32,
                     self.h as u32,
                     cw.chunks as u32,
                 ),
-                block_dim: (NT, 1, 1),
+                block_dim: (nt, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut l = s.launch_builder(&f);
