@@ -181,6 +181,17 @@ pub struct DeviceGla {
     pub(crate) grads: Option<crate::gla_bwd::DeviceGrads>,
 }
 
+/// The head sizes every GPU kernel takes: K in 16..=256 and V in 16..=512, multiples of 16.
+pub(crate) fn check_head_sizes(dk: usize, dv: usize) -> Result<()> {
+    let steps_of_16 = dk.is_multiple_of(16) && dv.is_multiple_of(16);
+    if !steps_of_16 || !(16..=256).contains(&dk) || !(16..=512).contains(&dv) {
+        return Err(Error::Invalid(format!(
+            "the CUDA kernels take head sizes K in 16..=256 and V in 16..=512, multiples of 16; got K={dk}, V={dv}"
+        )));
+    }
+    Ok(())
+}
+
 /// Threads per block of the chunk kernels: 512, or 256 when the environment variable `var`
 /// says so (FLA_GLA_FWD_NT for the forward, FLA_GLA_BWD_NT for the backward). Their shared
 /// memory allows one block per SM, so 512 threads give each scheduler four warps to switch
@@ -234,12 +245,7 @@ impl DeviceGla {
     /// Checks the inputs like the CPU op does, then uploads them (q, k, v in `dtype`).
     pub fn upload(gpu: &Gpu, gate: GateKind, x: &GlaInputs<f32>, dtype: DType) -> Result<Self> {
         let p = Problem::new(gate, x)?;
-        if p.dk % 16 != 0 || p.dv % 16 != 0 || p.dk > 256 || p.dv > 512 {
-            return Err(Error::Invalid(format!(
-                "the CUDA kernels take head sizes K in 16..=256 and V in 16..=512, multiples of 16; got K={}, V={}",
-                p.dk, p.dv
-            )));
-        }
+        check_head_sizes(p.dk, p.dv)?;
         let n_seqs = p.spans.len();
         let cu: Vec<i32> = match &x.cu_seqlens {
             Some(c) => c.iter().map(|&x| x as i32).collect(),

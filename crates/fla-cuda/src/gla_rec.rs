@@ -7,7 +7,7 @@ use fla_ops::GateKind;
 use fla_tensor::{Error, Result, Tensor};
 
 use crate::device::{device_err, Gpu};
-use crate::gla::{opt_ptr, Buf, DType, DeviceGla, NT};
+use crate::gla::{check_head_sizes, opt_ptr, Buf, DType, DeviceGla, NT};
 use crate::gla_bwd::{ptr_mut, zeros, DeviceGrads, DeviceUpstream, Work};
 
 const REC: &str = concat!(
@@ -220,11 +220,10 @@ impl DeviceGla {
             unreachable!("recurrent work allocated above")
         };
         // Sums over V tiles accumulate into these.
-        for x in [Some(&mut *dq32), Some(&mut *dk32)]
+        let optional = [&mut gr.qdq, &mut gr.dgk, &mut gr.dg_scalar, &mut gr.du];
+        for x in [&mut *dq32, &mut *dk32]
             .into_iter()
-            .chain([gr.qdq.as_mut(), gr.dgk.as_mut(), gr.dg_scalar.as_mut()])
-            .chain([gr.du.as_mut()])
-            .flatten()
+            .chain(optional.into_iter().flatten())
         {
             s.memset_zeros(x).map_err(device_err("memset"))?;
         }
@@ -292,11 +291,7 @@ impl Decoder {
         scale: f32,
         dtype: DType,
     ) -> Result<Decoder> {
-        if dk % 16 != 0 || dv % 16 != 0 || !(16..=256).contains(&dk) || !(16..=512).contains(&dv) {
-            return Err(Error::Invalid(format!(
-                "the CUDA kernels take head sizes K in 16..=256 and V in 16..=512, multiples of 16; got K={dk}, V={dv}"
-            )));
-        }
+        check_head_sizes(dk, dv)?;
         if batch == 0 || heads == 0 {
             return Err(Error::Invalid(
                 "a decoder needs at least one sequence and one head".into(),
