@@ -28,6 +28,7 @@ pub trait Real:
     /// values of ordinary size, stay comfortably inside the normal range of the type.
     const SAFE_EXP: Self;
     fn exp(self) -> Self;
+    fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
     fn is_finite(self) -> bool;
@@ -46,6 +47,10 @@ macro_rules! impl_real {
             #[inline(always)]
             fn exp(self) -> Self {
                 <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
             }
             #[inline(always)]
             fn sqrt(self) -> Self {

@@ -1,0 +1,15 @@
+//! The Gated Linear Attention Transformer as fla 0.6.0 defines it (`GLAForCausalLM`):
+//! config.json and model.safetensors with fla's names, the forward and every parameter's
+//! gradient on the CPU.
+
+pub mod checkpoint;
+pub mod config;
+pub mod layout;
+pub mod model;
+pub mod nn;
+pub mod rng;
+
+pub use config::GlaConfig;
+pub use layout::{Layout, Role};
+pub use model::{LossOut, Model, Tape};
+pub use rng::Rng;

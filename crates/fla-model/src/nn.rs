@@ -1,0 +1,298 @@
+//! The layers of the model on the CPU, each a forward and a backward on row-major slices.
+//! Backward functions add into their gradient outputs, so shared inputs accumulate.
+
+use fla_ops::linalg::{matmul_par, MatRef};
+use fla_tensor::Real;
+
+fn parallelism(flops: usize) -> gemm::Parallelism {
+    if flops >= 1 << 18 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `y = x W^T` for `x` [n, i] and a PyTorch Linear weight `w` [o, i]: y [n, o].
+pub fn linear<F: Real>(x: &[F], n: usize, w: &[F], o: usize) -> Vec<F> {
+    let i = w.len() / o.max(1);
+    let mut y = vec![F::ZERO; n * o];
+    matmul_par(
+        &mut y,
+        o,
+        MatRef::rows(x, n, i),
+        MatRef::rows(w, o, i).t(),
+        F::ONE,
+        F::ZERO,
+        parallelism(n * o * i),
+    );
+    y
+}
+
+/// Backward of [`linear`]: `dx += dy W`, `dw += dy^T x`.
+pub fn linear_back<F: Real>(x: &[F], n: usize, w: &[F], dy: &[F], dx: &mut [F], dw: &mut [F]) {
+    let o = dy.len() / n.max(1);
+    let i = w.len() / o.max(1);
+    let par = parallelism(n * o * i);
+    matmul_par(
+        dx,
+        i,
+        MatRef::rows(dy, n, o),
+        MatRef::rows(w, o, i),
+        F::ONE,
+        F::ONE,
+        par,
+    );
+    matmul_par(
+        dw,
+        i,
+        MatRef::rows(dy, n, o).t(),
+        MatRef::rows(x, n, i),
+        F::ONE,
+        F::ONE,
+        par,
+    );
+}
+
+/// RMSNorm over rows of `width`: `y = x / sqrt(mean(x^2) + eps) * w`. Returns y and each
+/// row's 1/rms for the backward.
+pub fn rms_norm<F: Real>(x: &[F], width: usize, w: Option<&[F]>, eps: f64) -> (Vec<F>, Vec<F>) {
+    let mut y = vec![F::ZERO; x.len()];
+    let mut rstd = Vec::with_capacity(x.len() / width);
+    for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
+        let ms = xr.iter().map(|&v| v * v).sum::<F>() / F::from_f64(width as f64);
+        let r = F::ONE / (ms + F::from_f64(eps)).sqrt();
+        rstd.push(r);
+        for (j, (yv, &xv)) in yr.iter_mut().zip(xr).enumerate() {
+            *yv = xv * r * w.map_or(F::ONE, |w| w[j]);
+        }
+    }
+    (y, rstd)
+}
+
+/// Backward of [`rms_norm`]: with `ŵ = w ⊙ dy`, `dx += r ŵ - x r^3 mean(x ⊙ ŵ)`,
+/// `dw += Σ_rows dy ⊙ x r`.
+pub fn rms_norm_back<F: Real>(
+    x: &[F],
+    width: usize,
+    w: Option<&[F]>,
+    rstd: &[F],
+    dy: &[F],
+    dx: &mut [F],
+    mut dw: Option<&mut [F]>,
+) {
+    let nrows = x.len() / width;
+    for row in 0..nrows {
+        let span = row * width..(row + 1) * width;
+        let (xr, dyr, r) = (&x[span.clone()], &dy[span.clone()], rstd[row]);
+        let wd = |j: usize| dyr[j] * w.map_or(F::ONE, |w| w[j]);
+        let dot = (0..width).map(|j| xr[j] * wd(j)).sum::<F>() / F::from_f64(width as f64);
+        let dxr = &mut dx[span];
+        for j in 0..width {
+            dxr[j] += r * wd(j) - xr[j] * r * r * r * dot;
+        }
+        if let Some(dw) = dw.as_deref_mut() {
+            for j in 0..width {
+                dw[j] += dyr[j] * xr[j] * r;
+            }
+        }
+    }
+}
+
+pub fn sigmoid<F: Real>(x: F) -> F {
+    F::ONE / (F::ONE + (-x).exp())
+}
+
+pub fn silu<F: Real>(x: F) -> F {
+    x * sigmoid(x)
+}
+
+/// d silu / dx = σ(x) (1 + x (1 - σ(x))).
+pub fn silu_grad<F: Real>(x: F) -> F {
+    let s = sigmoid(x);
+    s * (F::ONE + x * (F::ONE - s))
+}
+
+/// log σ(x) = min(x, 0) - log(1 + e^-|x|), without overflow; its derivative is σ(-x).
+pub fn log_sigmoid<F: Real>(x: F) -> F {
+    x.min(F::ZERO) - (F::ONE + (-x.abs()).exp()).ln()
+}
+
+/// Depthwise causal convolution, per sequence of `t` rows of `c` channels, with fla's
+/// `ShortConvolution` weight [c, 1, width]: `y[s, ch] = Σ_i w[ch, i] x[s - width + 1 + i, ch]`
+/// (rows before the sequence start are zero).
+pub fn causal_conv<F: Real>(x: &[F], t: usize, c: usize, w: &[F]) -> Vec<F> {
+    let width = w.len() / c;
+    let mut y = vec![F::ZERO; x.len()];
+    for (xs, ys) in x.chunks(t * c).zip(y.chunks_mut(t * c)) {
+        for s in 0..t {
+            for i in 0..width {
+                let Some(src) = (s + i + 1).checked_sub(width) else {
+                    continue;
+                };
+                for ch in 0..c {
+                    ys[s * c + ch] += w[ch * width + i] * xs[src * c + ch];
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Backward of [`causal_conv`].
+pub fn causal_conv_back<F: Real>(
+    x: &[F],
+    t: usize,
+    c: usize,
+    w: &[F],
+    dy: &[F],
+    dx: &mut [F],
+    dw: &mut [F],
+) {
+    let width = w.len() / c;
+    for ((xs, dys), dxs) in x
+        .chunks(t * c)
+        .zip(dy.chunks(t * c))
+        .zip(dx.chunks_mut(t * c))
+    {
+        for s in 0..t {
+            for i in 0..width {
+                let Some(src) = (s + i + 1).checked_sub(width) else {
+                    continue;
+                };
+                for ch in 0..c {
+                    let g = dys[s * c + ch];
+                    dxs[src * c + ch] += w[ch * width + i] * g;
+                    dw[ch * width + i] += xs[src * c + ch] * g;
+                }
+            }
+        }
+    }
+}
+
+/// One step of [`causal_conv`] for generation: `window` holds the last `width - 1` inputs
+/// (oldest first) and is shifted to take `x`; returns the output for `x`.
+pub fn causal_conv_step<F: Real>(window: &mut [F], x: &[F], w: &[F]) -> Vec<F> {
+    let c = x.len();
+    let width = w.len() / c;
+    let y = (0..c)
+        .map(|ch| {
+            let past: F = (0..width - 1)
+                .map(|i| w[ch * width + i] * window[i * c + ch])
+                .sum();
+            past + w[ch * width + width - 1] * x[ch]
+        })
+        .collect();
+    if width > 1 {
+        window.copy_within(c.., 0);
+        window[(width - 2) * c..].copy_from_slice(x);
+    }
+    y
+}
+
+/// Mean cross-entropy of `logits` [n, vocab] against `targets` (negative: ignored, as
+/// PyTorch's ignore_index -100). Returns the loss (NaN when no target counts, as PyTorch)
+/// and d loss / d logits.
+pub fn cross_entropy<F: Real>(logits: &[F], vocab: usize, targets: &[i64]) -> (f64, Vec<F>) {
+    let count = targets.iter().filter(|&&t| t >= 0).count();
+    let mut dlogits = vec![F::ZERO; logits.len()];
+    if count == 0 {
+        return (f64::NAN, dlogits);
+    }
+    let inv = 1.0 / count as f64;
+    let mut total = 0.0f64;
+    for ((row, drow), &target) in logits
+        .chunks(vocab)
+        .zip(dlogits.chunks_mut(vocab))
+        .zip(targets)
+    {
+        if target < 0 {
+            continue;
+        }
+        let max = row
+            .iter()
+            .fold(F::from_f64(f64::NEG_INFINITY), |m, &v| m.max(v));
+        let sum: F = row.iter().map(|&v| (v - max).exp()).sum();
+        let lse = max + sum.ln();
+        total += (lse - row[target as usize]).to_f64();
+        for (d, &v) in drow.iter_mut().zip(row) {
+            *d = (v - lse).exp() * F::from_f64(inv);
+        }
+        drow[target as usize] -= F::from_f64(inv);
+    }
+    (total * inv, dlogits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Central differences of a scalar function of one vector, against its analytic gradient.
+    fn check_grad(x: &[f64], f: impl Fn(&[f64]) -> f64, grad: &[f64]) {
+        for i in 0..x.len() {
+            let (mut a, mut b) = (x.to_vec(), x.to_vec());
+            a[i] += 1e-6;
+            b[i] -= 1e-6;
+            let fd = (f(&a) - f(&b)) / 2e-6;
+            assert!(
+                (fd - grad[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{i}: fd {fd} vs {}",
+                grad[i]
+            );
+        }
+    }
+
+    fn vals(n: usize, seed: f64) -> Vec<f64> {
+        (0..n).map(|i| ((i as f64 + seed) * 0.731).sin()).collect()
+    }
+
+    #[test]
+    fn rms_norm_gradients() {
+        let (x, w, dy) = (vals(12, 1.0), vals(4, 2.0), vals(12, 3.0));
+        let loss = |x: &[f64], w: &[f64]| {
+            let (y, _) = rms_norm(x, 4, Some(w), 1e-6);
+            y.iter().zip(&dy).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let (_, r) = rms_norm(&x, 4, Some(&w), 1e-6);
+        let (mut dx, mut dw) = (vec![0.0; 12], vec![0.0; 4]);
+        rms_norm_back(&x, 4, Some(&w), &r, &dy, &mut dx, Some(&mut dw));
+        check_grad(&x, |x| loss(x, &w), &dx);
+        check_grad(&w, |w| loss(&x, w), &dw);
+    }
+
+    #[test]
+    fn conv_gradients_and_step() {
+        let (t, c) = (5, 3);
+        let (x, w, dy) = (vals(2 * t * c, 1.0), vals(c * 4, 2.0), vals(2 * t * c, 3.0));
+        let loss = |x: &[f64], w: &[f64]| {
+            causal_conv(x, t, c, w)
+                .iter()
+                .zip(&dy)
+                .map(|(a, b)| a * b)
+                .sum::<f64>()
+        };
+        let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+        causal_conv_back(&x, t, c, &w, &dy, &mut dx, &mut dw);
+        check_grad(&x, |x| loss(x, &w), &dx);
+        check_grad(&w, |w| loss(&x, w), &dw);
+        // Stepping through the first sequence gives the same outputs.
+        let y = causal_conv(&x, t, c, &w);
+        let mut window = vec![0.0; 3 * c];
+        for s in 0..t {
+            let ys = causal_conv_step(&mut window, &x[s * c..(s + 1) * c], &w);
+            for ch in 0..c {
+                assert!((ys[ch] - y[s * c + ch]).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn cross_entropy_gradient_and_ignore() {
+        let logits = vals(12, 1.0);
+        let targets = [2i64, -100, 0];
+        let (_, d) = cross_entropy(&logits, 4, &targets);
+        check_grad(&logits, |l| cross_entropy(l, 4, &targets).0, &d);
+        assert!(d[4..8].iter().all(|&v| v == 0.0));
+        assert!(cross_entropy(&logits, 4, &[-100, -100, -100]).0.is_nan());
+        assert!((log_sigmoid(-800.0f64) + 800.0).abs() < 1e-9 && log_sigmoid(800.0f64) == 0.0);
+    }
+}
