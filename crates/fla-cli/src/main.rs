@@ -2,6 +2,8 @@
 
 mod bench;
 mod bench_cuda;
+mod forward;
+mod init;
 mod op;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,10 @@ struct Cli {
 enum Command {
     /// Run one op on the tensors of a safetensors file (the exchange format of docs/ARCHITECTURE.md).
     Op(op::OpArgs),
+    /// Run a GLA model directory on input_ids: logits, loss and parameter gradients.
+    Forward(forward::ForwardArgs),
+    /// Write a freshly initialised GLA model directory from a config.json.
+    Init(init::InitArgs),
     /// Print speed tables.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -31,6 +37,8 @@ fn main() {
     let result = match cli.command {
         Command::Op(args) => op::run(&args),
         Command::Bench(cmd) => bench::run(&cmd),
+        Command::Forward(args) => forward::run(&args),
+        Command::Init(args) => init::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

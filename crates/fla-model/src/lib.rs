@@ -4,12 +4,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
 pub mod layout;
 pub mod model;
 pub mod nn;
 pub mod rng;
 
 pub use config::GlaConfig;
+pub use generate::{generate, Sampling};
 pub use layout::{Layout, Role};
-pub use model::{LossOut, Model, Tape};
+pub use model::{Cache, LossOut, Model, Tape};
 pub use rng::Rng;

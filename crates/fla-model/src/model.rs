@@ -7,14 +7,14 @@
 //! at clamp_min), chunkwise GLA with scale head_k_dim^-1/2, then per head RMSNorm(o) ⊙
 //! swish(g_proj(x)). Logits = lm_head(norm(x)).
 
-use fla_ops::{gla_backward, gla_forward, GateKind, GlaInputs, Options};
+use fla_ops::{gla_backward, gla_forward, Form, GateKind, GlaInputs, Options};
 use fla_tensor::{Error, Real, Result, Tensor};
 
 use crate::config::{GlaConfig, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK};
 use crate::layout::{LayerSlots, Layout};
 use crate::nn::{
-    causal_conv, causal_conv_back, cross_entropy, linear, linear_back, log_sigmoid, rms_norm,
-    rms_norm_back, sigmoid, silu, silu_grad,
+    causal_conv, causal_conv_back, conv_window, cross_entropy, linear, linear_back, log_sigmoid,
+    rms_norm, rms_norm_back, sigmoid, silu, silu_grad,
 };
 
 /// A model: its config, where each parameter sits, and the parameters.
@@ -64,6 +64,43 @@ pub struct Tape<F> {
     rstd_f: Vec<F>,
     /// Each layer's final attention state [B, H, K, V].
     pub states: Vec<Tensor<F>>,
+}
+
+/// The recurrent state of a batch of sequences for generation: per layer, the last
+/// `conv_size - 1` inputs of each short convolution and the attention state [B, H, K, V].
+/// Its size does not grow with the length.
+#[derive(Clone, Debug)]
+pub struct Cache<F> {
+    pub b: usize,
+    /// Tokens consumed so far per sequence.
+    pub len: usize,
+    layers: Vec<LayerCache<F>>,
+}
+
+#[derive(Clone, Debug)]
+struct LayerCache<F> {
+    windows: Vec<Vec<F>>,
+    state: Option<Tensor<F>>,
+}
+
+impl<F: Real> Cache<F> {
+    /// An empty cache (no tokens yet) for `b` sequences.
+    pub fn new(model: &Model<F>, b: usize) -> Cache<F> {
+        let c = &model.config;
+        let widths = [c.key_dim(), c.key_dim_per_group(), c.value_dim_per_group()];
+        let past = c.conv_size.saturating_sub(1);
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| LayerCache {
+                windows: if c.use_short_conv {
+                    widths.iter().map(|w| vec![F::ZERO; b * past * w]).collect()
+                } else {
+                    Vec::new()
+                },
+                state: None,
+            })
+            .collect();
+        Cache { b, len: 0, layers }
+    }
 }
 
 /// Repeats each of `kv` heads of width `d` over `groups` consecutive heads (fla's
@@ -138,6 +175,33 @@ impl<F: Real> Model<F> {
 
     /// Logits [B*T, vocab] for `ids` (B sequences of T tokens), and the tape.
     pub fn forward(&self, ids: &[usize], b: usize, t: usize) -> Result<(Vec<F>, Tape<F>)> {
+        self.run(ids, b, t, None)
+    }
+
+    /// Feeds the next `t` tokens of each of the cache's sequences (`ids` [B, t]), updating the
+    /// cache; returns the logits after each sequence's last token [B, vocab]. A prompt is
+    /// fed once (chunkwise), then one token at a time (recurrent steps).
+    pub fn decode(&self, ids: &[usize], t: usize, cache: &mut Cache<F>) -> Result<Vec<F>> {
+        let b = cache.b;
+        let (logits, _) = self.run(ids, b, t, Some(cache))?;
+        cache.len += t;
+        let v = self.config.vocab_size;
+        Ok((0..b)
+            .flat_map(|i| {
+                logits[((i + 1) * t - 1) * v..(i + 1) * t * v]
+                    .iter()
+                    .copied()
+            })
+            .collect())
+    }
+
+    fn run(
+        &self,
+        ids: &[usize],
+        b: usize,
+        t: usize,
+        mut cache: Option<&mut Cache<F>>,
+    ) -> Result<(Vec<F>, Tape<F>)> {
         self.check_ids(ids, b, t)?;
         let c = &self.config;
         let d = c.hidden_size;
@@ -148,8 +212,9 @@ impl<F: Real> Model<F> {
             .collect();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let mut states = Vec::with_capacity(c.num_hidden_layers);
-        for slots in &self.layout.layers {
-            let (tape, ht) = self.layer_forward(slots, x, b, t)?;
+        for (l, slots) in self.layout.layers.iter().enumerate() {
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let (tape, ht) = self.layer_forward(slots, x, b, t, lc)?;
             x = tape.x_mid.clone();
             let mlp = linear(&tape.m, b * t, self.p(slots.down_proj), d);
             add_into(&mut x, &mlp);
@@ -178,6 +243,7 @@ impl<F: Real> Model<F> {
         x_in: Vec<F>,
         b: usize,
         t: usize,
+        mut cache: Option<&mut LayerCache<F>>,
     ) -> Result<(LayerTape<F>, Tensor<F>)> {
         let c = &self.config;
         let (n, d, eps) = (b * t, c.hidden_size, c.norm_eps);
@@ -188,9 +254,14 @@ impl<F: Real> Model<F> {
         let mut outs: Vec<Vec<F>> = Vec::with_capacity(3);
         let branches = [0, 1, 2].map(|i| {
             let lin = linear(&h1, n, self.p(projs[i]), widths[i]);
-            let conv = s
-                .convs
-                .map(|cv| causal_conv(&lin, t, widths[i], self.p(cv[i])));
+            let conv = s.convs.map(|cv| {
+                let Some(lc) = cache.as_deref_mut() else {
+                    return causal_conv(&lin, t, widths[i], self.p(cv[i]), None);
+                };
+                let y = causal_conv(&lin, t, widths[i], self.p(cv[i]), Some(&lc.windows[i]));
+                lc.windows[i] = conv_window(&lc.windows[i], &lin, t, widths[i], c.conv_size);
+                y
+            });
             outs.push(match &conv {
                 Some(pre) => pre.iter().map(|&v| silu(v)).collect(),
                 None => lin.clone(),
@@ -218,7 +289,17 @@ impl<F: Real> Model<F> {
             Tensor::new(shape(hv), expand(&outs[2], kv, hv, groups))?,
         );
         gla.g = Some(Tensor::new(shape(hk), expand(&gk, kv, hk, groups))?);
-        let out = gla_forward(GateKind::Key, &gla, &Options::default())?;
+        let mut opts = Options::default();
+        if let Some(lc) = cache.as_deref_mut() {
+            gla.h0 = lc.state.take();
+            if t == 1 {
+                opts.form = Form::Recurrent;
+            }
+        }
+        let out = gla_forward(GateKind::Key, &gla, &opts)?;
+        if let Some(lc) = cache {
+            lc.state = Some(out.ht.clone());
+        }
         let o = out.o.into_data();
         let gw = s.g_norm.map(|i| self.p(i));
         let (on, rstd_o) = rms_norm(&o, hv, gw, eps);

@@ -118,19 +118,26 @@ pub fn log_sigmoid<F: Real>(x: F) -> F {
 }
 
 /// Depthwise causal convolution, per sequence of `t` rows of `c` channels, with fla's
-/// `ShortConvolution` weight [c, 1, width]: `y[s, ch] = Σ_i w[ch, i] x[s - width + 1 + i, ch]`
-/// (rows before the sequence start are zero).
-pub fn causal_conv<F: Real>(x: &[F], t: usize, c: usize, w: &[F]) -> Vec<F> {
+/// `ShortConvolution` weight [c, 1, width]: `y[s, ch] = Σ_i w[ch, i] x[s - width + 1 + i, ch]`.
+/// Rows before a sequence's start come from `prefix` (each sequence's last `width - 1` earlier
+/// rows, oldest first: the generation cache) or are zero.
+pub fn causal_conv<F: Real>(x: &[F], t: usize, c: usize, w: &[F], prefix: Option<&[F]>) -> Vec<F> {
     let width = w.len() / c;
+    let past = (width - 1) * c;
     let mut y = vec![F::ZERO; x.len()];
-    for (xs, ys) in x.chunks(t * c).zip(y.chunks_mut(t * c)) {
+    for (seq, (xs, ys)) in x.chunks(t * c).zip(y.chunks_mut(t * c)).enumerate() {
         for s in 0..t {
             for i in 0..width {
-                let Some(src) = (s + i + 1).checked_sub(width) else {
-                    continue;
+                let row = match ((s + i + 1).checked_sub(width), prefix) {
+                    (Some(src), _) => &xs[src * c..(src + 1) * c],
+                    (None, Some(p)) => {
+                        let at = seq * past + (s + i) * c;
+                        &p[at..at + c]
+                    }
+                    (None, None) => continue,
                 };
                 for ch in 0..c {
-                    ys[s * c + ch] += w[ch * width + i] * xs[src * c + ch];
+                    ys[s * c + ch] += w[ch * width + i] * row[ch];
                 }
             }
         }
@@ -138,7 +145,19 @@ pub fn causal_conv<F: Real>(x: &[F], t: usize, c: usize, w: &[F]) -> Vec<F> {
     y
 }
 
-/// Backward of [`causal_conv`].
+/// The `width - 1` rows before the next token, per sequence: the last rows of `prefix`
+/// followed by `x` ([B, t, c]).
+pub fn conv_window<F: Real>(prefix: &[F], x: &[F], t: usize, c: usize, width: usize) -> Vec<F> {
+    let past = (width - 1) * c;
+    let mut out = Vec::with_capacity(prefix.len());
+    for (p, xs) in prefix.chunks(past.max(1)).zip(x.chunks(t * c)) {
+        let joined: Vec<F> = p[..past].iter().chain(xs).copied().collect();
+        out.extend_from_slice(&joined[joined.len() - past..]);
+    }
+    out
+}
+
+/// Backward of [`causal_conv`] without a prefix (training).
 pub fn causal_conv_back<F: Real>(
     x: &[F],
     t: usize,
@@ -167,26 +186,6 @@ pub fn causal_conv_back<F: Real>(
             }
         }
     }
-}
-
-/// One step of [`causal_conv`] for generation: `window` holds the last `width - 1` inputs
-/// (oldest first) and is shifted to take `x`; returns the output for `x`.
-pub fn causal_conv_step<F: Real>(window: &mut [F], x: &[F], w: &[F]) -> Vec<F> {
-    let c = x.len();
-    let width = w.len() / c;
-    let y = (0..c)
-        .map(|ch| {
-            let past: F = (0..width - 1)
-                .map(|i| w[ch * width + i] * window[i * c + ch])
-                .sum();
-            past + w[ch * width + width - 1] * x[ch]
-        })
-        .collect();
-    if width > 1 {
-        window.copy_within(c.., 0);
-        window[(width - 2) * c..].copy_from_slice(x);
-    }
-    y
 }
 
 /// Mean cross-entropy of `logits` [n, vocab] against `targets` (negative: ignored, as
@@ -264,7 +263,7 @@ mod tests {
         let (t, c) = (5, 3);
         let (x, w, dy) = (vals(2 * t * c, 1.0), vals(c * 4, 2.0), vals(2 * t * c, 3.0));
         let loss = |x: &[f64], w: &[f64]| {
-            causal_conv(x, t, c, w)
+            causal_conv(x, t, c, w, None)
                 .iter()
                 .zip(&dy)
                 .map(|(a, b)| a * b)
@@ -274,14 +273,25 @@ mod tests {
         causal_conv_back(&x, t, c, &w, &dy, &mut dx, &mut dw);
         check_grad(&x, |x| loss(x, &w), &dx);
         check_grad(&w, |w| loss(&x, w), &dw);
-        // Stepping through the first sequence gives the same outputs.
-        let y = causal_conv(&x, t, c, &w);
-        let mut window = vec![0.0; 3 * c];
-        for s in 0..t {
-            let ys = causal_conv_step(&mut window, &x[s * c..(s + 1) * c], &w);
-            for ch in 0..c {
-                assert!((ys[ch] - y[s * c + ch]).abs() < 1e-12);
-            }
+        // Two sequences run in two pieces through the window give the same outputs.
+        let y = causal_conv(&x, t, c, &w, None);
+        let (a, b) = (2, t - 2);
+        let split =
+            |s: usize, lo: usize, len: usize| x[(s * t + lo) * c..(s * t + lo + len) * c].to_vec();
+        let first: Vec<f64> = [split(0, 0, a), split(1, 0, a)].concat();
+        let second: Vec<f64> = [split(0, a, b), split(1, a, b)].concat();
+        let zeros = vec![0.0; 2 * 3 * c];
+        let y1 = causal_conv(&first, a, c, &w, Some(&zeros));
+        let window = conv_window(&zeros, &first, a, c, 4);
+        let y2 = causal_conv(&second, b, c, &w, Some(&window));
+        for s in 0..2 {
+            let got = [
+                &y1[s * a * c..(s + 1) * a * c],
+                &y2[s * b * c..(s + 1) * b * c],
+            ]
+            .concat();
+            let want = &y[s * t * c..(s + 1) * t * c];
+            assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12));
         }
     }
 

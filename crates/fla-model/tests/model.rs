@@ -136,3 +136,37 @@ fn out_of_vocabulary_ids_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn decoding_through_the_cache_matches_the_full_forward() {
+    for extra in [
+        r#","use_short_conv":true,"conv_size":3,"num_kv_heads":1"#,
+        "",
+    ] {
+        let model = random_model(config(extra), 4);
+        let (b, t, prompt) = (2, 75, 67);
+        let tokens = ids(b * t, 11, 6);
+        let (full, _) = model.forward(&tokens, b, t).unwrap();
+        let v = model.config.vocab_size;
+        let mut cache = fla_model::Cache::new(&model, b);
+        let head: Vec<usize> = (0..b)
+            .flat_map(|i| tokens[i * t..i * t + prompt].to_vec())
+            .collect();
+        let mut last = model.decode(&head, prompt, &mut cache).unwrap();
+        for pos in prompt..t {
+            for i in 0..b {
+                let want = &full[(i * t + pos - 1) * v..(i * t + pos) * v];
+                let got = &last[i * v..(i + 1) * v];
+                let err = got
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(err < 1e-10, "position {pos}, sequence {i}: {err:e}");
+            }
+            let step: Vec<usize> = (0..b).map(|i| tokens[i * t + pos]).collect();
+            last = model.decode(&step, 1, &mut cache).unwrap();
+        }
+        assert_eq!(cache.len, t);
+    }
+}

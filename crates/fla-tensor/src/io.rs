@@ -40,6 +40,54 @@ pub fn read_safetensors(path: &Path) -> Result<TensorFile> {
     Ok(file)
 }
 
+/// One integer tensor (I64, I32, U32, ...; or a float tensor holding whole numbers) of a
+/// safetensors file, with its shape: token ids.
+pub fn read_int_tensor(path: &Path, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    let format = |message: String| Error::Format {
+        path: path.into(),
+        message,
+    };
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| format(format!("not a safetensors file ({e})")))?;
+    let view = st
+        .tensor(name)
+        .map_err(|_| format(format!("no tensor `{name}`")))?;
+    let b = view.data();
+    let ints: Vec<i64> = match view.dtype() {
+        Dtype::I64 => b
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::I32 => b
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+            .collect(),
+        Dtype::U32 => b
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64)
+            .collect(),
+        Dtype::I16 => b
+            .chunks_exact(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]) as i64)
+            .collect(),
+        Dtype::U8 => b.iter().map(|&x| x as i64).collect(),
+        _ => {
+            let floats = to_f32(&view).map_err(|m| format(format!("tensor `{name}`: {m}")))?;
+            if let Some(x) = floats.iter().find(|x| x.fract() != 0.0 || !x.is_finite()) {
+                return Err(format(format!(
+                    "tensor `{name}` holds {x}, not a whole number"
+                )));
+            }
+            floats.iter().map(|&x| x as i64).collect()
+        }
+    };
+    Ok((ints, view.shape().to_vec()))
+}
+
 fn to_f32(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
     let b = view.data();
     Ok(match view.dtype() {
