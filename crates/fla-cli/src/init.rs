@@ -20,14 +20,7 @@ pub struct InitArgs {
 }
 
 pub fn run(a: &InitArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config).map_err(|source| Error::Io {
-        path: a.config.clone(),
-        source,
-    })?;
-    let config = GlaConfig::from_json(&text).map_err(|e| Error::Format {
-        path: a.config.clone(),
-        message: e.to_string(),
-    })?;
+    let config = GlaConfig::from_file(&a.config)?;
     if a.output.join("model.safetensors").exists() {
         return Err(Error::Invalid(format!(
             "{} already holds a model; choose another --output",

@@ -5,6 +5,7 @@ mod bench_cuda;
 mod forward;
 mod init;
 mod op;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Write a freshly initialised GLA model directory from a config.json.
     Init(init::InitArgs),
+    /// Train a GLA model: MQAR by default, or a language model on text (--data).
+    Train(train::TrainCmd),
     /// Print speed tables.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -39,6 +42,7 @@ fn main() {
         Command::Bench(cmd) => bench::run(&cmd),
         Command::Forward(args) => forward::run(&args),
         Command::Init(args) => init::run(&args),
+        Command::Train(args) => train::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -22,11 +22,7 @@ fn read_text(path: &Path) -> Result<String> {
 
 /// Reads config.json of a model directory.
 pub fn load_config(dir: &Path) -> Result<GlaConfig> {
-    let path = dir.join("config.json");
-    GlaConfig::from_json(&read_text(&path)?).map_err(|e| Error::Format {
-        path,
-        message: e.to_string(),
-    })
+    GlaConfig::from_file(&dir.join("config.json"))
 }
 
 /// Every tensor of the directory's weights, by name.

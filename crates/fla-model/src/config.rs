@@ -212,6 +212,23 @@ impl GlaConfig {
         Ok(cfg)
     }
 
+    /// Reads a config.json file (or the config.json of a model directory); errors name it.
+    pub fn from_file(path: &std::path::Path) -> Result<GlaConfig> {
+        let path = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        GlaConfig::from_json(&text).map_err(|e| Error::Format {
+            path,
+            message: e.to_string(),
+        })
+    }
+
     /// Checks the sizes fit together as fla requires; the error names the field.
     pub fn check(&self) -> Result<()> {
         let inv = |m: String| Err(Error::Invalid(format!("config.json: {m}")));

@@ -7,8 +7,12 @@ pub mod config;
 pub mod generate;
 pub mod layout;
 pub mod model;
+pub mod mqar;
 pub mod nn;
+pub mod optim;
+pub mod plot;
 pub mod rng;
+pub mod train;
 
 pub use config::GlaConfig;
 pub use generate::{generate, Sampling};
