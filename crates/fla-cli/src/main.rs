@@ -4,6 +4,7 @@ mod bench;
 mod bench_cuda;
 mod forward;
 mod init;
+mod lm;
 mod op;
 mod train;
 
@@ -30,6 +31,13 @@ enum Command {
     Init(init::InitArgs),
     /// Train a GLA model: MQAR by default, or a language model on text (--data).
     Train(train::TrainCmd),
+    /// Perplexity and bits per byte of a model on text files.
+    Eval(lm::EvalArgs),
+    /// Continue a prompt with a model (prefill chunkwise, then one recurrent step per token).
+    Generate(lm::GenerateArgs),
+    /// Tokenizers for language models.
+    #[command(subcommand)]
+    Tokenizer(lm::TokenizerCmd),
     /// Print speed tables.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -43,6 +51,9 @@ fn main() {
         Command::Forward(args) => forward::run(&args),
         Command::Init(args) => init::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Eval(args) => lm::eval(&args),
+        Command::Generate(args) => lm::generate_cmd(&args),
+        Command::Tokenizer(cmd) => lm::tokenizer_cmd(&cmd),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -1,10 +1,11 @@
 //! `fla train`: with no arguments, a small GLA model on the synthetic MQAR task (on the
 //! CPU in a few minutes); with `--data`, a language model on text files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use fla_model::mqar::Mqar;
+use fla_model::text::{evaluate_lm, Corpus, TextTask, Tokenizer};
 use fla_model::train::{train, TrainArgs};
 use fla_model::{GlaConfig, Model};
 use fla_tensor::{Error, Result};
@@ -16,6 +17,9 @@ pub struct TrainCmd {
     /// Text files to train a language model on (default: the synthetic MQAR task)
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
+    /// tokenizer.json for --data (default: the built-in byte-level tokenizer)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Model config.json (default: a small built-in model sized for the task)
     #[arg(long)]
     config: Option<PathBuf>,
@@ -29,8 +33,9 @@ pub struct TrainCmd {
     steps: u64,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    #[arg(long, default_value_t = 64)]
-    seq_len: usize,
+    /// Tokens per sequence (default 64 for MQAR, 256 for text)
+    #[arg(long)]
+    seq_len: Option<usize>,
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
     #[arg(long, default_value_t = 20)]
@@ -87,14 +92,11 @@ fn mqar_config(vocab: usize) -> GlaConfig {
 pub fn run(a: &TrainCmd) -> Result<()> {
     cpu_only(&a.device, "fla train")?;
     if !a.data.is_empty() {
-        return Err(Error::Invalid(
-            "--data: training on text is not built yet; run fla train without --data for MQAR"
-                .into(),
-        ));
+        return run_text(a);
     }
     let task = Mqar {
         vocab_size: a.mqar_vocab,
-        seq_len: a.seq_len,
+        seq_len: a.seq_len.unwrap_or(64),
         num_pairs: a.mqar_pairs,
         batch_size: a.batch_size,
     };
@@ -120,22 +122,7 @@ pub fn run(a: &TrainCmd) -> Result<()> {
         1.0 / task.num_pairs as f64,
         out.display()
     );
-    let args = TrainArgs {
-        steps: a.steps,
-        lr: a.lr,
-        min_lr_ratio: a.min_lr_ratio,
-        warmup: a.warmup,
-        weight_decay: a.weight_decay,
-        decay_all: a.decay_all,
-        clip: a.clip,
-        grad_accum: a.grad_accum,
-        seed: a.seed,
-        save_every: a.save_every,
-        eval_every: a.eval_every,
-        out: out.clone(),
-        stop_at: a.stop_at,
-        progress: !a.quiet,
-    };
+    let args = train_args(a, &out);
     let eval_task = task.clone();
     let mut evaluate = |m: &Model<f32>| {
         let (acc, loss) = eval_task.evaluate(m, 256, 0xE7A1)?;
@@ -156,4 +143,101 @@ pub fn run(a: &TrainCmd) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+fn train_args(a: &TrainCmd, out: &Path) -> TrainArgs {
+    TrainArgs {
+        steps: a.steps,
+        lr: a.lr,
+        min_lr_ratio: a.min_lr_ratio,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        decay_all: a.decay_all,
+        clip: a.clip,
+        grad_accum: a.grad_accum,
+        seed: a.seed,
+        save_every: a.save_every,
+        eval_every: a.eval_every,
+        out: out.to_path_buf(),
+        stop_at: a.stop_at,
+        progress: !a.quiet,
+    }
+}
+
+/// A language model on text files: the last 5% of each file is validation.
+fn run_text(a: &TrainCmd) -> Result<()> {
+    let tok = match &a.tokenizer {
+        Some(p) => Tokenizer::from_file(p)?,
+        None => Tokenizer::Bytes,
+    };
+    let corpus = Corpus::load(&a.data, &tok, 0.05)?;
+    let seq_len = a.seq_len.unwrap_or(256);
+    let config = match &a.config {
+        Some(path) => GlaConfig::from_file(path)?,
+        None => text_config(tok.vocab_size()),
+    };
+    tok.check_fits(config.vocab_size)?;
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs/lm"));
+    let model = Model::<f32>::new(config, a.seed);
+    eprintln!(
+        "text: {} training and {} validation tokens ({} tokenizer of {}); model of {} parameters; writing {}",
+        corpus.train.len(),
+        corpus.val.len(),
+        if a.tokenizer.is_some() { "BPE" } else { "byte-level" },
+        tok.vocab_size(),
+        model.layout.num_params(),
+        out.display()
+    );
+    let mut task = TextTask {
+        tokens: &corpus.train,
+        seq_len,
+        batch_size: a.batch_size,
+    };
+    task.check()?;
+    let val = &corpus.val;
+    let bytes_per_token = corpus.val_bytes as f64 / val.len().max(1) as f64;
+    let mut evaluate = |m: &Model<f32>| {
+        let (loss, _) = evaluate_lm(m, val, seq_len, a.batch_size, 64)?;
+        Ok(vec![
+            ("val_loss".to_string(), loss),
+            ("val_ppl".to_string(), loss.exp()),
+            (
+                "val_bpb".to_string(),
+                loss / std::f64::consts::LN_2 / bytes_per_token,
+            ),
+        ])
+    };
+    let (_, evals) = train(
+        model,
+        &mut task,
+        &mut evaluate,
+        &train_args(a, &out),
+        a.resume,
+    )?;
+    if let Some(p) = &a.tokenizer {
+        std::fs::copy(p, out.join("tokenizer.json")).map_err(|source| Error::Io {
+            path: p.clone(),
+            source,
+        })?;
+    }
+    let get = |k: &str| evals.iter().find(|e| e.0 == k).map_or(f64::NAN, |e| e.1);
+    println!(
+        "validation loss {:.4}, perplexity {:.2}, {:.3} bits per byte; model saved in {}",
+        get("val_loss"),
+        get("val_ppl"),
+        get("val_bpb"),
+        out.display()
+    );
+    Ok(())
+}
+
+/// The built-in language model: 4 layers of width 128.
+fn text_config(vocab: usize) -> GlaConfig {
+    let mut c = GlaConfig::default();
+    c.hidden_size = 128;
+    c.num_hidden_layers = 4;
+    c.num_heads = 2;
+    c.use_short_conv = true;
+    c.vocab_size = vocab;
+    c
 }

@@ -249,20 +249,22 @@ impl GlaConfig {
         }
         for (name, expand) in [("expand_k", self.expand_k), ("expand_v", self.expand_v)] {
             let dim = self.hidden_size as f64 * expand;
-            if !(dim >= 1.0) || (dim - dim.round()).abs() > 1e-9 {
+            if dim.is_nan() || dim < 1.0 || (dim - dim.round()).abs() > 1e-9 {
                 return inv(format!(
                     "hidden_size * {name} = {dim} must be a positive integer"
                 ));
             }
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_heads % kv != 0 {
+        if kv == 0 || !self.num_heads.is_multiple_of(kv) {
             return inv(format!(
                 "num_heads {} must be a multiple of num_kv_heads {kv}",
                 self.num_heads
             ));
         }
-        if self.key_dim() % self.num_heads != 0 || self.value_dim() % self.num_heads != 0 {
+        if !self.key_dim().is_multiple_of(self.num_heads)
+            || !self.value_dim().is_multiple_of(self.num_heads)
+        {
             return inv(format!(
                 "key dim {} and value dim {} must be multiples of num_heads {}",
                 self.key_dim(),
@@ -273,11 +275,11 @@ impl GlaConfig {
         if self.use_short_conv && self.conv_size == 0 {
             return inv("conv_size must be at least 1".into());
         }
-        if !(self.norm_eps >= 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps < 0.0 {
             return inv(format!("norm_eps must be >= 0, got {}", self.norm_eps));
         }
         if let Some(c) = self.clamp_min {
-            if !(c < 0.0) {
+            if c.is_nan() || c >= 0.0 {
                 return inv(format!("clamp_min must be negative (a log gate), got {c}"));
             }
         }

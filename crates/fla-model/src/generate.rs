@@ -31,13 +31,13 @@ impl Default for Sampling {
 
 impl Sampling {
     pub fn check(&self) -> Result<()> {
-        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(Error::Invalid(format!(
                 "temperature must be >= 0, got {}",
                 self.temperature
             )));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return Err(Error::Invalid(format!(
                 "top-p must be in (0, 1], got {}",
                 self.top_p

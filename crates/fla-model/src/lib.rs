@@ -12,6 +12,7 @@ pub mod nn;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+pub mod text;
 pub mod train;
 
 pub use config::GlaConfig;

@@ -459,10 +459,7 @@ impl<F: Real> Model<F> {
         };
         let mut d_o = vec![F::ZERO; lt.o.len()];
         let gw = s.g_norm.map(|i| self.p(i));
-        let gw_grad = match s.g_norm {
-            Some(i) => Some(grads[i].data_mut()),
-            None => None,
-        };
+        let gw_grad = s.g_norm.map(|i| grads[i].data_mut());
         rms_norm_back(&lt.o, hv, gw, &lt.rstd_o, &don, &mut d_o, gw_grad);
         // Attention.
         let d_o = Tensor::new(vec![b, t, h, hv], d_o)?;

@@ -80,10 +80,9 @@ pub fn rms_norm_back<F: Real>(
     dx: &mut [F],
     mut dw: Option<&mut [F]>,
 ) {
-    let nrows = x.len() / width;
-    for row in 0..nrows {
+    for (row, &r) in rstd.iter().enumerate() {
         let span = row * width..(row + 1) * width;
-        let (xr, dyr, r) = (&x[span.clone()], &dy[span.clone()], rstd[row]);
+        let (xr, dyr) = (&x[span.clone()], &dy[span.clone()]);
         let wd = |j: usize| dyr[j] * w.map_or(F::ONE, |w| w[j]);
         let dot = (0..width).map(|j| xr[j] * wd(j)).sum::<F>() / F::from_f64(width as f64);
         let dxr = &mut dx[span];

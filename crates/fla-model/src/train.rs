@@ -62,8 +62,11 @@ pub struct TrainArgs {
     pub progress: bool,
 }
 
-/// Metrics of a model on held-out data, by name (e.g. "accuracy", "val_loss").
-pub type Evaluate<'a, F> = dyn FnMut(&Model<F>) -> Result<Vec<(String, f64)>> + 'a;
+/// Metrics by name (e.g. "accuracy", "val_loss").
+pub type Metrics = Vec<(String, f64)>;
+
+/// Metrics of a model on held-out data.
+pub type Evaluate<'a, F> = dyn FnMut(&Model<F>) -> Result<Metrics> + 'a;
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -80,7 +83,7 @@ pub fn train<F: Real>(
     evaluate: &mut Evaluate<'_, F>,
     args: &TrainArgs,
     resume: bool,
-) -> Result<(Model<F>, Vec<(String, f64)>)> {
+) -> Result<(Model<F>, Metrics)> {
     if args.grad_accum == 0 || args.steps == 0 {
         return Err(Error::Invalid(
             "steps and grad-accum must be at least 1".into(),
