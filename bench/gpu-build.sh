@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p fla-cli
 mkdir -p .gpu
-rm -f .gpu/*
+rm -rf .gpu/*
 cp target/release/fla .gpu/
-cargo test --release --locked -p fla-cuda --no-run --message-format=json 2>/dev/null \
+cargo test --release --locked -p fla-cuda -p fla-model --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:

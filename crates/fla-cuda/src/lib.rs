@@ -3,12 +3,15 @@
 //! Nothing of CUDA is needed to build: the driver and NVRTC libraries are loaded at run time,
 //! and a machine without them gets a one-line error naming what is missing.
 
+mod blas;
 mod device;
 mod gla;
 mod gla_bwd;
 mod gla_rec;
+pub mod layers;
 mod nvrtc;
 
+pub use blas::{Blas, Operand};
 pub use device::{open, DeviceChoice, Gpu};
 pub use gla::{gla_forward, Buf, DType, DeviceGla};
 pub use gla_bwd::{gla_backward, DeviceUpstream};
