@@ -16,6 +16,8 @@ pub enum BenchCommand {
     Cpu(CpuArgs),
     /// The CUDA kernels at 32768 tokens per batch (bf16; H=16 K=V=128 and H=4 K=256 V=512).
     Cuda(crate::bench_cuda::CudaArgs),
+    /// Training throughput of a GLA model on the GPU (default: the 340M shape, 8 x 2048, bf16).
+    Train(crate::bench_train::TrainBenchArgs),
 }
 
 #[derive(Args)]
@@ -44,6 +46,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Cpu(a) => cpu(a),
         BenchCommand::Cuda(a) => crate::bench_cuda::run(a),
+        BenchCommand::Train(a) => crate::bench_train::run(a),
     }
 }
 

@@ -81,12 +81,12 @@ extern "C" __global__ void norm_gate_fwd(const io_t* __restrict__ o, const float
     }
 }
 
-// Backward of norm_gate_fwd from dout (f32): do (for the GLA backward), dg (f32, for the
-// g projection's backward) and dw.
+// Backward of norm_gate_fwd from dout (f32): do (for the GLA backward), dg (for the g
+// projection's backward products) and dw (f32, added).
 extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const float* __restrict__ g,
                                          const float* __restrict__ w, const float* __restrict__ rstd,
                                          const float* __restrict__ dout, io_t* __restrict__ d_o,
-                                         float* __restrict__ dg, float* __restrict__ dw, int rows,
+                                         io_t* __restrict__ dg, float* __restrict__ dw, int rows,
                                          int width) {
     __shared__ float red[NW];
     float acc[MAXC];
@@ -106,7 +106,7 @@ extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const float
             if (g) {
                 float gv = g[base + j], s = sigmoidf_(gv);
                 gate = gv * s;
-                dg[base + j] = dout[base + j] * n * wj * s * (1.f + gv * (1.f - s));
+                dg[base + j] = from_f(dout[base + j] * n * wj * s * (1.f + gv * (1.f - s)));
             }
             float wd = dout[base + j] * gate * wj;
             d_o[base + j] = from_f(inv * wd - ov * inv * inv * inv * dot);
@@ -146,9 +146,10 @@ extern "C" __global__ void gate_fwd(float* __restrict__ raw, const float* __rest
     }
 }
 
-// draw = dg σ(-raw) / norm where the gate was not clamped; dbias += Σ_rows draw.
+// draw = dg σ(-raw) / norm where the gate was not clamped (in io_t, for the products);
+// dbias += Σ_rows draw (f32).
 extern "C" __global__ void gate_bwd(const float* __restrict__ raw, const float* __restrict__ dg,
-                                    float* __restrict__ draw, float* __restrict__ dbias, int rows,
+                                    io_t* __restrict__ draw, float* __restrict__ dbias, int rows,
                                     int width, float norm, float clamp) {
     float acc[MAXC];
     for (int i = 0; i < MAXC; i++) acc[i] = 0.f;
@@ -157,7 +158,7 @@ extern "C" __global__ void gate_bwd(const float* __restrict__ raw, const float* 
             long at = (long)r * width + j;
             float x = raw[at], ls = fminf(x, 0.f) - log1pf(__expf(-fabsf(x)));
             float d = ls / norm < clamp ? 0.f : dg[at] * sigmoidf_(-x) / norm;
-            draw[at] = d;
+            draw[at] = from_f(d);
             acc[i] += d;
         }
     for (int j = threadIdx.x, i = 0; j < width; j += NT, i++) atomicAdd(dbias + j, acc[i]);
@@ -181,11 +182,12 @@ extern "C" __global__ void conv_silu_fwd(const float* __restrict__ x, const floa
     }
 }
 
-// dpre = dout silu'(pre); dx[t'] = Σ_k w[c, k] dpre[t' + W - 1 - k] (gathered, no atomics);
-// dw[c, k] += Σ dpre[t] x[t - W + 1 + k] (atomics per block and column).
+// From dout (io_t, the GLA gradient): dpre = dout silu'(pre); dx[t'] = Σ_k w[c, k]
+// dpre[t' + W - 1 - k] (gathered, no atomics; io_t for the products); dw[c, k] += Σ dpre[t]
+// x[t - W + 1 + k] (an atomic per element and tap).
 extern "C" __global__ void conv_silu_bwd(const float* __restrict__ x, const float* __restrict__ w,
-                                         const float* __restrict__ pre, const float* __restrict__ dout,
-                                         float* __restrict__ dx, float* __restrict__ dw, int b, int t,
+                                         const float* __restrict__ pre, const io_t* __restrict__ dout,
+                                         io_t* __restrict__ dx, float* __restrict__ dw, int b, int t,
                                          int c, int width) {
     long n = (long)b * t * c;
     for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
@@ -196,13 +198,18 @@ extern "C" __global__ void conv_silu_bwd(const float* __restrict__ x, const floa
             if (dst < t) {
                 long at = i + (long)(dst - s) * c;
                 float p = pre[at], sg = sigmoidf_(p);
-                float dp = dout[at] * sg * (1.f + p * (1.f - sg));
+                float dp = to_f(dout[at]) * sg * (1.f + p * (1.f - sg));
                 acc += w[ch * width + k] * dp;
                 atomicAdd(dw + ch * width + k, dp * x[i]);
             }
         }
-        dx[i] = acc;
+        dx[i] = from_f(acc);
     }
+}
+
+// y = x in the element type.
+extern "C" __global__ void cast_io(const float* __restrict__ x, io_t* __restrict__ y, long n) {
+    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) y[i] = from_f(x[i]);
 }
 
 // Token embeddings: x[r] = E[ids[r]] (f32), and the backward dE[ids[r]] += dx[r].

@@ -291,6 +291,71 @@ impl DeviceGla {
         })
     }
 
+    /// A key-gated call on inputs already on the device (a model's projections): q, k [B,T,H,K]
+    /// and v [B,T,H,V] in one element type, log gates g [B,T,H,K] in f32, B sequences of T
+    /// tokens, scale K^-1/2. The buffers move in; [`DeviceGla::inputs`] lends them back.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_device(
+        gpu: &Gpu,
+        (b, t, h): (usize, usize, usize),
+        (dk, dv): (usize, usize),
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        g: CudaSlice<f32>,
+    ) -> Result<Self> {
+        check_head_sizes(dk, dv)?;
+        let dtype = q.dtype();
+        let n = b * t * h;
+        if k.dtype() != dtype
+            || v.dtype() != dtype
+            || q.len() != n * dk
+            || k.len() != n * dk
+            || v.len() != n * dv
+            || g.len() != n * dk
+        {
+            return Err(Error::Invalid(format!(
+                "GLA inputs on the device: q, k, g need {} elements and v {} in one element type",
+                n * dk,
+                n * dv
+            )));
+        }
+        let cu: Vec<i32> = (0..=b).map(|i| (i * t) as i32).collect();
+        let s = &gpu.stream;
+        Ok(DeviceGla {
+            gate: GateKind::Key,
+            dtype,
+            b,
+            t,
+            h,
+            dk,
+            dv,
+            n_seqs: b,
+            lens: vec![t; b],
+            scale: (dk as f32).powf(-0.5),
+            q,
+            k,
+            v,
+            g: Some(g),
+            gv: None,
+            u: None,
+            h0: None,
+            cu_seqlens: s.clone_htod(&cu).map_err(device_err("upload"))?,
+            o: Buf::zeros(gpu, n * dv, dtype)?,
+            ht: s
+                .alloc_zeros(b * h * dk * dv)
+                .map_err(device_err("allocation"))?,
+            ond: None,
+            forward_done: false,
+            grads: None,
+        })
+    }
+
+    /// q, k, v and the f32 gates, as given to [`DeviceGla::from_device`].
+    pub fn inputs(&self) -> (&Buf, &Buf, &Buf, Option<&CudaSlice<f32>>) {
+        (&self.q, &self.k, &self.v, self.g.as_ref())
+    }
+
     /// The -D settings every GLA kernel takes: element type, `threads` per block, head sizes, chunk
     /// size and which gates and extras are present.
     pub(crate) fn defines(&self, chunk: usize, threads: u32) -> Vec<(&'static str, i64)> {

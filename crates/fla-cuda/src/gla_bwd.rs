@@ -130,7 +130,22 @@ fn bwd_tiling(gpu: &Gpu, d: &DeviceGla) -> Result<(usize, usize, usize)> {
     )))
 }
 
+impl DeviceUpstream {
+    /// do already on the device ([B,T,H,V] in the call's element type), no dht.
+    pub fn from_device(d_o: Buf) -> DeviceUpstream {
+        DeviceUpstream { d_o, dht: None }
+    }
+}
+
 impl DeviceGla {
+    /// dq, dk, dv (element type) and the key gate's gradient (f32) of the last backward,
+    /// on the device.
+    pub fn device_grads(&self) -> Option<(&Buf, &Buf, &Buf, Option<&CudaSlice<f32>>)> {
+        self.grads
+            .as_ref()
+            .map(|g| (&g.dq, &g.dk, &g.dv, g.dgk.as_ref()))
+    }
+
     /// Checks and uploads the upstream gradients: do like o, dht like ht.
     pub fn upstream(
         &self,

@@ -194,7 +194,7 @@ impl Layers {
         self.launch(gpu, "norm_gate_fwd", Self::row_blocks(rows), &args)
     }
 
-    /// d_o (element type), dg (f32, written) and dw (f32, added) from dout (f32).
+    /// d_o and dg (element type, written) and dw (f32, added) from dout (f32).
     #[allow(clippy::too_many_arguments)]
     pub fn norm_gate_bwd(
         &self,
@@ -335,7 +335,7 @@ impl Layers {
         )
     }
 
-    /// dx (written) and dw (added) from dout.
+    /// dx (element type, written) and dw (f32, added) from dout (element type).
     #[allow(clippy::too_many_arguments)]
     pub fn conv_silu_bwd(
         &self,
@@ -367,6 +367,12 @@ impl Layers {
             Self::elem_blocks(gpu, b * t * c),
             &args,
         )
+    }
+
+    /// y = x in the element type.
+    pub fn cast_io(&self, gpu: &Gpu, x: u64, y: u64, n: usize) -> Result<()> {
+        let args = [Arg::P(x), Arg::P(y), Arg::L(n as i64)];
+        self.launch(gpu, "cast_io", Self::elem_blocks(gpu, n), &args)
     }
 
     pub fn embed_fwd(

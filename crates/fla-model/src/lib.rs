@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod gpu;
 pub mod layout;
 pub mod model;
 pub mod mqar;

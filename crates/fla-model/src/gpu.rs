@@ -1,0 +1,719 @@
+//! The GLA Transformer on the GPU: the same math as [`crate::model`], with products through
+//! cuBLAS (bf16 or f32 inputs, f32 accumulation), the layer kernels of fla-cuda, and the
+//! chunkwise GLA kernels. Mixed precision: f32 master weights, gradients, optimizer state,
+//! residual stream and statistics; activations that products read are in the element type.
+
+use fla_cuda::cudarc::driver::CudaSlice;
+use fla_cuda::layers::{buf_ptr, ptr, AdamStep, Layers};
+use fla_cuda::{Blas, Buf, DType, DeviceGla, DeviceUpstream, Gpu, Operand};
+use fla_tensor::{Error, Result, Tensor};
+
+use crate::config::{GlaConfig, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK};
+use crate::layout::{LayerSlots, Layout, Role};
+use crate::model::Model;
+
+fn dev(what: &'static str) -> impl Fn(fla_cuda::cudarc::driver::DriverError) -> Error {
+    move |e| Error::Device(format!("{what}: {e:?}"))
+}
+
+fn zeros(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
+    Buf::zeros(gpu, n.max(1), dtype)
+}
+
+fn clone_buf(gpu: &Gpu, x: &Buf) -> Result<Buf> {
+    let s = gpu.stream();
+    Ok(match x {
+        Buf::F32(b) => Buf::F32(s.clone_dtod(b).map_err(dev("copy"))?),
+        Buf::Bf16(b) => Buf::Bf16(s.clone_dtod(b).map_err(dev("copy"))?),
+    })
+}
+
+fn f32_slice(x: Buf) -> CudaSlice<f32> {
+    match x {
+        Buf::F32(b) => b,
+        Buf::Bf16(_) => unreachable!("an f32 buffer"),
+    }
+}
+
+/// One block's activations kept for the backward.
+struct LayerTape {
+    x_in: Buf,
+    h1: Buf,
+    rstd1: Buf,
+    /// Per q, k, v with short convolutions: the projection and the convolution's output.
+    conv: Option<[(Buf, Buf); 3]>,
+    gk_low: Buf,
+    raw: Buf,
+    gla: DeviceGla,
+    g_pre: Option<Buf>,
+    rstd_o: Buf,
+    o_gated: Buf,
+    x_mid: Buf,
+    h2: Buf,
+    rstd2: Buf,
+    gate: Buf,
+    up: Buf,
+    m: Buf,
+}
+
+pub struct GpuModel {
+    pub config: GlaConfig,
+    pub layout: Layout,
+    gpu: Gpu,
+    blas: Blas,
+    ops: Layers,
+    dtype: DType,
+    /// f32 master weights, gradients and AdamW moments, in layout order.
+    master: Vec<Buf>,
+    grads: Vec<Buf>,
+    m: Vec<Buf>,
+    v: Vec<Buf>,
+    /// Element-type copies of the weights products read (matrices and the embeddings).
+    weights: Vec<Option<Buf>>,
+    pub step: u64,
+    /// The most device memory in use (all of this process's, as the driver reports it) seen
+    /// after a forward, when the activations are all held.
+    pub peak_bytes: usize,
+}
+
+impl GpuModel {
+    /// Moves `model`'s parameters to the GPU; products run in `dtype`.
+    pub fn new(gpu: Gpu, model: &Model<f32>, dtype: DType) -> Result<GpuModel> {
+        let c = &model.config;
+        if c.kv_groups() != 1 {
+            return Err(Error::Invalid(
+                "the GPU model does not take num_kv_heads < num_heads yet; train it on the CPU"
+                    .into(),
+            ));
+        }
+        if c.hidden_size > fla_cuda::layers::MAX_WIDTH || c.intermediate() > i32::MAX as usize {
+            return Err(Error::Invalid(format!(
+                "hidden_size {} is wider than the GPU kernels take ({})",
+                c.hidden_size,
+                fla_cuda::layers::MAX_WIDTH
+            )));
+        }
+        let blas = Blas::new(&gpu)?;
+        let ops = Layers::new(dtype);
+        let mut master = Vec::new();
+        let mut weights = Vec::new();
+        for (spec, p) in model.layout.specs.iter().zip(&model.params) {
+            master.push(Buf::upload(&gpu, p.data(), DType::F32)?);
+            let copy = matches!(spec.role, Role::Matrix | Role::Embedding);
+            weights.push(
+                copy.then(|| Buf::upload(&gpu, p.data(), dtype))
+                    .transpose()?,
+            );
+        }
+        let zeros_like = |gpu: &Gpu| -> Result<Vec<Buf>> {
+            model
+                .params
+                .iter()
+                .map(|p| zeros(gpu, p.len(), DType::F32))
+                .collect()
+        };
+        Ok(GpuModel {
+            config: c.clone(),
+            layout: model.layout.clone(),
+            grads: zeros_like(&gpu)?,
+            m: zeros_like(&gpu)?,
+            v: zeros_like(&gpu)?,
+            gpu,
+            blas,
+            ops,
+            dtype,
+            master,
+            weights,
+            step: 0,
+            peak_bytes: 0,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// The parameters as a CPU model (for saving and checking).
+    pub fn to_model(&self) -> Result<Model<f32>> {
+        let mut model = Model::<f32>::new(self.config.clone(), 0);
+        for (p, b) in model.params.iter_mut().zip(&self.master) {
+            *p = Tensor::new(p.shape().to_vec(), b.download(&self.gpu)?)?;
+        }
+        Ok(model)
+    }
+
+    /// The gradients of the last backward, in layout order.
+    pub fn gradients(&self) -> Result<Vec<Tensor<f32>>> {
+        self.layout
+            .specs
+            .iter()
+            .zip(&self.grads)
+            .map(|(s, g)| Tensor::new(s.shape.clone(), g.download(&self.gpu)?))
+            .collect()
+    }
+
+    fn w(&self, slot: usize) -> &Buf {
+        self.weights[slot]
+            .as_ref()
+            .expect("a matrix has an element-type copy")
+    }
+
+    fn p(&self, slot: usize) -> u64 {
+        buf_ptr(&self.gpu, &self.master[slot])
+    }
+
+    fn pg(&self, slot: usize) -> u64 {
+        buf_ptr(&self.gpu, &self.grads[slot])
+    }
+
+    /// out[n, o] (= or +=) x[n, i] W^T for the weight in `slot` [o, i].
+    fn linear(
+        &self,
+        x: &Buf,
+        n: usize,
+        slot: usize,
+        out: &mut Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let shape = &self.layout.specs[slot].shape;
+        let (o, i) = (shape[0], shape[1]);
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        self.blas.matmul(
+            &self.gpu,
+            Operand { buf: x, t: false },
+            Operand {
+                buf: self.w(slot),
+                t: true,
+            },
+            out,
+            (n, o, i),
+            1.0,
+            beta,
+        )
+    }
+
+    /// dx[n, i] (= or +=) dy[n, o] W, and dW += dy^T x.
+    fn linear_back(
+        &mut self,
+        x: &Buf,
+        dy: &Buf,
+        n: usize,
+        slot: usize,
+        dx: &mut Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let shape = self.layout.specs[slot].shape.clone();
+        let (o, i) = (shape[0], shape[1]);
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        let w = self.weights[slot]
+            .as_ref()
+            .expect("a matrix has an element-type copy");
+        self.blas.matmul(
+            &self.gpu,
+            Operand { buf: dy, t: false },
+            Operand { buf: w, t: false },
+            dx,
+            (n, i, o),
+            1.0,
+            beta,
+        )?;
+        self.blas.matmul(
+            &self.gpu,
+            Operand { buf: dy, t: true },
+            Operand { buf: x, t: false },
+            &mut self.grads[slot],
+            (o, i, n),
+            1.0,
+            1.0,
+        )
+    }
+
+    /// Mean next-token cross-entropy of `ids` [B, T] against `targets` (negative: ignored),
+    /// with every parameter's gradient left in the model (replacing the last ones).
+    pub fn loss_and_grads(
+        &mut self,
+        ids: &[usize],
+        b: usize,
+        t: usize,
+        targets: &[i64],
+    ) -> Result<f64> {
+        let (n, d, vocab) = (b * t, self.config.hidden_size, self.config.vocab_size);
+        if ids.len() != n || targets.len() != n || n == 0 {
+            return Err(Error::Invalid(format!(
+                "{} ids and {} targets for a batch of {b} x {t}",
+                ids.len(),
+                targets.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i >= vocab) {
+            return Err(Error::Invalid(format!(
+                "input_ids holds token {bad}, outside the vocabulary of {vocab}"
+            )));
+        }
+        let g = &self.gpu;
+        let s = g.stream();
+        let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let tg32: Vec<i32> = targets
+            .iter()
+            .map(|&x| if x < 0 { -1 } else { x as i32 })
+            .collect();
+        let ids_d: CudaSlice<i32> = s.clone_htod(&ids32).map_err(dev("upload"))?;
+        let tg_d: CudaSlice<i32> = s.clone_htod(&tg32).map_err(dev("upload"))?;
+        let count = targets.iter().filter(|&&x| x >= 0).count();
+        for gr in &mut self.grads {
+            if let Buf::F32(x) = gr {
+                s.memset_zeros(x).map_err(dev("memset"))?;
+            }
+        }
+        // Forward.
+        let mut x = zeros(g, n * d, DType::F32)?;
+        let idp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&ids_d, s).0;
+        self.ops
+            .embed_fwd(g, idp, self.p(self.layout.embeddings), buf_ptr(g, &x), n, d)?;
+        let mut tapes = Vec::with_capacity(self.layout.layers.len());
+        for l in 0..self.layout.layers.len() {
+            let slots = self.layout.layers[l].clone();
+            let (tape, out) = self.layer_forward(&slots, x, b, t)?;
+            tapes.push(tape);
+            x = out;
+        }
+        let g = &self.gpu;
+        let hf = zeros(g, n * d, self.dtype)?;
+        let rstd_f = zeros(g, n, DType::F32)?;
+        let eps = self.config.norm_eps as f32;
+        self.ops.rms_norm_fwd(
+            g,
+            buf_ptr(g, &x),
+            self.p(self.layout.norm),
+            buf_ptr(g, &hf),
+            buf_ptr(g, &rstd_f),
+            n,
+            d,
+            eps,
+        )?;
+        let out_slot = self.layout.output_slot();
+        let mut logits = zeros(g, n * vocab, DType::F32)?;
+        self.linear(&hf, n, out_slot, &mut logits, false)?;
+        let loss_rows = zeros(g, n, DType::F32)?;
+        let tgp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&tg_d, s).0;
+        let scale = 1.0 / count.max(1) as f32;
+        self.ops.cross_entropy(
+            g,
+            buf_ptr(g, &logits),
+            tgp,
+            buf_ptr(g, &loss_rows),
+            n,
+            vocab,
+            scale,
+        )?;
+        let loss = if count == 0 {
+            f64::NAN
+        } else {
+            loss_rows
+                .download(g)?
+                .iter()
+                .map(|&x| x as f64)
+                .sum::<f64>()
+                / count as f64
+        };
+        if let Ok((free, total)) = fla_cuda::cudarc::driver::result::mem_get_info() {
+            self.peak_bytes = self.peak_bytes.max(total - free);
+        }
+        // Backward: d logits (in place of the logits) to the element type, then down.
+        let dlogits = zeros(g, n * vocab, self.dtype)?;
+        self.ops
+            .cast_io(g, buf_ptr(g, &logits), buf_ptr(g, &dlogits), n * vocab)?;
+        drop(logits);
+        let mut dhf = zeros(g, n * d, DType::F32)?;
+        self.linear_back(&hf, &dlogits, n, out_slot, &mut dhf, false)?;
+        let g = &self.gpu;
+        let mut dx = zeros(g, n * d, DType::F32)?;
+        let norm = self.layout.norm;
+        self.ops.rms_norm_bwd(
+            g,
+            buf_ptr(g, &x),
+            self.p(norm),
+            buf_ptr(g, &rstd_f),
+            buf_ptr(g, &dhf),
+            buf_ptr(g, &dx),
+            self.pg(norm),
+            n,
+            d,
+        )?;
+        for l in (0..tapes.len()).rev() {
+            let slots = self.layout.layers[l].clone();
+            let tape = tapes.pop().expect("one tape per layer");
+            dx = self.layer_backward(&slots, tape, b, t, dx)?;
+        }
+        let g = &self.gpu;
+        self.ops.embed_bwd(
+            g,
+            idp,
+            buf_ptr(g, &dx),
+            self.pg(self.layout.embeddings),
+            n,
+            d,
+        )?;
+        g.synchronize()?;
+        Ok(loss)
+    }
+
+    fn layer_forward(
+        &self,
+        s: &LayerSlots,
+        x_in: Buf,
+        b: usize,
+        t: usize,
+    ) -> Result<(LayerTape, Buf)> {
+        let (g, c, dt) = (&self.gpu, &self.config, self.dtype);
+        let (n, d, eps) = (b * t, c.hidden_size, c.norm_eps as f32);
+        let (h, hk, hv) = (c.num_heads, c.head_k_dim(), c.head_v_dim());
+        let h1 = zeros(g, n * d, dt)?;
+        let rstd1 = zeros(g, n, DType::F32)?;
+        self.ops.rms_norm_fwd(
+            g,
+            buf_ptr(g, &x_in),
+            self.p(s.attn_norm),
+            buf_ptr(g, &h1),
+            buf_ptr(g, &rstd1),
+            n,
+            d,
+            eps,
+        )?;
+        let widths = [c.key_dim(), c.key_dim(), c.value_dim()];
+        let projs = [s.q_proj, s.k_proj, s.v_proj];
+        let mut outs = Vec::with_capacity(3);
+        let mut convs = Vec::with_capacity(3);
+        for i in 0..3 {
+            let mut out = zeros(g, n * widths[i], dt)?;
+            match s.convs {
+                Some(cv) => {
+                    let mut lin = zeros(g, n * widths[i], DType::F32)?;
+                    self.linear(&h1, n, projs[i], &mut lin, false)?;
+                    let pre = zeros(g, n * widths[i], DType::F32)?;
+                    let width = c.conv_size;
+                    self.ops.conv_silu_fwd(
+                        g,
+                        buf_ptr(g, &lin),
+                        self.p(cv[i]),
+                        buf_ptr(g, &pre),
+                        buf_ptr(g, &out),
+                        (b, t, widths[i]),
+                        width,
+                    )?;
+                    convs.push((lin, pre));
+                }
+                None => self.linear(&h1, n, projs[i], &mut out, false)?,
+            }
+            outs.push(out);
+        }
+        let mut gk_low = zeros(g, n * GATE_LOW_RANK, dt)?;
+        self.linear(&h1, n, s.gk_proj0, &mut gk_low, false)?;
+        let mut raw = zeros(g, n * widths[1], DType::F32)?;
+        self.linear(&gk_low, n, s.gk_proj1, &mut raw, false)?;
+        let gate = zeros(g, n * widths[1], DType::F32)?;
+        let clamp = c.clamp_min.map_or(f32::NEG_INFINITY, |m| m as f32);
+        let norm = GATE_LOGIT_NORMALIZER as f32;
+        self.ops.gate_fwd(
+            g,
+            buf_ptr(g, &raw),
+            self.p(s.gk_bias),
+            buf_ptr(g, &gate),
+            n * widths[1],
+            widths[1],
+            norm,
+            clamp,
+        )?;
+        let v = outs.pop().expect("three projections");
+        let k = outs.pop().expect("three projections");
+        let q = outs.pop().expect("three projections");
+        let mut gla = DeviceGla::from_device(g, (b, t, h), (hk, hv), q, k, v, f32_slice(gate))?;
+        gla.forward(g)?;
+        let g_pre = match s.g_proj {
+            Some(gp) => {
+                let mut x = zeros(g, n * c.value_dim(), DType::F32)?;
+                self.linear(&h1, n, gp, &mut x, false)?;
+                Some(x)
+            }
+            None => None,
+        };
+        let o_gated = zeros(g, n * c.value_dim(), dt)?;
+        let rstd_o = zeros(g, n * h, DType::F32)?;
+        let gp = g_pre.as_ref().map_or(0, |x| buf_ptr(g, x));
+        let gw = s.g_norm.map_or(0, |i| self.p(i));
+        self.ops.norm_gate_fwd(
+            g,
+            buf_ptr(g, &gla.o),
+            gp,
+            gw,
+            buf_ptr(g, &o_gated),
+            buf_ptr(g, &rstd_o),
+            n * h,
+            hv,
+            eps,
+        )?;
+        let mut x_mid = clone_buf(g, &x_in)?;
+        self.linear(&o_gated, n, s.o_proj, &mut x_mid, true)?;
+        let h2 = zeros(g, n * d, dt)?;
+        let rstd2 = zeros(g, n, DType::F32)?;
+        self.ops.rms_norm_fwd(
+            g,
+            buf_ptr(g, &x_mid),
+            self.p(s.mlp_norm),
+            buf_ptr(g, &h2),
+            buf_ptr(g, &rstd2),
+            n,
+            d,
+            eps,
+        )?;
+        let inter = c.intermediate();
+        let mut gate_act = zeros(g, n * inter, DType::F32)?;
+        let mut up = zeros(g, n * inter, DType::F32)?;
+        self.linear(&h2, n, s.gate_proj, &mut gate_act, false)?;
+        self.linear(&h2, n, s.up_proj, &mut up, false)?;
+        let m = zeros(g, n * inter, dt)?;
+        self.ops.swiglu_fwd(
+            g,
+            buf_ptr(g, &gate_act),
+            buf_ptr(g, &up),
+            buf_ptr(g, &m),
+            n * inter,
+        )?;
+        let mut x_out = clone_buf(g, &x_mid)?;
+        self.linear(&m, n, s.down_proj, &mut x_out, true)?;
+        let conv = match convs.len() {
+            3 => {
+                let mut it = convs.into_iter();
+                Some([it.next().unwrap(), it.next().unwrap(), it.next().unwrap()])
+            }
+            _ => None,
+        };
+        let tape = LayerTape {
+            x_in,
+            h1,
+            rstd1,
+            conv,
+            gk_low,
+            raw,
+            gla,
+            g_pre,
+            rstd_o,
+            o_gated,
+            x_mid,
+            h2,
+            rstd2,
+            gate: gate_act,
+            up,
+            m,
+        };
+        Ok((tape, x_out))
+    }
+
+    /// d loss / d x_in of one block from d loss / d x_out (f32), adding into the gradients.
+    fn layer_backward(
+        &mut self,
+        s: &LayerSlots,
+        mut lt: LayerTape,
+        b: usize,
+        t: usize,
+        dx_out: Buf,
+    ) -> Result<Buf> {
+        let (c, dt) = (self.config.clone(), self.dtype);
+        let (n, d) = (b * t, c.hidden_size);
+        let (h, hv) = (c.num_heads, c.head_v_dim());
+        let inter = c.intermediate();
+        // MLP.
+        let dx_io = zeros(&self.gpu, n * d, dt)?;
+        self.ops.cast_io(
+            &self.gpu,
+            buf_ptr(&self.gpu, &dx_out),
+            buf_ptr(&self.gpu, &dx_io),
+            n * d,
+        )?;
+        let mut dm = zeros(&self.gpu, n * inter, DType::F32)?;
+        self.linear_back(&lt.m, &dx_io, n, s.down_proj, &mut dm, false)?;
+        let g = &self.gpu;
+        let (dgate, dup) = (zeros(g, n * inter, dt)?, zeros(g, n * inter, dt)?);
+        self.ops.swiglu_bwd(
+            g,
+            buf_ptr(g, &lt.gate),
+            buf_ptr(g, &lt.up),
+            buf_ptr(g, &dm),
+            buf_ptr(g, &dgate),
+            buf_ptr(g, &dup),
+            n * inter,
+        )?;
+        drop(dm);
+        let mut dh2 = zeros(g, n * d, DType::F32)?;
+        self.linear_back(&lt.h2, &dgate, n, s.gate_proj, &mut dh2, false)?;
+        self.linear_back(&lt.h2, &dup, n, s.up_proj, &mut dh2, true)?;
+        let g = &self.gpu;
+        let dx_mid = dx_out;
+        self.ops.rms_norm_bwd(
+            g,
+            buf_ptr(g, &lt.x_mid),
+            self.p(s.mlp_norm),
+            buf_ptr(g, &lt.rstd2),
+            buf_ptr(g, &dh2),
+            buf_ptr(g, &dx_mid),
+            self.pg(s.mlp_norm),
+            n,
+            d,
+        )?;
+        // Output projection, gate and per-head norm.
+        self.ops
+            .cast_io(g, buf_ptr(g, &dx_mid), buf_ptr(g, &dx_io), n * d)?;
+        let mut do_gated = zeros(g, n * c.value_dim(), DType::F32)?;
+        self.linear_back(&lt.o_gated, &dx_io, n, s.o_proj, &mut do_gated, false)?;
+        let g = &self.gpu;
+        let d_o = zeros(g, n * c.value_dim(), dt)?;
+        let dg = zeros(g, n * c.value_dim(), dt)?;
+        let gp = lt.g_pre.as_ref().map_or(0, |x| buf_ptr(g, x));
+        let gw = s.g_norm.map_or(0, |i| self.p(i));
+        let gwg = s.g_norm.map_or(0, |i| self.pg(i));
+        self.ops.norm_gate_bwd(
+            g,
+            buf_ptr(g, &lt.gla.o),
+            gp,
+            gw,
+            buf_ptr(g, &lt.rstd_o),
+            buf_ptr(g, &do_gated),
+            buf_ptr(g, &d_o),
+            buf_ptr(g, &dg),
+            gwg,
+            n * h,
+            hv,
+        )?;
+        drop(do_gated);
+        let mut dh1 = zeros(g, n * d, DType::F32)?;
+        if let Some(gpj) = s.g_proj {
+            self.linear_back(&lt.h1, &dg, n, gpj, &mut dh1, false)?;
+        }
+        // Attention.
+        let g = &self.gpu;
+        lt.gla.backward(g, &DeviceUpstream::from_device(d_o))?;
+        let (dq, dk, dv, dgk) = lt
+            .gla
+            .device_grads()
+            .ok_or_else(|| Error::Device("no GLA gradients".into()))?;
+        let dgk = dgk.ok_or_else(|| Error::Device("no key-gate gradient".into()))?;
+        // Key gates: through logsigmoid / 16 and the clamp, then the low-rank pair.
+        let kw = c.key_dim();
+        let draw = zeros(g, n * kw, dt)?;
+        let clamp = c.clamp_min.map_or(f32::NEG_INFINITY, |m| m as f32);
+        let norm = GATE_LOGIT_NORMALIZER as f32;
+        self.ops.gate_bwd(
+            g,
+            buf_ptr(g, &lt.raw),
+            ptr(g, dgk),
+            buf_ptr(g, &draw),
+            self.pg(s.gk_bias),
+            n,
+            kw,
+            norm,
+            clamp,
+        )?;
+        let mut dlow = zeros(g, n * GATE_LOW_RANK, dt)?;
+        // dlow is a product output read by the next product: written in the element type.
+        let dq = clone_buf(g, dq)?;
+        let dk = clone_buf(g, dk)?;
+        let dv = clone_buf(g, dv)?;
+        self.linear_back(&lt.gk_low, &draw, n, s.gk_proj1, &mut dlow, false)?;
+        self.linear_back(&lt.h1, &dlow, n, s.gk_proj0, &mut dh1, true)?;
+        // q, k, v: SiLU and convolution, then the projections.
+        let projs = [s.q_proj, s.k_proj, s.v_proj];
+        let widths = [kw, kw, c.value_dim()];
+        for (i, dout) in [dq, dk, dv].into_iter().enumerate() {
+            let dlin = match (&lt.conv, s.convs) {
+                (Some(conv), Some(cv)) => {
+                    let g = &self.gpu;
+                    let (lin, pre) = &conv[i];
+                    let dlin = zeros(g, n * widths[i], dt)?;
+                    self.ops.conv_silu_bwd(
+                        g,
+                        buf_ptr(g, lin),
+                        self.p(cv[i]),
+                        buf_ptr(g, pre),
+                        buf_ptr(g, &dout),
+                        buf_ptr(g, &dlin),
+                        self.pg(cv[i]),
+                        (b, t, widths[i]),
+                        c.conv_size,
+                    )?;
+                    dlin
+                }
+                _ => dout,
+            };
+            self.linear_back(&lt.h1, &dlin, n, projs[i], &mut dh1, true)?;
+        }
+        let g = &self.gpu;
+        let dx_in = dx_mid;
+        self.ops.rms_norm_bwd(
+            g,
+            buf_ptr(g, &lt.x_in),
+            self.p(s.attn_norm),
+            buf_ptr(g, &lt.rstd1),
+            buf_ptr(g, &dh1),
+            buf_ptr(g, &dx_in),
+            self.pg(s.attn_norm),
+            n,
+            d,
+        )?;
+        Ok(dx_in)
+    }
+
+    /// Global L2 norm of the gradients.
+    pub fn grad_norm(&self) -> Result<f64> {
+        let g = &self.gpu;
+        let acc = zeros(g, 1, DType::F32)?;
+        for gr in &self.grads {
+            self.ops
+                .sum_squares(g, buf_ptr(g, gr), buf_ptr(g, &acc), gr.len())?;
+        }
+        Ok((acc.download(g)?[0] as f64).sqrt())
+    }
+
+    /// One AdamW step (β 0.9/0.95, ε 1e-8, decay on matrices unless `decay_all`), with the
+    /// gradients scaled by `grad_scale` (clipping); refreshes the element-type weights.
+    pub fn adamw(
+        &mut self,
+        lr: f64,
+        weight_decay: f64,
+        decay_all: bool,
+        grad_scale: f64,
+    ) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let g = &self.gpu;
+        for i in 0..self.master.len() {
+            let decays = decay_all || self.layout.specs[i].role == Role::Matrix;
+            let h = AdamStep {
+                lr: lr as f32,
+                shrink: if decays {
+                    (1.0 - lr * weight_decay) as f32
+                } else {
+                    1.0
+                },
+                beta1: 0.9,
+                beta2: 0.95,
+                c1: (1.0 - 0.9f64.powi(t)) as f32,
+                c2: (1.0 - 0.95f64.powi(t)) as f32,
+                eps: 1e-8,
+                grad_scale: grad_scale as f32,
+            };
+            let copy = self.weights[i].as_ref().map_or(0, |w| buf_ptr(g, w));
+            let p = &self.master[i];
+            self.ops.adamw(
+                g,
+                buf_ptr(g, p),
+                buf_ptr(g, &self.grads[i]),
+                buf_ptr(g, &self.m[i]),
+                buf_ptr(g, &self.v[i]),
+                copy,
+                p.len(),
+                &h,
+            )?;
+        }
+        Ok(())
+    }
+}
