@@ -10,7 +10,9 @@ use fla_model::train::{train, TrainArgs};
 use fla_model::{GlaConfig, Model};
 use fla_tensor::{Error, Result};
 
-use crate::forward::cpu_only;
+use fla_cuda::{DType, DeviceChoice, Gpu};
+use fla_model::gpu::GpuModel;
+use fla_model::learner::{CpuLearner, GpuLearner, Learner};
 
 #[derive(Args)]
 pub struct TrainCmd {
@@ -69,9 +71,13 @@ pub struct TrainCmd {
     /// MQAR: vocabulary (keys in the lower half, values in the upper)
     #[arg(long, default_value_t = 64)]
     mqar_vocab: usize,
-    /// auto | cpu | cuda (training runs on the CPU so far)
+    /// auto | cpu | cuda | cuda:N (auto: the GPU when one is usable, else the CPU)
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Element type of the GPU's products and activations: bf16 or f32 (master weights,
+    /// gradients and optimizer state stay f32)
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
     /// No progress line
     #[arg(long)]
     quiet: bool,
@@ -90,7 +96,6 @@ fn mqar_config(vocab: usize) -> GlaConfig {
 }
 
 pub fn run(a: &TrainCmd) -> Result<()> {
-    cpu_only(&a.device, "fla train")?;
     if !a.data.is_empty() {
         return run_text(a);
     }
@@ -132,7 +137,14 @@ pub fn run(a: &TrainCmd) -> Result<()> {
         ])
     };
     let mut train_task = task;
-    let (_, evals) = train(model, &mut train_task, &mut evaluate, &args, a.resume)?;
+    let mut learner = learner(a, model)?;
+    let evals = train(
+        learner.as_mut(),
+        &mut train_task,
+        &mut evaluate,
+        &args,
+        a.resume,
+    )?;
     let acc = evals
         .iter()
         .find(|(k, _)| k == "accuracy")
@@ -207,8 +219,9 @@ fn run_text(a: &TrainCmd) -> Result<()> {
             ),
         ])
     };
-    let (_, evals) = train(
-        model,
+    let mut learner = learner(a, model)?;
+    let evals = train(
+        learner.as_mut(),
         &mut task,
         &mut evaluate,
         &train_args(a, &out),
@@ -240,4 +253,38 @@ fn text_config(vocab: usize) -> GlaConfig {
     c.use_short_conv = true;
     c.vocab_size = vocab;
     c
+}
+
+/// The model on the device asked for: `auto` takes the GPU when one opens and runs this
+/// model, saying so, else the CPU.
+fn learner(a: &TrainCmd, model: Model<f32>) -> Result<Box<dyn Learner>> {
+    let dtype: DType = a.dtype.parse()?;
+    let gpu = match a.device.parse::<DeviceChoice>()? {
+        DeviceChoice::Cpu => None,
+        DeviceChoice::Cuda(n) => Some(Gpu::new(n)?),
+        DeviceChoice::Auto => Gpu::new(0).ok(),
+    };
+    let cpu = |model| -> Box<dyn Learner> {
+        Box::new(CpuLearner::new(model, a.weight_decay, a.decay_all))
+    };
+    let Some(gpu) = gpu else {
+        eprintln!("training on the CPU (f32)");
+        return Ok(cpu(model));
+    };
+    let name = gpu.describe();
+    match GpuModel::new(gpu, &model, dtype) {
+        Ok(m) => {
+            eprintln!("training on {name} ({dtype:?} products, f32 master weights)");
+            Ok(Box::new(GpuLearner {
+                model: m,
+                weight_decay: a.weight_decay,
+                decay_all: a.decay_all,
+            }))
+        }
+        Err(e) if a.device == "auto" => {
+            eprintln!("training on the CPU: the GPU cannot run this model ({e})");
+            Ok(cpu(model))
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -182,7 +182,7 @@ pub struct DeviceGla {
 }
 
 /// The head sizes every GPU kernel takes: K in 16..=256 and V in 16..=512, multiples of 16.
-pub(crate) fn check_head_sizes(dk: usize, dv: usize) -> Result<()> {
+pub fn check_head_sizes(dk: usize, dv: usize) -> Result<()> {
     let steps_of_16 = dk.is_multiple_of(16) && dv.is_multiple_of(16);
     if !steps_of_16 || !(16..=256).contains(&dk) || !(16..=512).contains(&dv) {
         return Err(Error::Invalid(format!(

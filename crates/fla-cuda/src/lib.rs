@@ -15,6 +15,6 @@ pub use blas::{Blas, Operand};
 /// The CUDA bindings these types are built on, for callers that hold device buffers.
 pub use cudarc;
 pub use device::{open, DeviceChoice, Gpu};
-pub use gla::{gla_forward, Buf, DType, DeviceGla};
+pub use gla::{check_head_sizes, gla_forward, Buf, DType, DeviceGla};
 pub use gla_bwd::{gla_backward, DeviceUpstream};
 pub use gla_rec::{Decoder, StepInputs};

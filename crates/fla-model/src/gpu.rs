@@ -86,6 +86,7 @@ impl GpuModel {
                     .into(),
             ));
         }
+        fla_cuda::check_head_sizes(c.head_k_dim(), c.head_v_dim())?;
         if c.hidden_size > fla_cuda::layers::MAX_WIDTH || c.intermediate() > i32::MAX as usize {
             return Err(Error::Invalid(format!(
                 "hidden_size {} is wider than the GPU kernels take ({})",
@@ -140,6 +141,44 @@ impl GpuModel {
             *p = Tensor::new(p.shape().to_vec(), b.download(&self.gpu)?)?;
         }
         Ok(model)
+    }
+
+    /// AdamW's step count and moments, as host tensors in layout order.
+    pub fn moments(&self) -> Result<(Vec<Tensor<f32>>, Vec<Tensor<f32>>)> {
+        let get = |xs: &[Buf]| -> Result<Vec<Tensor<f32>>> {
+            self.layout
+                .specs
+                .iter()
+                .zip(xs)
+                .map(|(s, x)| Tensor::new(s.shape.clone(), x.download(&self.gpu)?))
+                .collect()
+        };
+        Ok((get(&self.m)?, get(&self.v)?))
+    }
+
+    /// Replaces the weights, the optimizer's moments and its step count (a resumed run).
+    pub fn restore(
+        &mut self,
+        model: &Model<f32>,
+        step: u64,
+        m: &[Tensor<f32>],
+        v: &[Tensor<f32>],
+    ) -> Result<()> {
+        if model.config != self.config {
+            return Err(Error::Invalid(
+                "the checkpoint's config differs from the model's".into(),
+            ));
+        }
+        for i in 0..self.master.len() {
+            self.master[i] = Buf::upload(&self.gpu, model.params[i].data(), DType::F32)?;
+            if self.weights[i].is_some() {
+                self.weights[i] = Some(Buf::upload(&self.gpu, model.params[i].data(), self.dtype)?);
+            }
+            self.m[i] = Buf::upload(&self.gpu, m[i].data(), DType::F32)?;
+            self.v[i] = Buf::upload(&self.gpu, v[i].data(), DType::F32)?;
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// The gradients of the last backward, in layout order.
@@ -237,6 +276,30 @@ impl GpuModel {
         t: usize,
         targets: &[i64],
     ) -> Result<f64> {
+        self.zero_grads()?;
+        self.accumulate(ids, b, t, targets, 1.0)
+    }
+
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let s = self.gpu.stream();
+        for gr in &mut self.grads {
+            if let Buf::F32(x) = gr {
+                s.memset_zeros(x).map_err(dev("memset"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `scale` times the gradients of the batch's mean loss to the gradients; returns
+    /// the mean loss.
+    pub fn accumulate(
+        &mut self,
+        ids: &[usize],
+        b: usize,
+        t: usize,
+        targets: &[i64],
+        scale: f64,
+    ) -> Result<f64> {
         let (n, d, vocab) = (b * t, self.config.hidden_size, self.config.vocab_size);
         if ids.len() != n || targets.len() != n || n == 0 {
             return Err(Error::Invalid(format!(
@@ -260,11 +323,6 @@ impl GpuModel {
         let ids_d: CudaSlice<i32> = s.clone_htod(&ids32).map_err(dev("upload"))?;
         let tg_d: CudaSlice<i32> = s.clone_htod(&tg32).map_err(dev("upload"))?;
         let count = targets.iter().filter(|&&x| x >= 0).count();
-        for gr in &mut self.grads {
-            if let Buf::F32(x) = gr {
-                s.memset_zeros(x).map_err(dev("memset"))?;
-            }
-        }
         // Forward.
         let mut x = zeros(g, n * d, DType::F32)?;
         let idp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&ids_d, s).0;
@@ -296,7 +354,7 @@ impl GpuModel {
         self.linear(&hf, n, out_slot, &mut logits, false)?;
         let loss_rows = zeros(g, n, DType::F32)?;
         let tgp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&tg_d, s).0;
-        let scale = 1.0 / count.max(1) as f32;
+        let ce_scale = (scale / count.max(1) as f64) as f32;
         self.ops.cross_entropy(
             g,
             buf_ptr(g, &logits),
@@ -304,7 +362,7 @@ impl GpuModel {
             buf_ptr(g, &loss_rows),
             n,
             vocab,
-            scale,
+            ce_scale,
         )?;
         let loss = if count == 0 {
             f64::NAN

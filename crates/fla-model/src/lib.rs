@@ -7,6 +7,7 @@ pub mod config;
 pub mod generate;
 pub mod gpu;
 pub mod layout;
+pub mod learner;
 pub mod model;
 pub mod mqar;
 pub mod nn;

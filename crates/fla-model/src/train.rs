@@ -9,14 +9,13 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fla_tensor::{
-    read_safetensors, write_atomic, write_safetensors, Error, Real, Result, TensorFile,
-};
+use fla_tensor::{read_safetensors, write_atomic, write_safetensors, Error, Result, TensorFile};
 use serde_json::{json, Value};
 
 use crate::checkpoint::{load_model, save_model};
+use crate::learner::{Learner, OptState};
 use crate::model::Model;
-use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::optim::learning_rate;
 use crate::plot::loss_curve_svg;
 use crate::rng::Rng;
 
@@ -66,7 +65,7 @@ pub struct TrainArgs {
 pub type Metrics = Vec<(String, f64)>;
 
 /// Metrics of a model on held-out data.
-pub type Evaluate<'a, F> = dyn FnMut(&Model<F>) -> Result<Metrics> + 'a;
+pub type Evaluate<'a> = dyn FnMut(&Model<f32>) -> Result<Metrics> + 'a;
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -75,15 +74,15 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Trains `model` (or, with `resume`, the checkpoint in `args.out`) and returns it with the
-/// last evaluation.
-pub fn train<F: Real>(
-    mut model: Model<F>,
+/// Trains `learner` (continuing, with `resume`, from the checkpoint in `args.out`), saves
+/// the model in `args.out` and returns the last evaluation.
+pub fn train(
+    learner: &mut dyn Learner,
     task: &mut dyn Task,
-    evaluate: &mut Evaluate<'_, F>,
+    evaluate: &mut Evaluate<'_>,
     args: &TrainArgs,
     resume: bool,
-) -> Result<(Model<F>, Metrics)> {
+) -> Result<Metrics> {
     if args.grad_accum == 0 || args.steps == 0 {
         return Err(Error::Invalid(
             "steps and grad-accum must be at least 1".into(),
@@ -91,22 +90,19 @@ pub fn train<F: Real>(
     }
     std::fs::create_dir_all(&args.out).map_err(io_err(&args.out))?;
     let metrics_path = args.out.join("metrics.jsonl");
-    let mut opt = AdamW::new(&model.layout, args.weight_decay, args.decay_all);
     let mut rng = Rng::new(args.seed);
     let mut tokens = 0u64;
     let mut history: Vec<Value> = Vec::new();
     if resume {
         let state = load_checkpoint(&args.out)?;
-        model = state.model;
-        opt.step = state.step;
-        opt.m = state.m;
-        opt.v = state.v;
+        let step = state.opt.step;
+        learner.restore(state.model, state.opt)?;
         rng = Rng::new(state.rng);
         tokens = state.tokens;
         // The metrics of steps after the checkpoint are dropped: the run redoes them.
         history = read_metrics(&metrics_path)?
             .into_iter()
-            .filter(|r| r["step"].as_u64().is_some_and(|s| s <= state.step))
+            .filter(|r| r["step"].as_u64().is_some_and(|s| s <= step))
             .collect();
     }
     write_metrics(&metrics_path, &history)?;
@@ -115,26 +111,19 @@ pub fn train<F: Real>(
         .open(&metrics_path)
         .map_err(io_err(&metrics_path))?;
     let started = Instant::now();
-    let (first, tokens_start) = (opt.step, tokens);
+    let (first, tokens_start) = (learner.steps(), tokens);
     let mut last_eval = Vec::new();
     let tty = std::io::stderr().is_terminal();
     let end = args.stop_at.map_or(args.steps, |s| s.min(args.steps));
-    while opt.step < end {
-        let step = opt.step;
+    while learner.steps() < end {
+        let step = learner.steps();
         let lr = learning_rate(step, args.steps, args.warmup, args.lr, args.min_lr_ratio);
-        let mut grads = model.layout.zeros::<F>();
+        learner.zero_grads()?;
         let mut loss = 0.0;
         for _ in 0..args.grad_accum {
             let batch = task.batch(&mut rng);
-            let out = model.loss(&batch.ids, batch.b, batch.t, &batch.targets, true)?;
-            loss += out.loss / args.grad_accum as f64;
-            let scale = F::from_f64(1.0 / args.grad_accum as f64);
-            for (acc, g) in grads.iter_mut().zip(out.grads.unwrap_or_default()) {
-                acc.data_mut()
-                    .iter_mut()
-                    .zip(g.data())
-                    .for_each(|(a, &b)| *a += b * scale);
-            }
+            loss +=
+                learner.accumulate(&batch, 1.0 / args.grad_accum as f64)? / args.grad_accum as f64;
             tokens += (batch.b * batch.t) as u64;
         }
         if !loss.is_finite() {
@@ -142,9 +131,8 @@ pub fn train<F: Real>(
                 "the loss became {loss} at step {step}; try a lower --lr"
             )));
         }
-        let grad_norm = clip_grad_norm(&mut grads, args.clip);
-        opt.update(&mut model.params, &grads, lr);
-        let done = opt.step;
+        let grad_norm = learner.clip_and_step(lr, args.clip)?;
+        let done = learner.steps();
         let elapsed = started.elapsed().as_secs_f64();
         let rate = (done - first) as f64 / elapsed.max(1e-9);
         let mut record = json!({
@@ -153,7 +141,7 @@ pub fn train<F: Real>(
         });
         let eval_now = done == args.steps || (args.eval_every > 0 && done % args.eval_every == 0);
         if eval_now {
-            last_eval = evaluate(&model)?;
+            last_eval = evaluate(&learner.snapshot()?)?;
             for (k, v) in &last_eval {
                 record[k.as_str()] = json!(v);
             }
@@ -182,18 +170,24 @@ pub fn train<F: Real>(
             }
         }
         if (args.save_every > 0 && done % args.save_every == 0) || done == end {
-            save_checkpoint(&args.out, &model, &opt, rng.state(), tokens)?;
+            save_checkpoint(
+                &args.out,
+                &learner.snapshot()?,
+                &learner.optimizer()?,
+                rng.state(),
+                tokens,
+            )?;
         }
     }
     if args.progress && tty {
         eprintln!();
     }
-    save_model(&model, &args.out)?;
+    save_model(&learner.snapshot()?, &args.out)?;
     write_atomic(
         &args.out.join("loss.svg"),
         loss_curve_svg(&history).as_bytes(),
     )?;
-    Ok((model, last_eval))
+    Ok(last_eval)
 }
 
 fn bar(done: u64, total: u64) -> String {
@@ -232,21 +226,19 @@ fn write_metrics(path: &Path, records: &[Value]) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-struct Checkpoint<F> {
-    model: Model<F>,
-    m: Vec<fla_tensor::Tensor<F>>,
-    v: Vec<fla_tensor::Tensor<F>>,
-    step: u64,
+struct Checkpoint {
+    model: Model<f32>,
+    opt: OptState,
     rng: u64,
     tokens: u64,
 }
 
 /// Writes `out/checkpoint` whole or not at all: into a temporary directory, then renamed
 /// over the old one (kept as `.checkpoint.old` until the new one is in place).
-fn save_checkpoint<F: Real>(
+fn save_checkpoint(
     out: &Path,
-    model: &Model<F>,
-    opt: &AdamW<F>,
+    model: &Model<f32>,
+    opt: &OptState,
     rng: u64,
     tokens: u64,
 ) -> Result<()> {
@@ -255,8 +247,8 @@ fn save_checkpoint<F: Real>(
     save_model(model, &tmp)?;
     let mut file = TensorFile::default();
     for (spec, (m, v)) in model.layout.specs.iter().zip(opt.m.iter().zip(&opt.v)) {
-        file.tensors.insert(format!("m.{}", spec.name), m.cast());
-        file.tensors.insert(format!("v.{}", spec.name), v.cast());
+        file.tensors.insert(format!("m.{}", spec.name), m.clone());
+        file.tensors.insert(format!("v.{}", spec.name), v.clone());
     }
     write_safetensors(&tmp.join("optimizer.safetensors"), &file)?;
     let state = json!({"step": opt.step, "rng": rng.to_string(), "tokens": tokens});
@@ -271,7 +263,7 @@ fn save_checkpoint<F: Real>(
     Ok(())
 }
 
-fn load_checkpoint<F: Real>(out: &Path) -> Result<Checkpoint<F>> {
+fn load_checkpoint(out: &Path) -> Result<Checkpoint> {
     let mut dir = out.join("checkpoint");
     if !dir.exists() && out.join(".checkpoint.old").exists() {
         dir = out.join(".checkpoint.old"); // interrupted between the two renames
@@ -282,7 +274,7 @@ fn load_checkpoint<F: Real>(out: &Path) -> Result<Checkpoint<F>> {
             out.display()
         )));
     }
-    let model = load_model::<F>(&dir)?;
+    let model = load_model::<f32>(&dir)?;
     let opt_path = dir.join("optimizer.safetensors");
     let mut file = read_safetensors(&opt_path)?.tensors;
     let mut take = |name: String, shape: &[usize]| {
@@ -309,9 +301,11 @@ fn load_checkpoint<F: Real>(out: &Path) -> Result<Checkpoint<F>> {
     let s: Value = serde_json::from_str(&text).map_err(|_| bad())?;
     Ok(Checkpoint {
         model,
-        m,
-        v,
-        step: s["step"].as_u64().ok_or_else(bad)?,
+        opt: OptState {
+            step: s["step"].as_u64().ok_or_else(bad)?,
+            m,
+            v,
+        },
         rng: s["rng"]
             .as_str()
             .and_then(|r| r.parse().ok())

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fla_model::learner::CpuLearner;
 use fla_model::mqar::Mqar;
 use fla_model::train::{train, TrainArgs};
 use fla_model::{GlaConfig, Model};
@@ -40,6 +41,10 @@ fn args(out: &Path, steps: u64) -> TrainArgs {
     }
 }
 
+fn cpu(seed: u64) -> CpuLearner {
+    CpuLearner::new(Model::new(config(), seed), 0.1, false)
+}
+
 fn task(batch_size: usize) -> Mqar {
     Mqar {
         vocab_size: 64,
@@ -58,8 +63,8 @@ fn mqar_accuracy_rises_far_above_chance() {
         .evaluate(&Model::<f32>::new(config(), 0), 256, 1)
         .unwrap()
         .0;
-    let (_, evals) = train(
-        Model::new(config(), 0),
+    let evals = train(
+        &mut cpu(0),
         &mut task(32),
         &mut evaluate,
         &args(&out, 400),
@@ -99,15 +104,15 @@ fn resume_continues_the_same_run_exactly() {
     let mut none = |_: &Model<f32>| Ok(vec![]);
     let mut a = args(&whole, 30);
     a.grad_accum = 2;
-    train(Model::new(config(), 0), &mut task(4), &mut none, &a, false).unwrap();
+    train(&mut cpu(0), &mut task(4), &mut none, &a, false).unwrap();
     let mut b = args(&split, 30);
     b.grad_accum = 2;
     b.stop_at = Some(13);
-    train(Model::new(config(), 0), &mut task(4), &mut none, &b, false).unwrap();
+    train(&mut cpu(0), &mut task(4), &mut none, &b, false).unwrap();
     assert_eq!(losses(&split).len(), 13);
     // A resumed run starts from the checkpoint, whatever model it is handed.
     b.stop_at = None;
-    train(Model::new(config(), 99), &mut task(4), &mut none, &b, true).unwrap();
+    train(&mut cpu(99), &mut task(4), &mut none, &b, true).unwrap();
     assert_eq!(losses(&split), losses(&whole));
     let (m1, m2) = (
         std::fs::read(whole.join("model.safetensors")).unwrap(),
@@ -128,15 +133,9 @@ fn resume_continues_the_same_run_exactly() {
 fn resume_without_a_checkpoint_says_so() {
     let out = tmp("none");
     let mut none = |_: &Model<f32>| Ok(vec![]);
-    let e = train(
-        Model::<f32>::new(config(), 0),
-        &mut task(2),
-        &mut none,
-        &args(&out, 3),
-        true,
-    )
-    .err()
-    .unwrap();
+    let e = train(&mut cpu(0), &mut task(2), &mut none, &args(&out, 3), true)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("no checkpoint"), "{e}");
     let _ = std::fs::remove_dir_all(&out);
 }
