@@ -145,6 +145,9 @@ pub fn run(a: &TrainCmd) -> Result<()> {
         &args,
         a.resume,
     )?;
+    if stopped_early(a, &out, &evals) {
+        return Ok(());
+    }
     let acc = evals
         .iter()
         .find(|(k, _)| k == "accuracy")
@@ -233,6 +236,9 @@ fn run_text(a: &TrainCmd) -> Result<()> {
             source,
         })?;
     }
+    if stopped_early(a, &out, &evals) {
+        return Ok(());
+    }
     let get = |k: &str| evals.iter().find(|e| e.0 == k).map_or(f64::NAN, |e| e.1);
     println!(
         "validation loss {:.4}, perplexity {:.2}, {:.3} bits per byte; model saved in {}",
@@ -286,5 +292,20 @@ fn learner(a: &TrainCmd, model: Model<f32>) -> Result<Box<dyn Learner>> {
             Ok(cpu(model))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Says where a run stopped by --stop-at stands (no final evaluation ran).
+fn stopped_early(a: &TrainCmd, out: &Path, evals: &[(String, f64)]) -> bool {
+    match a.stop_at {
+        Some(s) if s < a.steps && evals.is_empty() => {
+            println!(
+                "stopped after step {s} of {}; checkpoint in {} (continue with --resume)",
+                a.steps,
+                out.display()
+            );
+            true
+        }
+        _ => false,
     }
 }
