@@ -18,6 +18,8 @@ pub enum BenchCommand {
     Cuda(crate::bench_cuda::CudaArgs),
     /// Training throughput of a GLA model on the GPU (default: the 340M shape, 8 x 2048, bf16).
     Train(crate::bench_train::TrainBenchArgs),
+    /// Decoding speed of a GLA model on the GPU (default: the 340M shape, batches 1 and 64).
+    Generate(crate::bench_generate::GenerateBenchArgs),
 }
 
 #[derive(Args)]
@@ -47,6 +49,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
         BenchCommand::Cpu(a) => cpu(a),
         BenchCommand::Cuda(a) => crate::bench_cuda::run(a),
         BenchCommand::Train(a) => crate::bench_train::run(a),
+        BenchCommand::Generate(a) => crate::bench_generate::run(a),
     }
 }
 

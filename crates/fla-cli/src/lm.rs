@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
+use fla_cuda::{DType, DeviceChoice, Gpu};
 use fla_model::checkpoint::load_model;
+use fla_model::generate::{generate_with, CpuFeed, Feed, GpuFeed};
+use fla_model::gpu::GpuModel;
 use fla_model::text::{evaluate_lm, train_bpe, Tokenizer};
-use fla_model::{generate, Sampling};
+use fla_model::{Cache, Sampling};
 use fla_tensor::{Error, Result};
 
 use crate::forward::cpu_only;
@@ -94,13 +97,30 @@ pub struct GenerateArgs {
     stop_at_eos: bool,
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// auto | cpu | cuda | cuda:N (auto: the GPU when one is usable)
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Element type of the GPU's products: bf16 or f32
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
 }
 
 pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
-    cpu_only(&a.device, "fla generate")?;
     let model = load_model::<f32>(&a.model)?;
+    let gpu = match a.device.parse::<DeviceChoice>()? {
+        DeviceChoice::Cpu => None,
+        DeviceChoice::Cuda(n) => Some(Gpu::new(n)?),
+        DeviceChoice::Auto => Gpu::new(0).ok(),
+    };
+    let dtype: DType = a.dtype.parse()?;
+    let on_gpu = match gpu {
+        Some(g) => match GpuModel::new(g, &model, dtype) {
+            Ok(m) => Some(m),
+            Err(e) if a.device != "auto" => return Err(e),
+            Err(_) => None,
+        },
+        None => None,
+    };
     let tok = tokenizer(&a.tokenizer, &a.model)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => {
@@ -131,29 +151,40 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut new = Vec::new();
     let mut shown = String::new();
-    let out = generate(
-        &model,
-        &[prompt],
-        a.max_new_tokens,
-        &sampling,
-        eos,
-        |next| {
-            // Stream text: print what decoding the new tokens adds (multi-byte characters may
-            // take several tokens to complete).
-            new.push(next[0]);
-            if let Ok(text) = tok.decode(&new) {
-                let fresh = text
-                    .strip_prefix(shown.as_str())
-                    .unwrap_or("")
-                    .trim_end_matches('\u{fffd}');
-                if !fresh.is_empty() {
-                    print!("{fresh}");
-                    let _ = std::io::stdout().flush();
-                    shown.push_str(fresh);
-                }
+    let mut cpu_feed;
+    let mut gpu_feed;
+    let feed: &mut dyn Feed = match &on_gpu {
+        Some(m) => {
+            gpu_feed = GpuFeed {
+                model: m,
+                cache: None,
+            };
+            &mut gpu_feed
+        }
+        None => {
+            cpu_feed = CpuFeed {
+                model: &model,
+                cache: Cache::new(&model, 1),
+            };
+            &mut cpu_feed
+        }
+    };
+    let out = generate_with(feed, &[prompt], a.max_new_tokens, &sampling, eos, |next| {
+        // Stream text: print what decoding the new tokens adds (multi-byte characters may
+        // take several tokens to complete).
+        new.push(next[0]);
+        if let Ok(text) = tok.decode(&new) {
+            let fresh = text
+                .strip_prefix(shown.as_str())
+                .unwrap_or("")
+                .trim_end_matches('\u{fffd}');
+            if !fresh.is_empty() {
+                print!("{fresh}");
+                let _ = std::io::stdout().flush();
+                shown.push_str(fresh);
             }
-        },
-    )?;
+        }
+    })?;
     let secs = started.elapsed().as_secs_f64();
     println!();
     eprintln!(

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cuda;
+mod bench_generate;
 mod bench_train;
 mod forward;
 mod init;

@@ -282,3 +282,22 @@ extern "C" __global__ void sum_squares(const float* __restrict__ x, float* __res
     s = block_sum(s, red);
     if (threadIdx.x == 0) atomicAdd(out, s);
 }
+
+// One generation step of the short convolution for [B, C] inputs x: window [B, W-1, C] holds
+// each sequence's previous W-1 inputs (oldest first) and is shifted to take x; out =
+// silu(Σ_{i<W-1} w[c, i] window[i] + w[c, W-1] x).
+extern "C" __global__ void conv_silu_step(const float* __restrict__ x, float* __restrict__ window,
+                                          const float* __restrict__ w, io_t* __restrict__ out, int b,
+                                          int c, int width) {
+    long n = (long)b * c;
+    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
+        int ch = i % c;
+        long seq = i / c;
+        float* win = window + seq * (long)(width - 1) * c + ch;
+        float acc = w[ch * width + width - 1] * x[i];
+        for (int k = 0; k < width - 1; k++) acc += w[ch * width + k] * win[(long)k * c];
+        for (int k = 0; k + 1 < width - 1; k++) win[(long)k * c] = win[(long)(k + 1) * c];
+        if (width > 1) win[(long)(width - 2) * c] = x[i];
+        out[i] = from_f(acc * sigmoidf_(acc));
+    }
+}

@@ -335,6 +335,31 @@ impl Layers {
         )
     }
 
+    /// One generation step of the convolution: x [b, c] f32, window [b, width-1, c] f32
+    /// (shifted in place), out = silu(conv) in the element type.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_silu_step(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        window: u64,
+        w: u64,
+        out: u64,
+        (b, c): (usize, usize),
+        width: usize,
+    ) -> Result<()> {
+        let args = [
+            Arg::P(x),
+            Arg::P(window),
+            Arg::P(w),
+            Arg::P(out),
+            Arg::I(b as i32),
+            Arg::I(c as i32),
+            Arg::I(width as i32),
+        ];
+        self.launch(gpu, "conv_silu_step", Self::elem_blocks(gpu, b * c), &args)
+    }
+
     /// dx (element type, written) and dw (f32, added) from dout (element type).
     #[allow(clippy::too_many_arguments)]
     pub fn conv_silu_bwd(

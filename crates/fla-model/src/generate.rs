@@ -4,6 +4,7 @@
 
 use fla_tensor::{Error, Real, Result};
 
+use crate::gpu::{GpuCache, GpuModel};
 use crate::model::{Cache, Model};
 use crate::rng::Rng;
 
@@ -97,11 +98,77 @@ pub fn sample<F: Real>(logits: &[F], s: &Sampling, rng: &mut Rng) -> usize {
     order[keep - 1]
 }
 
+/// A model that generation feeds: `t` tokens of each sequence in ([B, t]; first the
+/// prompts, then one at a time), the logits after each sequence's last token out [B, vocab].
+pub trait Feed {
+    fn vocab(&self) -> usize;
+    fn feed(&mut self, ids: &[usize], t: usize) -> Result<Vec<f32>>;
+}
+
+/// A CPU model with its cache for `b` sequences.
+pub struct CpuFeed<'a, F> {
+    pub model: &'a Model<F>,
+    pub cache: Cache<F>,
+}
+
+impl<F: Real> Feed for CpuFeed<'_, F> {
+    fn vocab(&self) -> usize {
+        self.model.config.vocab_size
+    }
+    fn feed(&mut self, ids: &[usize], t: usize) -> Result<Vec<f32>> {
+        let logits = self.model.decode(ids, t, &mut self.cache)?;
+        Ok(logits.iter().map(|x| x.to_f64() as f32).collect())
+    }
+}
+
+/// The GPU model: the prompts through its chunkwise forward, then recurrent steps.
+pub struct GpuFeed<'a> {
+    pub model: &'a GpuModel,
+    pub cache: Option<GpuCache>,
+}
+
+impl Feed for GpuFeed<'_> {
+    fn vocab(&self) -> usize {
+        self.model.config.vocab_size
+    }
+    fn feed(&mut self, ids: &[usize], t: usize) -> Result<Vec<f32>> {
+        match &mut self.cache {
+            None => {
+                let b = ids.len() / t.max(1);
+                let (logits, cache) = self.model.prefill(ids, b, t)?;
+                self.cache = Some(cache);
+                Ok(logits)
+            }
+            Some(cache) if t == 1 => self.model.step(cache, ids),
+            Some(_) => Err(Error::Invalid(
+                "after the prompt, the GPU model takes one token per step".into(),
+            )),
+        }
+    }
+}
+
+/// Continues each of `prompts` (all of one length) by `max_new` tokens with a CPU model;
+/// see [`generate_with`].
+pub fn generate<F: Real>(
+    model: &Model<F>,
+    prompts: &[Vec<usize>],
+    max_new: usize,
+    s: &Sampling,
+    eos: Option<usize>,
+    on_token: impl FnMut(&[usize]),
+) -> Result<Vec<Vec<usize>>> {
+    let mut feed = CpuFeed {
+        model,
+        cache: Cache::new(model, prompts.len()),
+    };
+    generate_with(&mut feed, prompts, max_new, s, eos, on_token)
+}
+
 /// Continues each of `prompts` (all of one length) by `max_new` tokens; `on_token` sees each
 /// step's new tokens as they come. Sequences that emit `eos` keep going (batched) but their
 /// later tokens are cut from the result. Returns each sequence, prompt included.
-pub fn generate<F: Real>(
-    model: &Model<F>,
+pub fn generate_with(
+    model: &mut dyn Feed,
     prompts: &[Vec<usize>],
     max_new: usize,
     s: &Sampling,
@@ -117,12 +184,11 @@ pub fn generate<F: Real>(
         ));
     }
     let mut rng = Rng::new(s.seed);
-    let mut cache = Cache::new(model, b);
     let flat: Vec<usize> = prompts.concat();
-    let mut logits = model.decode(&flat, t, &mut cache)?;
+    let mut logits = model.feed(&flat, t)?;
     let mut seqs = prompts.to_vec();
     let mut done = vec![false; b];
-    let v = model.config.vocab_size;
+    let v = model.vocab();
     for step in 0..max_new {
         let next: Vec<usize> = logits
             .chunks(v)
@@ -138,7 +204,7 @@ pub fn generate<F: Real>(
         if done.iter().all(|&d| d) || step + 1 == max_new {
             break;
         }
-        logits = model.decode(&next, 1, &mut cache)?;
+        logits = model.feed(&next, 1)?;
     }
     Ok(seqs)
 }

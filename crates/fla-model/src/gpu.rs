@@ -5,7 +5,8 @@
 
 use fla_cuda::cudarc::driver::CudaSlice;
 use fla_cuda::layers::{buf_ptr, ptr, AdamStep, Layers};
-use fla_cuda::{Blas, Buf, DType, DeviceGla, DeviceUpstream, Gpu, Operand};
+use fla_cuda::{Blas, Buf, DType, Decoder, DeviceGla, DeviceUpstream, Gpu, Operand, StepInputs};
+use fla_ops::GateKind;
 use fla_tensor::{Error, Result, Tensor};
 
 use crate::config::{GlaConfig, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK};
@@ -33,6 +34,47 @@ fn f32_slice(x: Buf) -> CudaSlice<f32> {
         Buf::F32(b) => b,
         Buf::Bf16(_) => unreachable!("an f32 buffer"),
     }
+}
+
+/// Generation state on the GPU: per layer, each short convolution's window of earlier
+/// inputs [B, conv_size - 1, C] and the attention states [B, H, K, V] (in the Decoder).
+pub struct GpuCache {
+    pub b: usize,
+    /// Tokens consumed per sequence.
+    pub len: usize,
+    layers: Vec<GpuLayerCache>,
+}
+
+struct GpuLayerCache {
+    windows: Vec<Buf>,
+    dec: Decoder,
+}
+
+/// What a block computes before its attention.
+struct AttnInputs {
+    h1: Buf,
+    rstd1: Buf,
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    conv: Option<[(Buf, Buf); 3]>,
+    gk_low: Buf,
+    raw: Buf,
+    gate: CudaSlice<f32>,
+}
+
+/// What a block computes after its attention.
+struct BlockRest {
+    g_pre: Option<Buf>,
+    rstd_o: Buf,
+    o_gated: Buf,
+    x_mid: Buf,
+    h2: Buf,
+    rstd2: Buf,
+    gate: Buf,
+    up: Buf,
+    m: Buf,
+    x_out: Buf,
 }
 
 /// One block's activations kept for the backward.
@@ -416,21 +458,23 @@ impl GpuModel {
         Ok(loss)
     }
 
-    fn layer_forward(
+    /// A block's input norm, q, k, v (through the convolution and SiLU when configured) and
+    /// key gates, for `n = b * t` rows. With `window` (generation, t = 1) the convolution
+    /// steps through each sequence's window of earlier inputs instead.
+    fn attn_inputs(
         &self,
         s: &LayerSlots,
-        x_in: Buf,
-        b: usize,
-        t: usize,
-    ) -> Result<(LayerTape, Buf)> {
+        x_in: &Buf,
+        (b, t): (usize, usize),
+        mut windows: Option<&mut [Buf]>,
+    ) -> Result<AttnInputs> {
         let (g, c, dt) = (&self.gpu, &self.config, self.dtype);
         let (n, d, eps) = (b * t, c.hidden_size, c.norm_eps as f32);
-        let (h, hk, hv) = (c.num_heads, c.head_k_dim(), c.head_v_dim());
         let h1 = zeros(g, n * d, dt)?;
         let rstd1 = zeros(g, n, DType::F32)?;
         self.ops.rms_norm_fwd(
             g,
-            buf_ptr(g, &x_in),
+            buf_ptr(g, x_in),
             self.p(s.attn_norm),
             buf_ptr(g, &h1),
             buf_ptr(g, &rstd1),
@@ -448,18 +492,30 @@ impl GpuModel {
                 Some(cv) => {
                     let mut lin = zeros(g, n * widths[i], DType::F32)?;
                     self.linear(&h1, n, projs[i], &mut lin, false)?;
-                    let pre = zeros(g, n * widths[i], DType::F32)?;
-                    let width = c.conv_size;
-                    self.ops.conv_silu_fwd(
-                        g,
-                        buf_ptr(g, &lin),
-                        self.p(cv[i]),
-                        buf_ptr(g, &pre),
-                        buf_ptr(g, &out),
-                        (b, t, widths[i]),
-                        width,
-                    )?;
-                    convs.push((lin, pre));
+                    let (w, width) = (self.p(cv[i]), c.conv_size);
+                    if let Some(win) = windows.as_deref_mut() {
+                        self.ops.conv_silu_step(
+                            g,
+                            buf_ptr(g, &lin),
+                            buf_ptr(g, &win[i]),
+                            w,
+                            buf_ptr(g, &out),
+                            (b, widths[i]),
+                            width,
+                        )?;
+                    } else {
+                        let pre = zeros(g, n * widths[i], DType::F32)?;
+                        self.ops.conv_silu_fwd(
+                            g,
+                            buf_ptr(g, &lin),
+                            w,
+                            buf_ptr(g, &pre),
+                            buf_ptr(g, &out),
+                            (b, t, widths[i]),
+                            width,
+                        )?;
+                        convs.push((lin, pre));
+                    }
                 }
                 None => self.linear(&h1, n, projs[i], &mut out, false)?,
             }
@@ -485,12 +541,43 @@ impl GpuModel {
         let v = outs.pop().expect("three projections");
         let k = outs.pop().expect("three projections");
         let q = outs.pop().expect("three projections");
-        let mut gla = DeviceGla::from_device(g, (b, t, h), (hk, hv), q, k, v, f32_slice(gate))?;
-        gla.forward(g)?;
+        let conv = match convs.len() {
+            3 => {
+                let mut it = convs.into_iter();
+                Some([it.next().unwrap(), it.next().unwrap(), it.next().unwrap()])
+            }
+            _ => None,
+        };
+        Ok(AttnInputs {
+            h1,
+            rstd1,
+            q,
+            k,
+            v,
+            conv,
+            gk_low,
+            raw,
+            gate: f32_slice(gate),
+        })
+    }
+
+    /// A block after its attention: the gated output norm of `o` [n, H, V], the output
+    /// projection onto the residual, and the MLP.
+    fn attn_output_and_mlp(
+        &self,
+        s: &LayerSlots,
+        x_in: &Buf,
+        h1: &Buf,
+        o: &Buf,
+        n: usize,
+    ) -> Result<BlockRest> {
+        let (g, c, dt) = (&self.gpu, &self.config, self.dtype);
+        let (d, eps) = (c.hidden_size, c.norm_eps as f32);
+        let (h, hv) = (c.num_heads, c.head_v_dim());
         let g_pre = match s.g_proj {
             Some(gp) => {
                 let mut x = zeros(g, n * c.value_dim(), DType::F32)?;
-                self.linear(&h1, n, gp, &mut x, false)?;
+                self.linear(h1, n, gp, &mut x, false)?;
                 Some(x)
             }
             None => None,
@@ -501,7 +588,7 @@ impl GpuModel {
         let gw = s.g_norm.map_or(0, |i| self.p(i));
         self.ops.norm_gate_fwd(
             g,
-            buf_ptr(g, &gla.o),
+            buf_ptr(g, o),
             gp,
             gw,
             buf_ptr(g, &o_gated),
@@ -510,7 +597,7 @@ impl GpuModel {
             hv,
             eps,
         )?;
-        let mut x_mid = clone_buf(g, &x_in)?;
+        let mut x_mid = clone_buf(g, x_in)?;
         self.linear(&o_gated, n, s.o_proj, &mut x_mid, true)?;
         let h2 = zeros(g, n * d, dt)?;
         let rstd2 = zeros(g, n, DType::F32)?;
@@ -525,46 +612,67 @@ impl GpuModel {
             eps,
         )?;
         let inter = c.intermediate();
-        let mut gate_act = zeros(g, n * inter, DType::F32)?;
+        let mut gate = zeros(g, n * inter, DType::F32)?;
         let mut up = zeros(g, n * inter, DType::F32)?;
-        self.linear(&h2, n, s.gate_proj, &mut gate_act, false)?;
+        self.linear(&h2, n, s.gate_proj, &mut gate, false)?;
         self.linear(&h2, n, s.up_proj, &mut up, false)?;
         let m = zeros(g, n * inter, dt)?;
         self.ops.swiglu_fwd(
             g,
-            buf_ptr(g, &gate_act),
+            buf_ptr(g, &gate),
             buf_ptr(g, &up),
             buf_ptr(g, &m),
             n * inter,
         )?;
         let mut x_out = clone_buf(g, &x_mid)?;
         self.linear(&m, n, s.down_proj, &mut x_out, true)?;
-        let conv = match convs.len() {
-            3 => {
-                let mut it = convs.into_iter();
-                Some([it.next().unwrap(), it.next().unwrap(), it.next().unwrap()])
-            }
-            _ => None,
-        };
-        let tape = LayerTape {
-            x_in,
-            h1,
-            rstd1,
-            conv,
-            gk_low,
-            raw,
-            gla,
+        Ok(BlockRest {
             g_pre,
             rstd_o,
             o_gated,
             x_mid,
             h2,
             rstd2,
-            gate: gate_act,
+            gate,
             up,
             m,
+            x_out,
+        })
+    }
+
+    fn layer_forward(
+        &self,
+        s: &LayerSlots,
+        x_in: Buf,
+        b: usize,
+        t: usize,
+    ) -> Result<(LayerTape, Buf)> {
+        let c = &self.config;
+        let a = self.attn_inputs(s, &x_in, (b, t), None)?;
+        let (h, hk, hv) = (c.num_heads, c.head_k_dim(), c.head_v_dim());
+        let mut gla =
+            DeviceGla::from_device(&self.gpu, (b, t, h), (hk, hv), a.q, a.k, a.v, a.gate)?;
+        gla.forward(&self.gpu)?;
+        let r = self.attn_output_and_mlp(s, &x_in, &a.h1, &gla.o, b * t)?;
+        let tape = LayerTape {
+            x_in,
+            h1: a.h1,
+            rstd1: a.rstd1,
+            conv: a.conv,
+            gk_low: a.gk_low,
+            raw: a.raw,
+            gla,
+            g_pre: r.g_pre,
+            rstd_o: r.rstd_o,
+            o_gated: r.o_gated,
+            x_mid: r.x_mid,
+            h2: r.h2,
+            rstd2: r.rstd2,
+            gate: r.gate,
+            up: r.up,
+            m: r.m,
         };
-        Ok((tape, x_out))
+        Ok((tape, r.x_out))
     }
 
     /// d loss / d x_in of one block from d loss / d x_out (f32), adding into the gradients.
@@ -718,6 +826,156 @@ impl GpuModel {
             d,
         )?;
         Ok(dx_in)
+    }
+
+    /// x [n, d] f32 for the token ids `ids` (uploaded here).
+    fn embed(&self, ids: &[usize]) -> Result<Buf> {
+        let (g, d) = (&self.gpu, self.config.hidden_size);
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i >= vocab) {
+            return Err(Error::Invalid(format!(
+                "token {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let ids_d: CudaSlice<i32> = g.stream().clone_htod(&ids32).map_err(dev("upload"))?;
+        let x = zeros(g, ids.len() * d, DType::F32)?;
+        let idp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&ids_d, g.stream()).0;
+        self.ops.embed_fwd(
+            g,
+            idp,
+            self.p(self.layout.embeddings),
+            buf_ptr(g, &x),
+            ids.len(),
+            d,
+        )?;
+        g.synchronize()?;
+        Ok(x)
+    }
+
+    /// Logits [rows, vocab] (host) of the residual rows `rows` of x [n, d].
+    fn logits_of_rows(&self, x: &Buf, rows: &[usize]) -> Result<Vec<f32>> {
+        let (g, d, vocab) = (&self.gpu, self.config.hidden_size, self.config.vocab_size);
+        let Buf::F32(src) = x else {
+            unreachable!("the residual stream is f32")
+        };
+        let mut picked: CudaSlice<f32> = g
+            .stream()
+            .alloc_zeros(rows.len() * d)
+            .map_err(dev("allocation"))?;
+        for (i, &r) in rows.iter().enumerate() {
+            let from = src.slice(r * d..(r + 1) * d);
+            let mut to = picked.slice_mut(i * d..(i + 1) * d);
+            g.stream()
+                .memcpy_dtod(&from, &mut to)
+                .map_err(dev("copy"))?;
+        }
+        let picked = Buf::F32(picked);
+        let n = rows.len();
+        let hf = zeros(g, n * d, self.dtype)?;
+        let rstd = zeros(g, n, DType::F32)?;
+        let eps = self.config.norm_eps as f32;
+        self.ops.rms_norm_fwd(
+            g,
+            buf_ptr(g, &picked),
+            self.p(self.layout.norm),
+            buf_ptr(g, &hf),
+            buf_ptr(g, &rstd),
+            n,
+            d,
+            eps,
+        )?;
+        let mut logits = zeros(g, n * vocab, DType::F32)?;
+        self.linear(&hf, n, self.layout.output_slot(), &mut logits, false)?;
+        logits.download(g)
+    }
+
+    /// Feeds prompts `ids` [B, T] chunkwise; returns the logits after each sequence's last
+    /// token [B, vocab] and the generation state (convolution windows, attention states).
+    pub fn prefill(&self, ids: &[usize], b: usize, t: usize) -> Result<(Vec<f32>, GpuCache)> {
+        let c = &self.config;
+        if b == 0 || t == 0 || ids.len() != b * t {
+            return Err(Error::Invalid(format!(
+                "{} prompt ids do not form {b} prompts of {t} tokens",
+                ids.len()
+            )));
+        }
+        let mut x = self.embed(ids)?;
+        let (h, hk, hv) = (c.num_heads, c.head_k_dim(), c.head_v_dim());
+        let past = c.conv_size.saturating_sub(1);
+        let mut layers = Vec::with_capacity(self.layout.layers.len());
+        for slots in &self.layout.layers {
+            let (tape, out) = self.layer_forward(slots, x, b, t)?;
+            x = out;
+            let state = Tensor::new(
+                vec![b, h, hk, hv],
+                self.gpu
+                    .stream()
+                    .clone_dtoh(&tape.gla.ht)
+                    .map_err(dev("download"))?,
+            )?;
+            let mut dec = Decoder::new(
+                &self.gpu,
+                GateKind::Key,
+                (b, h),
+                (hk, hv),
+                (hk as f32).powf(-0.5),
+                self.dtype,
+            )?;
+            dec.set_state(&self.gpu, &state)?;
+            // Each window: the last conv_size - 1 projections of each prompt, zeros before it.
+            let mut windows = Vec::new();
+            for (lin, _) in tape.conv.iter().flatten() {
+                let width = lin.len() / (b * t);
+                let all = lin.download(&self.gpu)?;
+                let mut w = vec![0.0f32; b * past * width];
+                for seq in 0..b {
+                    for k in 0..past.min(t) {
+                        let src = (seq * t + t - 1 - k) * width;
+                        let dst = (seq * past + past - 1 - k) * width;
+                        w[dst..dst + width].copy_from_slice(&all[src..src + width]);
+                    }
+                }
+                windows.push(Buf::upload(&self.gpu, &w, DType::F32)?);
+            }
+            layers.push(GpuLayerCache { windows, dec });
+        }
+        let last: Vec<usize> = (0..b).map(|i| i * t + t - 1).collect();
+        Ok((
+            self.logits_of_rows(&x, &last)?,
+            GpuCache { b, len: t, layers },
+        ))
+    }
+
+    /// One token per sequence through the cache (the recurrent step); logits [B, vocab].
+    pub fn step(&self, cache: &mut GpuCache, tokens: &[usize]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let b = cache.b;
+        if tokens.len() != b {
+            return Err(Error::Invalid(format!(
+                "{} tokens for {b} sequences",
+                tokens.len()
+            )));
+        }
+        let mut x = self.embed(tokens)?;
+        for (slots, lc) in self.layout.layers.iter().zip(&mut cache.layers) {
+            let windows = (!lc.windows.is_empty()).then_some(&mut lc.windows[..]);
+            let a = self.attn_inputs(slots, &x, (b, 1), windows)?;
+            let mut o = zeros(&self.gpu, b * c.value_dim(), self.dtype)?;
+            let inputs = StepInputs {
+                q: &a.q,
+                k: &a.k,
+                v: &a.v,
+                g: Some(&a.gate),
+                gv: None,
+                u: None,
+            };
+            lc.dec.step(&self.gpu, &inputs, &mut o)?;
+            x = self.attn_output_and_mlp(slots, &x, &a.h1, &o, b)?.x_out;
+        }
+        cache.len += 1;
+        let rows: Vec<usize> = (0..b).collect();
+        self.logits_of_rows(&x, &rows)
     }
 
     /// Global L2 norm of the gradients.

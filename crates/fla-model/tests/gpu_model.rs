@@ -175,3 +175,64 @@ fn training_on_the_gpu_lowers_the_loss() {
     println!("bf16 training on one batch: loss {first:.4} -> {last:.4}");
     assert!(last < 0.5 * first, "loss {first} -> {last}");
 }
+
+#[test]
+fn generation_on_the_gpu_matches_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    use fla_model::generate::{generate_with, CpuFeed, Feed, GpuFeed};
+    use fla_model::{Cache, Sampling};
+    for extra in CASES {
+        let cpu = model(extra, 5);
+        let gm = GpuModel::new(Gpu::new(0).unwrap(), &cpu, DType::F32).unwrap();
+        let (b, t) = (3, 70);
+        let (ids, _) = batch(b, t, 97);
+        // Prefill, then steps: the GPU's logits against the CPU's at every step.
+        let mut on_gpu = GpuFeed {
+            model: &gm,
+            cache: None,
+        };
+        let mut on_cpu = CpuFeed {
+            model: &cpu,
+            cache: Cache::new(&cpu, b),
+        };
+        let mut worst = 0.0f64;
+        let mut next: Vec<usize> = vec![];
+        for step in 0..6 {
+            let (x, t_now) = if step == 0 {
+                (ids.clone(), t)
+            } else {
+                (next.clone(), 1)
+            };
+            let (lg, lc) = (
+                on_gpu.feed(&x, t_now).unwrap(),
+                on_cpu.feed(&x, t_now).unwrap(),
+            );
+            let num: f64 = lg
+                .iter()
+                .zip(&lc)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = lc.iter().map(|b| (*b as f64).powi(2)).sum();
+            worst = worst.max((num / den).sqrt());
+            next = lc
+                .chunks(97)
+                .map(|r| (0..97).fold(0, |m, i| if r[i] > r[m] { i } else { m }))
+                .collect();
+        }
+        println!("{extra}: GPU decode logits within {worst:.1e} of the CPU's");
+        assert!(worst < 1e-4, "decode logits off by {worst:e}");
+        // Greedy generation gives the same tokens.
+        let prompts: Vec<Vec<usize>> = (0..b).map(|i| ids[i * t..i * t + 9].to_vec()).collect();
+        let want =
+            fla_model::generate(&cpu, &prompts, 12, &Sampling::default(), None, |_| {}).unwrap();
+        let mut feed = GpuFeed {
+            model: &gm,
+            cache: None,
+        };
+        let got =
+            generate_with(&mut feed, &prompts, 12, &Sampling::default(), None, |_| {}).unwrap();
+        assert_eq!(got, want);
+    }
+}
