@@ -11,6 +11,7 @@ use fla_tensor::{Error, Result, Tensor};
 
 use crate::config::{GlaConfig, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK};
 use crate::layout::{LayerSlots, Layout, Role};
+use crate::learner::OptState;
 use crate::model::Model;
 
 fn dev(what: &'static str) -> impl Fn(fla_cuda::cudarc::driver::DriverError) -> Error {
@@ -186,7 +187,7 @@ impl GpuModel {
     }
 
     /// AdamW's step count and moments, as host tensors in layout order.
-    pub fn moments(&self) -> Result<(Vec<Tensor<f32>>, Vec<Tensor<f32>>)> {
+    pub fn optimizer_state(&self) -> Result<OptState> {
         let get = |xs: &[Buf]| -> Result<Vec<Tensor<f32>>> {
             self.layout
                 .specs
@@ -195,7 +196,11 @@ impl GpuModel {
                 .map(|(s, x)| Tensor::new(s.shape.clone(), x.download(&self.gpu)?))
                 .collect()
         };
-        Ok((get(&self.m)?, get(&self.v)?))
+        Ok(OptState {
+            step: self.step,
+            m: get(&self.m)?,
+            v: get(&self.v)?,
+        })
     }
 
     /// Replaces the weights, the optimizer's moments and its step count (a resumed run).

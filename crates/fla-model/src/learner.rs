@@ -134,12 +134,7 @@ impl Learner for GpuLearner {
     }
 
     fn optimizer(&self) -> Result<OptState> {
-        let (m, v) = self.model.moments()?;
-        Ok(OptState {
-            step: self.model.step,
-            m,
-            v,
-        })
+        self.model.optimizer_state()
     }
 
     fn restore(&mut self, model: Model<f32>, opt: OptState) -> Result<()> {
