@@ -139,7 +139,7 @@ pub fn train(
             "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "elapsed_s": elapsed,
         });
-        let eval_now = done == args.steps || (args.eval_every > 0 && done % args.eval_every == 0);
+        let eval_now = done == args.steps || (args.eval_every > 0 && done.is_multiple_of(args.eval_every));
         if eval_now {
             last_eval = evaluate(&learner.snapshot()?)?;
             for (k, v) in &last_eval {
@@ -165,11 +165,11 @@ pub fn train(
             );
             if tty {
                 eprint!("\r{line}\x1b[K");
-            } else if eval_now || done % (args.steps / 20).max(1) == 0 {
+            } else if eval_now || done.is_multiple_of((args.steps / 20).max(1)) {
                 eprintln!("{line}");
             }
         }
-        if (args.save_every > 0 && done % args.save_every == 0) || done == end {
+        if (args.save_every > 0 && done.is_multiple_of(args.save_every)) || done == end {
             save_checkpoint(
                 &args.out,
                 &learner.snapshot()?,
