@@ -13,7 +13,22 @@ use fla_model::text::{evaluate_lm, train_bpe, Tokenizer};
 use fla_model::{Cache, Sampling};
 use fla_tensor::{Error, Result};
 
-use crate::forward::cpu_only;
+/// The model on the GPU when `device` asks for it (or is auto and a GPU runs it); None for
+/// the CPU.
+fn on_device(device: &str, dtype: &str, model: &fla_model::Model<f32>) -> Result<Option<GpuModel>> {
+    let dtype: DType = dtype.parse()?;
+    let gpu = match device.parse::<DeviceChoice>()? {
+        DeviceChoice::Cpu => None,
+        DeviceChoice::Cuda(n) => Some(Gpu::new(n)?),
+        DeviceChoice::Auto => Gpu::new(0).ok(),
+    };
+    match gpu.map(|g| GpuModel::new(g, model, dtype)) {
+        None => Ok(None),
+        Some(Ok(m)) => Ok(Some(m)),
+        Some(Err(e)) if device != "auto" => Err(e),
+        Some(Err(_)) => Ok(None),
+    }
+}
 
 /// The tokenizer given, else the model directory's tokenizer.json, else bytes.
 fn tokenizer(given: &Option<PathBuf>, model: &std::path::Path) -> Result<Tokenizer> {
@@ -37,13 +52,13 @@ pub struct EvalArgs {
     seq_len: usize,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// auto | cpu | cuda | cuda:N (auto: the GPU when one is usable)
     #[arg(long, default_value = "auto")]
     device: String,
 }
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
-    cpu_only(&a.device, "fla eval")?;
-    let model = load_model::<f32>(&a.model)?;
+    let mut model = load_model::<f32>(&a.model)?;
     let tok = tokenizer(&a.tokenizer, &a.model)?;
     tok.check_fits(model.config.vocab_size)?;
     let (mut tokens, mut bytes) = (Vec::new(), 0usize);
@@ -55,7 +70,11 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         tokens.extend(tok.encode(&text)?);
         bytes += text.len();
     }
-    let (loss, _) = evaluate_lm(&model, &tokens, a.seq_len.max(1), a.batch_size, usize::MAX)?;
+    let (seq, batch) = (a.seq_len.max(1), a.batch_size);
+    let (loss, _) = match on_device(&a.device, "bf16", &model)? {
+        Some(mut gpu) => evaluate_lm(&mut gpu, &tokens, seq, batch, usize::MAX)?,
+        None => evaluate_lm(&mut model, &tokens, seq, batch, usize::MAX)?,
+    };
     // Bits per byte: bits per token times tokens per byte of the text.
     let bpb = loss / std::f64::consts::LN_2 * tokens.len() as f64 / bytes as f64;
     println!(
@@ -107,20 +126,7 @@ pub struct GenerateArgs {
 
 pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let model = load_model::<f32>(&a.model)?;
-    let gpu = match a.device.parse::<DeviceChoice>()? {
-        DeviceChoice::Cpu => None,
-        DeviceChoice::Cuda(n) => Some(Gpu::new(n)?),
-        DeviceChoice::Auto => Gpu::new(0).ok(),
-    };
-    let dtype: DType = a.dtype.parse()?;
-    let on_gpu = match gpu {
-        Some(g) => match GpuModel::new(g, &model, dtype) {
-            Ok(m) => Some(m),
-            Err(e) if a.device != "auto" => return Err(e),
-            Err(_) => None,
-        },
-        None => None,
-    };
+    let on_gpu = on_device(&a.device, &a.dtype, &model)?;
     let tok = tokenizer(&a.tokenizer, &a.model)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => {

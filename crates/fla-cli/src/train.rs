@@ -12,7 +12,7 @@ use fla_tensor::{Error, Result};
 
 use fla_cuda::{DType, DeviceChoice, Gpu};
 use fla_model::gpu::GpuModel;
-use fla_model::learner::{CpuLearner, GpuLearner, Learner};
+use fla_model::learner::{CpuLearner, GpuLearner, Learner, Scorer};
 
 #[derive(Args)]
 pub struct TrainCmd {
@@ -129,7 +129,7 @@ pub fn run(a: &TrainCmd) -> Result<()> {
     );
     let args = train_args(a, &out);
     let eval_task = task.clone();
-    let mut evaluate = |m: &Model<f32>| {
+    let mut evaluate = |m: &mut dyn Scorer| {
         let (acc, loss) = eval_task.evaluate(m, 256, 0xE7A1)?;
         Ok(vec![
             ("accuracy".to_string(), acc),
@@ -211,7 +211,7 @@ fn run_text(a: &TrainCmd) -> Result<()> {
     task.check()?;
     let val = &corpus.val;
     let bytes_per_token = corpus.val_bytes as f64 / val.len().max(1) as f64;
-    let mut evaluate = |m: &Model<f32>| {
+    let mut evaluate = |m: &mut dyn Scorer| {
         let (loss, _) = evaluate_lm(m, val, seq_len, a.batch_size, 64)?;
         Ok(vec![
             ("val_loss".to_string(), loss),

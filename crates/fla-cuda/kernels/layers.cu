@@ -1,7 +1,8 @@
 // The element-wise and row-wise layers of the GLA Transformer, forward and backward.
-// Products go through cuBLAS (blas.rs) with f32 outputs, so these kernels read f32 and write
-// the element type io_t (bf16 or f32, -DUSE_BF16) where a product or the GLA kernels read
-// next. Statistics, gates, the residual stream and parameter gradients stay f32.
+// Products go through cuBLAS (blas.rs); activations that products or the GLA kernels read are
+// in the element type io_t (bf16 or f32, -DUSE_BF16), and so are the SwiGLU and output-gate
+// inputs (products write them). Statistics, gates, the residual stream, the gradients arriving
+// from products and parameter gradients are f32; arithmetic is f32 throughout.
 // Each block (NT threads) owns ROWS consecutive rows; threads stride over the columns.
 
 #ifndef ROWS
@@ -63,7 +64,7 @@ extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float
 
 // The attention output per head: out = rmsnorm(o) * w * silu(g) over rows of width `width`
 // (one row per token and head); without g (no output gate) out = rmsnorm(o) * w.
-extern "C" __global__ void norm_gate_fwd(const io_t* __restrict__ o, const float* __restrict__ g,
+extern "C" __global__ void norm_gate_fwd(const io_t* __restrict__ o, const io_t* __restrict__ g,
                                          const float* __restrict__ w, io_t* __restrict__ out,
                                          float* __restrict__ rstd, int rows, int width, float eps) {
     __shared__ float red[NW];
@@ -74,7 +75,7 @@ extern "C" __global__ void norm_gate_fwd(const io_t* __restrict__ o, const float
         float inv = rsqrtf(block_sum(ss, red) / width + eps);
         for (int j = threadIdx.x; j < width; j += NT) {
             float v = to_f(o[base + j]) * inv * (w ? w[j] : 1.f);
-            if (g) v *= g[base + j] * sigmoidf_(g[base + j]);
+            if (g) v *= to_f(g[base + j]) * sigmoidf_(to_f(g[base + j]));
             out[base + j] = from_f(v);
         }
         if (threadIdx.x == 0) rstd[r] = inv;
@@ -83,7 +84,7 @@ extern "C" __global__ void norm_gate_fwd(const io_t* __restrict__ o, const float
 
 // Backward of norm_gate_fwd from dout (f32): do (for the GLA backward), dg (for the g
 // projection's backward products) and dw (f32, added).
-extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const float* __restrict__ g,
+extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const io_t* __restrict__ g,
                                          const float* __restrict__ w, const float* __restrict__ rstd,
                                          const float* __restrict__ dout, io_t* __restrict__ d_o,
                                          io_t* __restrict__ dg, float* __restrict__ dw, int rows,
@@ -96,7 +97,7 @@ extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const float
         float inv = rstd[r], dot = 0.f;
         // dn = d(normalised o): dout times the gate.
         for (int j = threadIdx.x; j < width; j += NT) {
-            float gate = g ? g[base + j] * sigmoidf_(g[base + j]) : 1.f;
+            float gate = g ? to_f(g[base + j]) * sigmoidf_(to_f(g[base + j])) : 1.f;
             dot += to_f(o[base + j]) * dout[base + j] * gate * (w ? w[j] : 1.f);
         }
         dot = block_sum(dot, red) / width;
@@ -104,7 +105,7 @@ extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const float
             float ov = to_f(o[base + j]), wj = w ? w[j] : 1.f, n = ov * inv;
             float gate = 1.f;
             if (g) {
-                float gv = g[base + j], s = sigmoidf_(gv);
+                float gv = to_f(g[base + j]), s = sigmoidf_(gv);
                 gate = gv * s;
                 dg[base + j] = from_f(dout[base + j] * n * wj * s * (1.f + gv * (1.f - s)));
             }
@@ -118,18 +119,20 @@ extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const float
 }
 
 // SwiGLU: m = silu(gate) * up.
-extern "C" __global__ void swiglu_fwd(const float* __restrict__ gate, const float* __restrict__ up,
+extern "C" __global__ void swiglu_fwd(const io_t* __restrict__ gate, const io_t* __restrict__ up,
                                       io_t* __restrict__ m, long n) {
-    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT)
-        m[i] = from_f(gate[i] * sigmoidf_(gate[i]) * up[i]);
+    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
+        float x = to_f(gate[i]);
+        m[i] = from_f(x * sigmoidf_(x) * to_f(up[i]));
+    }
 }
 
-extern "C" __global__ void swiglu_bwd(const float* __restrict__ gate, const float* __restrict__ up,
+extern "C" __global__ void swiglu_bwd(const io_t* __restrict__ gate, const io_t* __restrict__ up,
                                       const float* __restrict__ dm, io_t* __restrict__ dgate,
                                       io_t* __restrict__ dup, long n) {
     for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
-        float x = gate[i], s = sigmoidf_(x);
-        dgate[i] = from_f(dm[i] * up[i] * s * (1.f + x * (1.f - s)));
+        float x = to_f(gate[i]), s = sigmoidf_(x);
+        dgate[i] = from_f(dm[i] * to_f(up[i]) * s * (1.f + x * (1.f - s)));
         dup[i] = from_f(dm[i] * x * s);
     }
 }

@@ -581,7 +581,7 @@ impl GpuModel {
         let (h, hv) = (c.num_heads, c.head_v_dim());
         let g_pre = match s.g_proj {
             Some(gp) => {
-                let mut x = zeros(g, n * c.value_dim(), DType::F32)?;
+                let mut x = zeros(g, n * c.value_dim(), dt)?;
                 self.linear(h1, n, gp, &mut x, false)?;
                 Some(x)
             }
@@ -617,8 +617,8 @@ impl GpuModel {
             eps,
         )?;
         let inter = c.intermediate();
-        let mut gate = zeros(g, n * inter, DType::F32)?;
-        let mut up = zeros(g, n * inter, DType::F32)?;
+        let mut gate = zeros(g, n * inter, dt)?;
+        let mut up = zeros(g, n * inter, dt)?;
         self.linear(&h2, n, s.gate_proj, &mut gate, false)?;
         self.linear(&h2, n, s.up_proj, &mut up, false)?;
         let m = zeros(g, n * inter, dt)?;
@@ -831,6 +831,35 @@ impl GpuModel {
             d,
         )?;
         Ok(dx_in)
+    }
+
+    /// The forward alone: mean cross-entropy of `ids` [B, T] against `targets` (negative:
+    /// ignored) and, when asked, the logits [B*T, vocab]; each layer's activations are freed
+    /// as the next runs.
+    pub fn evaluate(
+        &self,
+        ids: &[usize],
+        b: usize,
+        t: usize,
+        targets: &[i64],
+        want_logits: bool,
+    ) -> Result<(f64, Option<Vec<f32>>)> {
+        let (n, vocab) = (b * t, self.config.vocab_size);
+        if ids.len() != n || targets.len() != n || n == 0 {
+            return Err(Error::Invalid(format!(
+                "{} ids and {} targets for a batch of {b} x {t}",
+                ids.len(),
+                targets.len()
+            )));
+        }
+        let mut x = self.embed(ids)?;
+        for slots in &self.layout.layers {
+            x = self.layer_forward(slots, x, b, t)?.1;
+        }
+        let rows: Vec<usize> = (0..n).collect();
+        let logits = self.logits_of_rows(&x, &rows)?;
+        let (loss, _) = crate::nn::cross_entropy(&logits, vocab, targets);
+        Ok((loss, want_logits.then_some(logits)))
     }
 
     /// x [n, d] f32 for the token ids `ids` (uploaded here).

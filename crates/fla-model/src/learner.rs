@@ -8,6 +8,55 @@ use crate::model::Model;
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::train::Batch;
 
+/// A model that scores batches without gradients (evaluation), on the CPU or the GPU.
+pub trait Scorer {
+    /// Mean cross-entropy against `targets` (negative: ignored) and, when asked, the logits
+    /// [B*T, vocab].
+    fn score(
+        &mut self,
+        ids: &[usize],
+        b: usize,
+        t: usize,
+        targets: &[i64],
+        logits: bool,
+    ) -> Result<(f64, Option<Vec<f32>>)>;
+    fn vocab(&self) -> usize;
+}
+
+impl<F: fla_tensor::Real> Scorer for Model<F> {
+    fn score(
+        &mut self,
+        ids: &[usize],
+        b: usize,
+        t: usize,
+        targets: &[i64],
+        logits: bool,
+    ) -> Result<(f64, Option<Vec<f32>>)> {
+        let out = self.loss(ids, b, t, targets, false)?;
+        let l = logits.then(|| out.logits.iter().map(|x| x.to_f64() as f32).collect());
+        Ok((out.loss, l))
+    }
+    fn vocab(&self) -> usize {
+        self.config.vocab_size
+    }
+}
+
+impl Scorer for GpuModel {
+    fn score(
+        &mut self,
+        ids: &[usize],
+        b: usize,
+        t: usize,
+        targets: &[i64],
+        logits: bool,
+    ) -> Result<(f64, Option<Vec<f32>>)> {
+        self.evaluate(ids, b, t, targets, logits)
+    }
+    fn vocab(&self) -> usize {
+        self.config.vocab_size
+    }
+}
+
 /// AdamW's state: its step count and both moments, in layout order.
 pub struct OptState {
     pub step: u64,
@@ -30,6 +79,8 @@ pub trait Learner {
     fn optimizer(&self) -> Result<OptState>;
     /// Continues from a checkpoint.
     fn restore(&mut self, model: Model<f32>, opt: OptState) -> Result<()>;
+    /// The model, to evaluate.
+    fn scorer(&mut self) -> &mut dyn Scorer;
 }
 
 pub struct CpuLearner {
@@ -95,6 +146,10 @@ impl Learner for CpuLearner {
         self.opt.v = opt.v;
         Ok(())
     }
+
+    fn scorer(&mut self) -> &mut dyn Scorer {
+        &mut self.model
+    }
 }
 
 pub struct GpuLearner {
@@ -139,5 +194,9 @@ impl Learner for GpuLearner {
 
     fn restore(&mut self, model: Model<f32>, opt: OptState) -> Result<()> {
         self.model.restore(&model, opt.step, &opt.m, &opt.v)
+    }
+
+    fn scorer(&mut self) -> &mut dyn Scorer {
+        &mut self.model
     }
 }

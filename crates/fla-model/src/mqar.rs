@@ -3,9 +3,9 @@
 //! predict the value it was paired with. Keys come from the lower half of the vocabulary,
 //! values from the upper half (token 0 is unused).
 
-use fla_tensor::{Real, Result};
+use fla_tensor::Result;
 
-use crate::model::Model;
+use crate::learner::Scorer;
 use crate::rng::Rng;
 use crate::train::{Batch, Task};
 
@@ -65,21 +65,21 @@ impl Mqar {
 impl Mqar {
     /// Fraction of queries answered right (argmax) on `n` sequences drawn from `seed`, and
     /// the mean loss on them.
-    pub fn evaluate<F: Real>(&self, model: &Model<F>, n: usize, seed: u64) -> Result<(f64, f64)> {
+    pub fn evaluate(&self, model: &mut dyn Scorer, n: usize, seed: u64) -> Result<(f64, f64)> {
         let mut rng = Rng::new(seed);
         let (mut right, mut total, mut loss) = (0usize, 0usize, 0.0);
         let per = self.batch_size.max(1);
         let batches = n.div_ceil(per);
+        let v = model.vocab();
         for _ in 0..batches {
             let batch = Mqar {
                 batch_size: per,
                 ..self.clone()
             }
             .batch(&mut rng);
-            let out = model.loss(&batch.ids, batch.b, batch.t, &batch.targets, false)?;
-            loss += out.loss / batches as f64;
-            let v = model.config.vocab_size;
-            for (row, &target) in out.logits.chunks(v).zip(&batch.targets) {
+            let (l, logits) = model.score(&batch.ids, batch.b, batch.t, &batch.targets, true)?;
+            loss += l / batches as f64;
+            for (row, &target) in logits.unwrap_or_default().chunks(v).zip(&batch.targets) {
                 if target < 0 {
                     continue;
                 }

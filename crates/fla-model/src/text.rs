@@ -217,8 +217,8 @@ impl Task for TextTask<'_> {
 /// Mean next-token loss over consecutive windows of `seq_len + 1` tokens stepping by
 /// `seq_len` (every token after the first is predicted once), at most `max_windows`
 /// windows; returns the mean loss in nats and the number of tokens predicted.
-pub fn evaluate_lm<F: fla_tensor::Real>(
-    model: &crate::Model<F>,
+pub fn evaluate_lm(
+    model: &mut dyn crate::learner::Scorer,
     tokens: &[usize],
     seq_len: usize,
     batch_size: usize,
@@ -254,8 +254,8 @@ pub fn evaluate_lm<F: fla_tensor::Real>(
             ids.extend_from_slice(i);
             targets.extend(tg);
         }
-        let out = model.loss(&ids, group.len(), t, &targets, false)?;
-        nats += out.loss * targets.len() as f64;
+        let (loss, _) = model.score(&ids, group.len(), t, &targets, false)?;
+        nats += loss * targets.len() as f64;
         count += targets.len();
     }
     Ok((nats / count as f64, count))

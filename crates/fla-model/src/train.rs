@@ -13,7 +13,7 @@ use fla_tensor::{read_safetensors, write_atomic, write_safetensors, Error, Resul
 use serde_json::{json, Value};
 
 use crate::checkpoint::{load_model, save_model};
-use crate::learner::{Learner, OptState};
+use crate::learner::{Learner, OptState, Scorer};
 use crate::model::Model;
 use crate::optim::learning_rate;
 use crate::plot::loss_curve_svg;
@@ -65,7 +65,7 @@ pub struct TrainArgs {
 pub type Metrics = Vec<(String, f64)>;
 
 /// Metrics of a model on held-out data.
-pub type Evaluate<'a> = dyn FnMut(&Model<f32>) -> Result<Metrics> + 'a;
+pub type Evaluate<'a> = dyn FnMut(&mut dyn Scorer) -> Result<Metrics> + 'a;
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -139,9 +139,10 @@ pub fn train(
             "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "elapsed_s": elapsed,
         });
-        let eval_now = done == args.steps || (args.eval_every > 0 && done.is_multiple_of(args.eval_every));
+        let eval_now =
+            done == args.steps || (args.eval_every > 0 && done.is_multiple_of(args.eval_every));
         if eval_now {
-            last_eval = evaluate(&learner.snapshot()?)?;
+            last_eval = evaluate(learner.scorer())?;
             for (k, v) in &last_eval {
                 record[k.as_str()] = json!(v);
             }

@@ -192,7 +192,8 @@ fn gated_output_norm_forward_and_backward() {
                 rand(width, 3, 1.0),
                 rand(rows * width, 4, 1.0),
             );
-            let (gd, wd, doutd) = (f64s(&gate), f64s(&w), f64s(&dout));
+            let gg = Buf::upload(&g, &gate, d).unwrap();
+            let (gd, wd, doutd) = (f64s(&gg.download(&g).unwrap()), f64s(&w), f64s(&dout));
             let (n, r) = nn::rms_norm(&od, width, Some(&wd), 1e-5);
             let act = |i: usize| if gated { nn::silu(gd[i]) } else { 1.0 };
             let out_ref: Vec<f64> = (0..n.len()).map(|i| n[i] * act(i)).collect();
@@ -211,8 +212,8 @@ fn gated_output_norm_forward_and_backward() {
                 .map(|i| doutd[i] * n[i] * nn::silu_grad(gd[i]))
                 .collect();
 
-            let (gg, wg, doutg) = (up(&g, &gate), up(&g, &w), up(&g, &dout));
-            let gp = if gated { ptr(&g, &gg) } else { 0 };
+            let (wg, doutg) = (up(&g, &w), up(&g, &dout));
+            let gp = if gated { buf_ptr(&g, &gg) } else { 0 };
             let out = Buf::zeros(&g, rows * width, d).unwrap();
             let d_o = Buf::zeros(&g, rows * width, d).unwrap();
             let (rstd, dw) = (up(&g, &vec![0.0; rows]), up(&g, &vec![0.0; width]));
@@ -277,25 +278,33 @@ fn swiglu_gates_and_conv() {
         // SwiGLU.
         let n = 1001;
         let (a, b, dm) = (rand(n, 1, 2.0), rand(n, 2, 1.0), rand(n, 3, 1.0));
-        let (ag, bg, dmg) = (up(&g, &a), up(&g, &b), up(&g, &dm));
+        let (ag, bg, dmg) = (
+            Buf::upload(&g, &a, d).unwrap(),
+            Buf::upload(&g, &b, d).unwrap(),
+            up(&g, &dm),
+        );
         let (m, da, db) = (
             Buf::zeros(&g, n, d).unwrap(),
             Buf::zeros(&g, n, d).unwrap(),
             Buf::zeros(&g, n, d).unwrap(),
         );
-        l.swiglu_fwd(&g, ptr(&g, &ag), ptr(&g, &bg), buf_ptr(&g, &m), n)
+        l.swiglu_fwd(&g, buf_ptr(&g, &ag), buf_ptr(&g, &bg), buf_ptr(&g, &m), n)
             .unwrap();
         l.swiglu_bwd(
             &g,
-            ptr(&g, &ag),
-            ptr(&g, &bg),
+            buf_ptr(&g, &ag),
+            buf_ptr(&g, &bg),
             ptr(&g, &dmg),
             buf_ptr(&g, &da),
             buf_ptr(&g, &db),
             n,
         )
         .unwrap();
-        let (ad, bd, dmd) = (f64s(&a), f64s(&b), f64s(&dm));
+        let (ad, bd, dmd) = (
+            f64s(&ag.download(&g).unwrap()),
+            f64s(&bg.download(&g).unwrap()),
+            f64s(&dm),
+        );
         check(
             "swiglu m",
             &m.download(&g).unwrap(),

@@ -236,3 +236,27 @@ fn generation_on_the_gpu_matches_the_cpu() {
         assert_eq!(got, want);
     }
 }
+
+#[test]
+fn evaluation_on_the_gpu_matches_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    use fla_model::learner::Scorer;
+    let mut cpu = model(CASES[0], 6);
+    let mut gm = GpuModel::new(Gpu::new(0).unwrap(), &cpu, DType::F32).unwrap();
+    let (b, t) = (2, 90);
+    let (ids, targets) = batch(b, t, 97);
+    let (want, wl) = cpu.score(&ids, b, t, &targets, true).unwrap();
+    let (got, gl) = gm.score(&ids, b, t, &targets, true).unwrap();
+    let (wl, gl) = (wl.unwrap(), gl.unwrap());
+    let num: f64 = gl
+        .iter()
+        .zip(&wl)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = wl.iter().map(|b| (*b as f64).powi(2)).sum();
+    let err = (num / den).sqrt();
+    println!("evaluation: loss {got:.6} vs {want:.6}, logits within {err:.1e}");
+    assert!((got - want).abs() < 1e-4 * want.abs() && err < 1e-4);
+}

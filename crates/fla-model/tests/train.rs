@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fla_model::learner::CpuLearner;
+use fla_model::learner::{CpuLearner, Scorer};
 use fla_model::mqar::Mqar;
 use fla_model::train::{train, TrainArgs};
 use fla_model::{GlaConfig, Model};
@@ -58,9 +58,10 @@ fn task(batch_size: usize) -> Mqar {
 fn mqar_accuracy_rises_far_above_chance() {
     let out = tmp("mqar");
     let eval = task(32);
-    let mut evaluate = |m: &Model<f32>| Ok(vec![("accuracy".into(), eval.evaluate(m, 256, 1)?.0)]);
+    let mut evaluate =
+        |m: &mut dyn Scorer| Ok(vec![("accuracy".into(), eval.evaluate(m, 256, 1)?.0)]);
     let before = eval
-        .evaluate(&Model::<f32>::new(config(), 0), 256, 1)
+        .evaluate(&mut Model::<f32>::new(config(), 0), 256, 1)
         .unwrap()
         .0;
     let evals = train(
@@ -101,7 +102,7 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 #[test]
 fn resume_continues_the_same_run_exactly() {
     let (whole, split) = (tmp("whole"), tmp("split"));
-    let mut none = |_: &Model<f32>| Ok(vec![]);
+    let mut none = |_: &mut dyn Scorer| Ok(vec![]);
     let mut a = args(&whole, 30);
     a.grad_accum = 2;
     train(&mut cpu(0), &mut task(4), &mut none, &a, false).unwrap();
@@ -132,7 +133,7 @@ fn resume_continues_the_same_run_exactly() {
 #[test]
 fn resume_without_a_checkpoint_says_so() {
     let out = tmp("none");
-    let mut none = |_: &Model<f32>| Ok(vec![]);
+    let mut none = |_: &mut dyn Scorer| Ok(vec![]);
     let e = train(&mut cpu(0), &mut task(2), &mut none, &args(&out, 3), true)
         .err()
         .unwrap();
