@@ -12,10 +12,23 @@ pub struct Blas {
     blas: CudaBlas,
 }
 
-/// One operand of [`Blas::matmul`]: a row-major buffer, read transposed when `t`.
+/// One operand of [`Blas::matmul`]: a row-major matrix starting `off` elements into a
+/// buffer, read transposed when `t`.
 pub struct Operand<'a> {
     pub buf: &'a Buf,
     pub t: bool,
+    pub off: usize,
+}
+
+impl<'a> Operand<'a> {
+    pub fn new(buf: &'a Buf, t: bool) -> Operand<'a> {
+        Operand { buf, t, off: 0 }
+    }
+
+    /// The same operand starting `off` elements in.
+    pub fn at(self, off: usize) -> Operand<'a> {
+        Operand { off, ..self }
+    }
 }
 
 fn cuda_type(d: DType) -> cublas_sys::cudaDataType {
@@ -41,11 +54,27 @@ impl Blas {
         a: Operand,
         b: Operand,
         c: &mut Buf,
+        dims: (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.matmul_at(gpu, a, b, c, 0, dims, alpha, beta)
+    }
+
+    /// [`Blas::matmul`] into c starting `c_off` elements into its buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_at(
+        &self,
+        gpu: &Gpu,
+        a: Operand,
+        b: Operand,
+        c: &mut Buf,
+        c_off: usize,
         (m, n, k): (usize, usize, usize),
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        if a.buf.len() < m * k || b.buf.len() < k * n || c.len() < m * n {
+        if a.buf.len() < a.off + m * k || b.buf.len() < b.off + k * n || c.len() < c_off + m * n {
             return Err(Error::Invalid(format!(
                 "matmul of [{m}, {k}] by [{k}, {n}]: buffers of {}, {} and {} elements are too small",
                 a.buf.len(),
@@ -70,10 +99,12 @@ impl Blas {
         };
         let ldb = if b.t { k } else { n };
         let lda = if a.t { m } else { k };
-        let (pa, pb) = (a.buf.ptr(gpu), b.buf.ptr(gpu));
+        let bytes = |d: DType, off: usize| (off * d.bytes()) as u64;
+        let pa = a.buf.ptr(gpu) + bytes(a.buf.dtype(), a.off);
+        let pb = b.buf.ptr(gpu) + bytes(b.buf.dtype(), b.off);
         let (ta, tb) = (cuda_type(a.buf.dtype()), cuda_type(b.buf.dtype()));
         let tc = cuda_type(c.dtype());
-        let pc = c.ptr_mut(gpu);
+        let pc = c.ptr_mut(gpu) + bytes(c.dtype(), c_off);
         // SAFETY: the sizes were checked against the buffers above; cuBLAS runs on the
         // GPU's stream, ordered with every other launch.
         unsafe {

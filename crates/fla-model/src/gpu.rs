@@ -51,6 +51,9 @@ struct GpuLayerCache {
     dec: Decoder,
 }
 
+/// Logits the loss computes at a time by default (rows x vocabulary; 128M f32 = 512 MB).
+const LOGIT_BLOCK_ELEMENTS: usize = 1 << 27;
+
 /// What a block computes before its attention.
 struct AttnInputs {
     h1: Buf,
@@ -117,6 +120,8 @@ pub struct GpuModel {
     /// The most device memory in use (all of this process's, as the driver reports it) seen
     /// after a forward, when the activations are all held.
     pub peak_bytes: usize,
+    /// Logits the loss computes at a time (rows x vocabulary).
+    pub logit_block_elements: usize,
 }
 
 impl GpuModel {
@@ -170,6 +175,7 @@ impl GpuModel {
             weights,
             step: 0,
             peak_bytes: 0,
+            logit_block_elements: LOGIT_BLOCK_ELEMENTS,
         })
     }
 
@@ -266,11 +272,8 @@ impl GpuModel {
         let beta = if accumulate { 1.0 } else { 0.0 };
         self.blas.matmul(
             &self.gpu,
-            Operand { buf: x, t: false },
-            Operand {
-                buf: self.w(slot),
-                t: true,
-            },
+            Operand::new(x, false),
+            Operand::new(self.w(slot), true),
             out,
             (n, o, i),
             1.0,
@@ -296,8 +299,8 @@ impl GpuModel {
             .expect("a matrix has an element-type copy");
         self.blas.matmul(
             &self.gpu,
-            Operand { buf: dy, t: false },
-            Operand { buf: w, t: false },
+            Operand::new(dy, false),
+            Operand::new(w, false),
             dx,
             (n, i, o),
             1.0,
@@ -305,8 +308,8 @@ impl GpuModel {
         )?;
         self.blas.matmul(
             &self.gpu,
-            Operand { buf: dy, t: true },
-            Operand { buf: x, t: false },
+            Operand::new(dy, true),
+            Operand::new(x, false),
             &mut self.grads[slot],
             (o, i, n),
             1.0,
@@ -396,21 +399,64 @@ impl GpuModel {
             d,
             eps,
         )?;
+        // The logits, their loss and their gradient a block of rows at a time, so that the
+        // f32 logits of the whole batch never exist at once; dhf and the output projection's
+        // gradient come out of the same blocks.
         let out_slot = self.layout.output_slot();
-        let mut logits = zeros(g, n * vocab, DType::F32)?;
-        self.linear(&hf, n, out_slot, &mut logits, false)?;
         let loss_rows = zeros(g, n, DType::F32)?;
+        let mut dhf = zeros(g, n * d, DType::F32)?;
         let tgp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&tg_d, s).0;
         let ce_scale = (scale / count.max(1) as f64) as f32;
-        self.ops.cross_entropy(
-            g,
-            buf_ptr(g, &logits),
-            tgp,
-            buf_ptr(g, &loss_rows),
-            n,
-            vocab,
-            ce_scale,
-        )?;
+        let block = (self.logit_block_elements / vocab).clamp(1, n);
+        let mut logits = zeros(g, block * vocab, DType::F32)?;
+        let dlogits = zeros(g, block * vocab, self.dtype)?;
+        let w = self.weights[out_slot]
+            .as_ref()
+            .expect("the output projection has a copy");
+        for r0 in (0..n).step_by(block) {
+            let rows = block.min(n - r0);
+            let (h_at, l_at) = (r0 * d, r0 as u64 * 4);
+            self.blas.matmul(
+                g,
+                Operand::new(&hf, false).at(h_at),
+                Operand::new(w, true),
+                &mut logits,
+                (rows, vocab, d),
+                1.0,
+                0.0,
+            )?;
+            self.ops.cross_entropy(
+                g,
+                buf_ptr(g, &logits),
+                tgp + l_at,
+                buf_ptr(g, &loss_rows) + l_at,
+                rows,
+                vocab,
+                ce_scale,
+            )?;
+            self.ops
+                .cast_io(g, buf_ptr(g, &logits), buf_ptr(g, &dlogits), rows * vocab)?;
+            self.blas.matmul_at(
+                g,
+                Operand::new(&dlogits, false),
+                Operand::new(w, false),
+                &mut dhf,
+                h_at,
+                (rows, d, vocab),
+                1.0,
+                0.0,
+            )?;
+            self.blas.matmul(
+                g,
+                Operand::new(&dlogits, true),
+                Operand::new(&hf, false).at(h_at),
+                &mut self.grads[out_slot],
+                (vocab, d, rows),
+                1.0,
+                1.0,
+            )?;
+        }
+        drop((logits, dlogits));
         let loss = if count == 0 {
             f64::NAN
         } else {
@@ -424,13 +470,6 @@ impl GpuModel {
         if let Ok((free, total)) = fla_cuda::cudarc::driver::result::mem_get_info() {
             self.peak_bytes = self.peak_bytes.max(total - free);
         }
-        // Backward: d logits (in place of the logits) to the element type, then down.
-        let dlogits = zeros(g, n * vocab, self.dtype)?;
-        self.ops
-            .cast_io(g, buf_ptr(g, &logits), buf_ptr(g, &dlogits), n * vocab)?;
-        drop(logits);
-        let mut dhf = zeros(g, n * d, DType::F32)?;
-        self.linear_back(&hf, &dlogits, n, out_slot, &mut dhf, false)?;
         let g = &self.gpu;
         let mut dx = zeros(g, n * d, DType::F32)?;
         let norm = self.layout.norm;

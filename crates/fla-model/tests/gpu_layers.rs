@@ -83,8 +83,8 @@ fn matmul_every_transpose() {
             let mut c = Buf::upload(&g, &c0, DType::F32).unwrap();
             blas.matmul(
                 &g,
-                Operand { buf: &a, t: ta },
-                Operand { buf: &b, t: tb },
+                Operand::new(&a, ta),
+                Operand::new(&b, tb),
                 &mut c,
                 (m, n, k),
                 0.5,
