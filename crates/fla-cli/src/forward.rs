@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use fla_cuda::DeviceChoice;
+use fla_cuda::{DType, DeviceChoice, Gpu};
 use fla_model::checkpoint::load_model;
+use fla_model::gpu::GpuModel;
 use fla_model::Model;
 use fla_tensor::{read_int_tensor, write_safetensors, Error, Real, Result, Tensor, TensorFile};
 
@@ -22,16 +23,17 @@ pub struct ForwardArgs {
     /// Also write `grad.<parameter name>` for every parameter
     #[arg(long)]
     grads: bool,
-    /// Arithmetic precision: f32, or f64 for reference values (files stay f32)
+    /// Arithmetic precision: f32, or f64 for reference values (CPU only; files stay f32)
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// auto | cpu | cuda (the model runs on the CPU so far; cuda says so)
+    /// auto | cpu | cuda | cuda:N (auto: the CPU, the exact reference; cuda runs the GPU model
+    /// in f32)
     #[arg(long, default_value = "auto")]
     device: String,
 }
 
 pub fn run(a: &ForwardArgs) -> Result<()> {
-    cpu_only(&a.device, "fla forward")?;
+    let device: DeviceChoice = a.device.parse()?;
     let (ids, shape) = read_int_tensor(&a.input, "input_ids")?;
     let [b, t] = shape[..] else {
         return Err(Error::Shape {
@@ -46,10 +48,23 @@ pub fn run(a: &ForwardArgs) -> Result<()> {
         )));
     }
     let ids: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-    let out = match a.precision.as_str() {
-        "f32" => compute(&load_model::<f32>(&a.model)?, &ids, b, t, a.grads)?,
-        "f64" => compute(&load_model::<f64>(&a.model)?, &ids, b, t, a.grads)?,
-        p => {
+    let out = match (a.precision.as_str(), device) {
+        ("f32", DeviceChoice::Cuda(n)) => compute_gpu(
+            load_model::<f32>(&a.model)?,
+            Gpu::new(n)?,
+            &ids,
+            b,
+            t,
+            a.grads,
+        )?,
+        ("f64", DeviceChoice::Cuda(_)) => {
+            return Err(Error::Invalid(
+                "--precision f64 runs on the CPU only; use --device cpu".into(),
+            ))
+        }
+        ("f32", _) => compute(&load_model::<f32>(&a.model)?, &ids, b, t, a.grads)?,
+        ("f64", _) => compute(&load_model::<f64>(&a.model)?, &ids, b, t, a.grads)?,
+        (p, _) => {
             return Err(Error::Invalid(format!(
                 "unknown precision `{p}` (expected f32 or f64)"
             )))
@@ -58,14 +73,46 @@ pub fn run(a: &ForwardArgs) -> Result<()> {
     write_safetensors(&a.output, &out)
 }
 
-/// The model runs on the CPU for now: `--device cuda` says so rather than silently using it.
-pub fn cpu_only(device: &str, what: &str) -> Result<()> {
-    match device.parse::<DeviceChoice>()? {
-        DeviceChoice::Cuda(_) => Err(Error::Invalid(format!(
-            "--device {device}: {what} runs the model on the CPU only so far; use --device cpu or auto"
-        ))),
-        _ => Ok(()),
+/// The same outputs from the GPU model in f32.
+fn compute_gpu(
+    model: Model<f32>,
+    gpu: Gpu,
+    ids: &[usize],
+    b: usize,
+    t: usize,
+    grads: bool,
+) -> Result<TensorFile> {
+    let targets = next_token_targets(ids, t);
+    let mut m = GpuModel::new(gpu, &model, DType::F32)?;
+    let (loss, logits) = m.evaluate(ids, b, t, &targets, true)?;
+    let mut file = TensorFile::default();
+    let logits = logits.expect("asked for the logits");
+    file.tensors.insert(
+        "logits".into(),
+        Tensor::new(vec![b, t, model.config.vocab_size], logits)?,
+    );
+    file.tensors
+        .insert("loss".into(), Tensor::new(vec![1], vec![loss as f32])?);
+    if grads {
+        m.loss_and_grads(ids, b, t, &targets)?;
+        for (spec, g) in m.layout.specs.iter().zip(m.gradients()?) {
+            file.tensors.insert(format!("grad.{}", spec.name), g);
+        }
     }
+    Ok(file)
+}
+
+/// fla's labels: each position's next token, none (-100) at the end of each sequence.
+fn next_token_targets(ids: &[usize], t: usize) -> Vec<i64> {
+    (0..ids.len())
+        .map(|i| {
+            if i % t + 1 < t {
+                ids[i + 1] as i64
+            } else {
+                -100
+            }
+        })
+        .collect()
 }
 
 fn compute<F: Real>(

@@ -147,10 +147,10 @@ fn init_forward_and_bad_input() {
             s(&input),
             "--output",
             s(&out),
-            "--device",
-            "cuda",
+            "--precision",
+            "f16",
         ],
-        "CPU only",
+        "unknown precision",
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
