@@ -9,11 +9,5 @@ mkdir -p "$OUT"
 export FLA_REQUIRE_CUDA=1 FLA_CACHE_DIR=/tmp/fk
 .gpu/test-gpu_model --nocapture --test-threads 1 2>&1 | grep -E "loss|logits|test result|panicked|off by" | tee "$OUT/tests.log"
 .gpu/fla bench generate --json "$OUT/generate-ours.json" 2>&1 | tee "$OUT/generate-ours.txt"
-site=/tmp/site
-wheels=(.whl/*.whl)
-for w in .whl/tf/*.whl; do
-    if [[ $w == *numpy-* ]] && python3 -c "import numpy" 2>/dev/null; then continue; fi
-    wheels+=("$w")
-done
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"
-PYTHONPATH=$site timeout "${FLA_TIMEOUT:-420}" python3 bench/generate_fla.py --out "$OUT/generate-fla.json" 2>&1 | tail -4 | tee "$OUT/generate-fla.txt"
+source bench/fla-env.sh
+timeout "${FLA_TIMEOUT:-420}" python3 bench/generate_fla.py --out "$OUT/generate-fla.json" 2>&1 | tail -4 | tee "$OUT/generate-fla.txt"

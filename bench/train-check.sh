@@ -10,11 +10,5 @@ export FLA_REQUIRE_CUDA=1 FLA_CACHE_DIR=/tmp/fk
 .gpu/test-gpu_layers --test-threads 1 2>&1 | tail -2 | tee "$OUT/tests.log"
 .gpu/test-gpu_model --nocapture --test-threads 1 2>&1 | grep -E "loss|test result|panicked|off by" | tee -a "$OUT/tests.log"
 .gpu/fla bench train --json "$OUT/train-ours.json" 2>&1 | tee "$OUT/train-ours.txt"
-site=/tmp/site
-wheels=(.whl/*.whl)
-for w in .whl/tf/*.whl; do
-    if [[ $w == *numpy-* ]] && python3 -c "import numpy" 2>/dev/null; then continue; fi
-    wheels+=("$w")
-done
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"
-PYTHONPATH=$site timeout "${FLA_TIMEOUT:-480}" python3 bench/train_fla.py --out "$OUT/train-fla.json" 2>&1 | tail -3 | tee "$OUT/train-fla.txt"
+source bench/fla-env.sh
+timeout "${FLA_TIMEOUT:-480}" python3 bench/train_fla.py --out "$OUT/train-fla.json" 2>&1 | tail -3 | tee "$OUT/train-fla.txt"

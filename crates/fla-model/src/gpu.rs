@@ -358,26 +358,14 @@ impl GpuModel {
                 targets.len()
             )));
         }
-        if let Some(&bad) = ids.iter().find(|&&i| i >= vocab) {
-            return Err(Error::Invalid(format!(
-                "input_ids holds token {bad}, outside the vocabulary of {vocab}"
-            )));
-        }
-        let g = &self.gpu;
-        let s = g.stream();
-        let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let tg32: Vec<i32> = targets
             .iter()
             .map(|&x| if x < 0 { -1 } else { x as i32 })
             .collect();
-        let ids_d: CudaSlice<i32> = s.clone_htod(&ids32).map_err(dev("upload"))?;
-        let tg_d: CudaSlice<i32> = s.clone_htod(&tg32).map_err(dev("upload"))?;
+        let tg_d: CudaSlice<i32> = self.gpu.stream().clone_htod(&tg32).map_err(dev("upload"))?;
         let count = targets.iter().filter(|&&x| x >= 0).count();
         // Forward.
-        let mut x = zeros(g, n * d, DType::F32)?;
-        let idp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&ids_d, s).0;
-        self.ops
-            .embed_fwd(g, idp, self.p(self.layout.embeddings), buf_ptr(g, &x), n, d)?;
+        let (mut x, ids_d) = self.embed(ids)?;
         let mut tapes = Vec::with_capacity(self.layout.layers.len());
         for l in 0..self.layout.layers.len() {
             let slots = self.layout.layers[l].clone();
@@ -385,20 +373,10 @@ impl GpuModel {
             tapes.push(tape);
             x = out;
         }
+        let (hf, rstd_f) = self.final_norm(&x, n)?;
         let g = &self.gpu;
-        let hf = zeros(g, n * d, self.dtype)?;
-        let rstd_f = zeros(g, n, DType::F32)?;
-        let eps = self.config.norm_eps as f32;
-        self.ops.rms_norm_fwd(
-            g,
-            buf_ptr(g, &x),
-            self.p(self.layout.norm),
-            buf_ptr(g, &hf),
-            buf_ptr(g, &rstd_f),
-            n,
-            d,
-            eps,
-        )?;
+        let s = g.stream();
+        let idp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&ids_d, s).0;
         // The logits, their loss and their gradient a block of rows at a time, so that the
         // f32 logits of the whole batch never exist at once; dhf and the output projection's
         // gradient come out of the same blocks.
@@ -891,7 +869,7 @@ impl GpuModel {
                 targets.len()
             )));
         }
-        let mut x = self.embed(ids)?;
+        let (mut x, _ids) = self.embed(ids)?;
         for slots in &self.layout.layers {
             x = self.layer_forward(slots, x, b, t)?.1;
         }
@@ -902,12 +880,12 @@ impl GpuModel {
     }
 
     /// x [n, d] f32 for the token ids `ids` (uploaded here).
-    fn embed(&self, ids: &[usize]) -> Result<Buf> {
+    fn embed(&self, ids: &[usize]) -> Result<(Buf, CudaSlice<i32>)> {
         let (g, d) = (&self.gpu, self.config.hidden_size);
         let vocab = self.config.vocab_size;
         if let Some(&bad) = ids.iter().find(|&&i| i >= vocab) {
             return Err(Error::Invalid(format!(
-                "token {bad} is outside the vocabulary of {vocab}"
+                "input_ids holds token {bad}, outside the vocabulary of {vocab}"
             )));
         }
         let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
@@ -922,8 +900,26 @@ impl GpuModel {
             ids.len(),
             d,
         )?;
-        g.synchronize()?;
-        Ok(x)
+        Ok((x, ids_d))
+    }
+
+    /// The final RMSNorm of x [n, d]: the normed rows in the element type and 1/rms.
+    fn final_norm(&self, x: &Buf, n: usize) -> Result<(Buf, Buf)> {
+        let (g, d) = (&self.gpu, self.config.hidden_size);
+        let hf = zeros(g, n * d, self.dtype)?;
+        let rstd = zeros(g, n, DType::F32)?;
+        let eps = self.config.norm_eps as f32;
+        self.ops.rms_norm_fwd(
+            g,
+            buf_ptr(g, x),
+            self.p(self.layout.norm),
+            buf_ptr(g, &hf),
+            buf_ptr(g, &rstd),
+            n,
+            d,
+            eps,
+        )?;
+        Ok((hf, rstd))
     }
 
     /// Logits [rows, vocab] (host) of the residual rows `rows` of x [n, d].
@@ -943,21 +939,8 @@ impl GpuModel {
                 .memcpy_dtod(&from, &mut to)
                 .map_err(dev("copy"))?;
         }
-        let picked = Buf::F32(picked);
         let n = rows.len();
-        let hf = zeros(g, n * d, self.dtype)?;
-        let rstd = zeros(g, n, DType::F32)?;
-        let eps = self.config.norm_eps as f32;
-        self.ops.rms_norm_fwd(
-            g,
-            buf_ptr(g, &picked),
-            self.p(self.layout.norm),
-            buf_ptr(g, &hf),
-            buf_ptr(g, &rstd),
-            n,
-            d,
-            eps,
-        )?;
+        let (hf, _) = self.final_norm(&Buf::F32(picked), n)?;
         let mut logits = zeros(g, n * vocab, DType::F32)?;
         self.linear(&hf, n, self.layout.output_slot(), &mut logits, false)?;
         logits.download(g)
@@ -973,7 +956,7 @@ impl GpuModel {
                 ids.len()
             )));
         }
-        let mut x = self.embed(ids)?;
+        let (mut x, _ids) = self.embed(ids)?;
         let (h, hk, hv) = (c.num_heads, c.head_k_dim(), c.head_v_dim());
         let past = c.conv_size.saturating_sub(1);
         let mut layers = Vec::with_capacity(self.layout.layers.len());
@@ -1030,7 +1013,7 @@ impl GpuModel {
                 tokens.len()
             )));
         }
-        let mut x = self.embed(tokens)?;
+        let (mut x, _ids) = self.embed(tokens)?;
         for (slots, lc) in self.layout.layers.iter().zip(&mut cache.layers) {
             let windows = (!lc.windows.is_empty()).then_some(&mut lc.windows[..]);
             let a = self.attn_inputs(slots, &x, (b, 1), windows)?;
