@@ -30,6 +30,10 @@ pub struct CudaArgs {
     /// GPU ordinal
     #[arg(long, default_value_t = 0)]
     gpu: usize,
+    /// Head configurations HxKxV (default 16x128x128,4x256x512; the GLA 340M model's heads
+    /// are 4x128x256)
+    #[arg(long, value_delimiter = ',', default_value = "16x128x128,4x256x512")]
+    configs: Vec<String>,
     /// Batch sizes of the decode-step rows (key gate, one token per sequence)
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     decode_batches: Vec<usize>,
@@ -39,8 +43,16 @@ pub struct CudaArgs {
 }
 
 const TOKENS: usize = 32768;
-/// (H, K, V) of the two head configurations.
-const CONFIGS: [(usize, usize, usize); 2] = [(16, 128, 128), (4, 256, 512)];
+/// (H, K, V) from "HxKxV".
+fn parse_config(s: &str) -> Result<(usize, usize, usize)> {
+    let parts: Vec<usize> = s.split('x').filter_map(|x| x.parse().ok()).collect();
+    match parts[..] {
+        [h, k, v] if h > 0 => Ok((h, k, v)),
+        _ => Err(Error::Invalid(format!(
+            "--configs: `{s}` is not HxKxV (e.g. 4x128x256)"
+        ))),
+    }
+}
 
 fn op_name(gate: GateKind) -> &'static str {
     match gate {
@@ -56,6 +68,11 @@ pub fn run(a: &CudaArgs) -> Result<()> {
     let gpu = Gpu::new(a.gpu)?;
     let dtype: DType = a.dtype.parse()?;
     let gates: Vec<GateKind> = a.gates.iter().map(|g| g.parse()).collect::<Result<_>>()?;
+    let configs: Vec<(usize, usize, usize)> = a
+        .configs
+        .iter()
+        .map(|c| parse_config(c))
+        .collect::<Result<_>>()?;
     let mut table = String::new();
     writeln!(
         table,
@@ -72,7 +89,7 @@ pub fn run(a: &CudaArgs) -> Result<()> {
     print!("{table}");
     let mut records = Vec::new();
     for &gate in &gates {
-        for &(h, dk, dv) in &CONFIGS {
+        for &(h, dk, dv) in &configs {
             for &t in &a.lengths {
                 if !TOKENS.is_multiple_of(t) {
                     return Err(Error::Invalid(format!("T={t} does not divide {TOKENS}")));
@@ -99,7 +116,7 @@ pub fn run(a: &CudaArgs) -> Result<()> {
             }
         }
     }
-    for &(h, dk, dv) in &CONFIGS {
+    for &(h, dk, dv) in &configs {
         for &b in &a.decode_batches {
             let ms = decode_ms(&gpu, dtype, b, (h, dk, dv))?;
             let line = format!(
