@@ -89,6 +89,19 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
         params as f64 / 1e6
     );
     println!("step {:.1} ms, {tokens_per_s:.0} tokens/s, device memory in use after the forward {gib:.2} GiB, loss {loss:.4}", secs * 1e3);
+    let phases = model.profile();
+    if !phases.is_empty() {
+        let steps = (a.steps + 2) as f64;
+        let total: f64 = phases.iter().map(|p| p.1).sum::<f64>() / steps;
+        println!("device time per step by phase (FLA_PROFILE), {total:.1} ms in all:");
+        for (name, ms) in &phases {
+            println!(
+                "  {name:<40} {:>8.2} ms  {:>5.1}%",
+                ms / steps,
+                100.0 * ms / steps / total
+            );
+        }
+    }
     if let Some(path) = &a.json {
         let rec = format!(
             "{{\"impl\": \"ours\", \"params\": {params}, \"B\": {b}, \"T\": {t}, \"dtype\": \"{dtype:?}\", \"step_ms\": {:.3}, \"tokens_per_s\": {tokens_per_s:.1}, \"memory_gib\": {gib:.3}, \"device\": \"{device}\"}}\n",

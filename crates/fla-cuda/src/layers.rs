@@ -3,7 +3,10 @@
 //! cross-entropy, AdamW and the squared norm, each forward and backward. Pointers are raw
 //! device addresses of buffers the caller owns ([`ptr`]); a null address means "absent".
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use fla_tensor::{Error, Result};
 
 use crate::device::{device_err, Gpu};
@@ -53,9 +56,11 @@ pub struct AdamStep {
     pub grad_scale: f32,
 }
 
-/// The layer kernels for one element type.
+/// The layer kernels for one element type, each looked up once (a lookup per launch cost more
+/// host time than the small kernels take on the GPU).
 pub struct Layers {
     dtype: DType,
+    functions: Mutex<HashMap<String, CudaFunction>>,
 }
 
 fn width_ok(width: usize) -> Result<()> {
@@ -69,7 +74,10 @@ fn width_ok(width: usize) -> Result<()> {
 
 impl Layers {
     pub fn new(dtype: DType) -> Layers {
-        Layers { dtype }
+        Layers {
+            dtype,
+            functions: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -78,12 +86,22 @@ impl Layers {
 
     /// Launches kernel `name` on `blocks` blocks of 256 threads.
     pub fn launch(&self, gpu: &Gpu, name: &str, blocks: usize, args: &[Arg]) -> Result<()> {
-        let defines = [
-            ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
-            ("NT", THREADS as i64),
-            ("ROWS", ROWS as i64),
-        ];
-        let f = gpu.function(SRC, name, &defines, 0)?;
+        let f = {
+            let mut functions = self.functions.lock().unwrap();
+            match functions.get(name) {
+                Some(f) => f.clone(),
+                None => {
+                    let defines = [
+                        ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
+                        ("NT", THREADS as i64),
+                        ("ROWS", ROWS as i64),
+                    ];
+                    let f = gpu.function(SRC, name, &defines, 0)?;
+                    functions.insert(name.to_string(), f.clone());
+                    f
+                }
+            }
+        };
         let cfg = LaunchConfig {
             grid_dim: (blocks.clamp(1, 1 << 30) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),

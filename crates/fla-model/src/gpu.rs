@@ -51,6 +51,13 @@ struct GpuLayerCache {
     dec: Decoder,
 }
 
+/// Device time by phase, when FLA_PROFILE is set: an event after each phase, summed per name
+/// when the step ends (events do not stop the stream).
+struct Profile {
+    marks: std::cell::RefCell<Vec<(&'static str, fla_cuda::cudarc::driver::CudaEvent)>>,
+    totals: std::cell::RefCell<Vec<(&'static str, f64)>>,
+}
+
 /// Logits the loss computes at a time by default (rows x vocabulary; 128M f32 = 512 MB).
 const LOGIT_BLOCK_ELEMENTS: usize = 1 << 27;
 
@@ -122,6 +129,7 @@ pub struct GpuModel {
     pub peak_bytes: usize,
     /// Logits the loss computes at a time (rows x vocabulary).
     pub logit_block_elements: usize,
+    profile: Option<Profile>,
 }
 
 impl GpuModel {
@@ -176,11 +184,46 @@ impl GpuModel {
             step: 0,
             peak_bytes: 0,
             logit_block_elements: LOGIT_BLOCK_ELEMENTS,
+            profile: std::env::var_os("FLA_PROFILE").map(|_| Profile {
+                marks: Default::default(),
+                totals: Default::default(),
+            }),
         })
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Ends a phase named `name` (FLA_PROFILE only).
+    fn mark(&self, name: &'static str) {
+        if let Some(p) = &self.profile {
+            let timed = Some(fla_cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            if let Ok(e) = self.gpu.stream().record_event(timed) {
+                p.marks.borrow_mut().push((name, e));
+            }
+        }
+    }
+
+    /// Adds the phases marked since the last call to the totals (waits for the stream).
+    fn close_profile(&self) {
+        let Some(p) = &self.profile else { return };
+        let marks = std::mem::take(&mut *p.marks.borrow_mut());
+        let mut totals = p.totals.borrow_mut();
+        for w in marks.windows(2) {
+            let ms = w[0].1.elapsed_ms(&w[1].1).unwrap_or(0.0) as f64;
+            match totals.iter_mut().find(|(n, _)| *n == w[1].0) {
+                Some(t) => t.1 += ms,
+                None => totals.push((w[1].0, ms)),
+            }
+        }
+    }
+
+    /// Device milliseconds by phase over the profiled steps (FLA_PROFILE set), in order.
+    pub fn profile(&self) -> Vec<(&'static str, f64)> {
+        self.profile
+            .as_ref()
+            .map_or(Vec::new(), |p| p.totals.borrow().clone())
     }
 
     /// The parameters as a CPU model (for saving and checking).
@@ -365,7 +408,9 @@ impl GpuModel {
         let tg_d: CudaSlice<i32> = self.gpu.stream().clone_htod(&tg32).map_err(dev("upload"))?;
         let count = targets.iter().filter(|&&x| x >= 0).count();
         // Forward.
+        self.mark("start");
         let (mut x, ids_d) = self.embed(ids)?;
+        self.mark("embedding");
         let mut tapes = Vec::with_capacity(self.layout.layers.len());
         for l in 0..self.layout.layers.len() {
             let slots = self.layout.layers[l].clone();
@@ -374,6 +419,7 @@ impl GpuModel {
             x = out;
         }
         let (hf, rstd_f) = self.final_norm(&x, n)?;
+        self.mark("final norm");
         let g = &self.gpu;
         let s = g.stream();
         let idp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&ids_d, s).0;
@@ -445,6 +491,7 @@ impl GpuModel {
                 .sum::<f64>()
                 / count as f64
         };
+        self.mark("logits and loss (blocks), fwd+bwd");
         if let Ok((free, total)) = fla_cuda::cudarc::driver::result::mem_get_info() {
             self.peak_bytes = self.peak_bytes.max(total - free);
         }
@@ -476,6 +523,7 @@ impl GpuModel {
             n,
             d,
         )?;
+        self.mark("bwd: embedding");
         g.synchronize()?;
         Ok(loss)
     }
@@ -671,11 +719,14 @@ impl GpuModel {
     ) -> Result<(LayerTape, Buf)> {
         let c = &self.config;
         let a = self.attn_inputs(s, &x_in, (b, t), None)?;
+        self.mark("fwd: norm, q k v, gates");
         let (h, hk, hv) = (c.num_heads, c.head_k_dim(), c.head_v_dim());
         let mut gla =
             DeviceGla::from_device(&self.gpu, (b, t, h), (hk, hv), a.q, a.k, a.v, a.gate)?;
         gla.forward(&self.gpu)?;
+        self.mark("fwd: GLA");
         let r = self.attn_output_and_mlp(s, &x_in, &a.h1, &gla.o, b * t)?;
+        self.mark("fwd: output gate, o_proj, MLP");
         let tape = LayerTape {
             x_in,
             h1: a.h1,
@@ -748,6 +799,7 @@ impl GpuModel {
             n,
             d,
         )?;
+        self.mark("bwd: MLP");
         // Output projection, gate and per-head norm.
         self.ops
             .cast_io(g, buf_ptr(g, &dx_mid), buf_ptr(g, &dx_io), n * d)?;
@@ -777,6 +829,7 @@ impl GpuModel {
         if let Some(gpj) = s.g_proj {
             self.linear_back(&lt.h1, &dg, n, gpj, &mut dh1, false)?;
         }
+        self.mark("bwd: o_proj, output gate");
         // Attention.
         let g = &self.gpu;
         lt.gla.backward(g, &DeviceUpstream::from_device(d_o))?;
@@ -785,6 +838,7 @@ impl GpuModel {
             .device_grads()
             .ok_or_else(|| Error::Device("no GLA gradients".into()))?;
         let dgk = dgk.ok_or_else(|| Error::Device("no key-gate gradient".into()))?;
+        self.mark("bwd: GLA");
         // Key gates: through logsigmoid / 16 and the clamp, then the low-rank pair.
         let kw = c.key_dim();
         let draw = zeros(g, n * kw, dt)?;
@@ -835,6 +889,7 @@ impl GpuModel {
             self.linear_back(&lt.h1, &dlin, n, projs[i], &mut dh1, true)?;
         }
         let g = &self.gpu;
+        self.mark("bwd: gates, q k v, attn norm");
         let dx_in = dx_mid;
         self.ops.rms_norm_bwd(
             g,
@@ -1042,6 +1097,7 @@ impl GpuModel {
             self.ops
                 .sum_squares(g, buf_ptr(g, gr), buf_ptr(g, &acc), gr.len())?;
         }
+        self.mark("gradient norm");
         Ok((acc.download(g)?[0] as f64).sqrt())
     }
 
@@ -1086,6 +1142,8 @@ impl GpuModel {
                 &h,
             )?;
         }
+        self.mark("AdamW");
+        self.close_profile();
         Ok(())
     }
 }
