@@ -11,5 +11,6 @@ pub mod linalg;
 pub mod mamba;
 
 pub use gla::{
-    gla_backward, gla_forward, Form, GateKind, GlaGrads, GlaInputs, GlaOutputs, Options,
+    backward_in_segments, forward_in_segments, gla_backward, gla_forward, Form, GateKind, GlaGrads,
+    GlaInputs, GlaOutputs, Options,
 };

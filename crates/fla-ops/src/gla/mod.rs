@@ -7,6 +7,7 @@ mod fused_chunk;
 mod intra;
 mod naive;
 mod recurrent;
+mod segments;
 mod seq;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use std::str::FromStr;
 
 use fla_tensor::{Error, Real, Result, Tensor};
 use rayon::prelude::*;
+pub use segments::{backward_in_segments, forward_in_segments};
 use seq::{Seq, SeqGrads, SeqOut, SeqUpstream};
 
 /// Which forget gates the recurrence has (../../docs/ARCHITECTURE.md, the family table).
