@@ -91,6 +91,7 @@ impl Gpu {
             )
             .map_err(device_err("no multiprocessor count"))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        keep_freed_memory(&ctx)?;
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -202,6 +203,29 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(device_err("a kernel failed"))
+    }
+}
+
+/// Makes the device's stream-ordered memory pool keep what is freed instead of handing it
+/// back to the system at every synchronisation (the driver's default release threshold is
+/// 0), so that a training step reuses the previous step's activation memory rather than
+/// unmapping and remapping gigabytes each time.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    let err = device_err("cannot configure the GPU memory pool");
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(&err)?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(&err)
     }
 }
 

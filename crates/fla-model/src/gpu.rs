@@ -481,16 +481,6 @@ impl GpuModel {
             )?;
         }
         drop((logits, dlogits));
-        let loss = if count == 0 {
-            f64::NAN
-        } else {
-            loss_rows
-                .download(g)?
-                .iter()
-                .map(|&x| x as f64)
-                .sum::<f64>()
-                / count as f64
-        };
         self.mark("logits and loss (blocks), fwd+bwd");
         if let Ok((free, total)) = fla_cuda::cudarc::driver::result::mem_get_info() {
             self.peak_bytes = self.peak_bytes.max(total - free);
@@ -524,8 +514,13 @@ impl GpuModel {
             d,
         )?;
         self.mark("bwd: embedding");
-        g.synchronize()?;
-        Ok(loss)
+        // Read only now, so that the step never waits for the device in the middle.
+        let loss_sum: f64 = loss_rows.download(g)?.iter().map(|&x| x as f64).sum();
+        Ok(if count == 0 {
+            f64::NAN
+        } else {
+            loss_sum / count as f64
+        })
     }
 
     /// A block's input norm, q, k, v (through the convolution and SiLU when configured) and
