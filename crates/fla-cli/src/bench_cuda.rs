@@ -27,6 +27,10 @@ pub struct CudaArgs {
     /// f32 or bf16
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// chunk (states materialised at chunk boundaries, every chunk in parallel) or
+    /// fused-chunk (one sweep per sequence); gates on values take fused-chunk either way
+    #[arg(long, default_value = "chunk")]
+    form: String,
     /// GPU ordinal
     #[arg(long, default_value_t = 0)]
     gpu: usize,
@@ -67,6 +71,15 @@ fn op_name(gate: GateKind) -> &'static str {
 pub fn run(a: &CudaArgs) -> Result<()> {
     let gpu = Gpu::new(a.gpu)?;
     let dtype: DType = a.dtype.parse()?;
+    let fused = match a.form.as_str() {
+        "chunk" => false,
+        "fused-chunk" => true,
+        f => {
+            return Err(Error::Invalid(format!(
+                "--form `{f}`: expected chunk or fused-chunk"
+            )))
+        }
+    };
     let gates: Vec<GateKind> = a.gates.iter().map(|g| g.parse()).collect::<Result<_>>()?;
     let configs: Vec<(usize, usize, usize)> = a
         .configs
@@ -76,8 +89,9 @@ pub fn run(a: &CudaArgs) -> Result<()> {
     let mut table = String::new();
     writeln!(
         table,
-        "fla bench cuda on {}: {dtype:?}, {TOKENS} tokens per batch",
-        gpu.describe()
+        "fla bench cuda on {}: {dtype:?}, {} form, {TOKENS} tokens per batch",
+        gpu.describe(),
+        a.form
     )
     .unwrap();
     writeln!(
@@ -97,6 +111,7 @@ pub fn run(a: &CudaArgs) -> Result<()> {
                 let b = TOKENS / t;
                 let x = inputs(gate, b, t, h, dk, dv);
                 let mut d = DeviceGla::upload(&gpu, gate, &x, dtype)?;
+                d.use_fused(fused);
                 let fwd = gpu.time_ms(3, 20, || d.forward(&gpu))?;
                 // Any do of the right shape times the same: v's data serves.
                 let up = d.upstream(&gpu, &x.v, None)?;

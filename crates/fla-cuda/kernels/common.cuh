@@ -65,6 +65,14 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
+// Closes the group of copies started since the last commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Waits for all committed groups but the newest.
+__device__ __forceinline__ void cp_async_wait_prior() {
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+}
+
 // Starts copying a tile of `tile_rows` rows x `width` columns into dst (row stride ld) from
 // rows row0.. of a [tokens, H, width_full] tensor at head hh, columns col0..; rows from
 // `rows` on are zeros. width, ld and col0 must be multiples of 16 bytes.

@@ -178,6 +178,10 @@ pub struct DeviceGla {
     /// The output without its diagonal terms, f32, kept for the value gate's gradient.
     pub(crate) ond: Option<CudaSlice<f32>>,
     pub(crate) forward_done: bool,
+    /// Run the chunk form in two levels (materialised states) rather than the fused sweeps.
+    pub(crate) use_two_level: bool,
+    /// What the two-level forward keeps for the backward.
+    pub(crate) two_level: Option<crate::gla_chunk::TwoLevel>,
     pub(crate) grads: Option<crate::gla_bwd::DeviceGrads>,
 }
 
@@ -203,12 +207,13 @@ pub(crate) fn threads(var: &str) -> u32 {
     }
 }
 
-/// A tile width (16, 32 or 64) forced by the environment variable `var` instead of the chosen
-/// one, for tuning: FLA_GLA_BV (forward V tile), FLA_GLA_BK and FLA_GLA_BVS (backward K tile
-/// and V step).
+/// A tile width (16, 32, 64 or 128) forced by the environment variable `var` instead of the
+/// chosen one, for tuning: FLA_GLA_BV (fused forward V tile), FLA_GLA_BK and FLA_GLA_BVS (fused
+/// backward K tile and V step), FLA_CHUNK_SWEEP_BK/BV and FLA_CHUNK_BV (two-level form). The
+/// caller checks that it divides the head size and fits.
 pub(crate) fn forced_tile(var: &str) -> Option<usize> {
     let x = std::env::var(var).ok()?.parse().ok()?;
-    [16, 32, 64].contains(&x).then_some(x)
+    [16, 32, 64, 128].contains(&x).then_some(x)
 }
 
 /// The tiling of the fused forward: (chunk size, V tile), the largest that fit in shared
@@ -287,6 +292,8 @@ impl DeviceGla {
                 None
             },
             forward_done: false,
+            use_two_level: crate::gla_chunk::supports(gate),
+            two_level: None,
             grads: None,
         })
     }
@@ -347,6 +354,8 @@ impl DeviceGla {
                 .map_err(device_err("allocation"))?,
             ond: None,
             forward_done: false,
+            use_two_level: true,
+            two_level: None,
             grads: None,
         })
     }
@@ -387,8 +396,22 @@ impl DeviceGla {
         ]
     }
 
+    /// Chooses the chunk kernels: the fused sweeps (fla's fused_chunk) instead of the two-level
+    /// form (fla's chunk; the default where the gate kind allows it).
+    pub fn use_fused(&mut self, fused: bool) {
+        self.use_two_level = !fused && crate::gla_chunk::supports(self.gate);
+        self.two_level = None;
+        self.grads = None;
+        self.forward_done = false;
+    }
+
     /// Launches the forward: o and ht (the final states) into this struct's buffers.
     pub fn forward(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.use_two_level {
+            self.forward_two_level(gpu)?;
+            self.forward_done = true;
+            return Ok(());
+        }
         let heads = self.n_seqs * self.h;
         let (c, bv) = fwd_tiling(gpu, self.gate, self.dtype, (self.dk, self.dv), heads)?;
         let has_g = self.gate != GateKind::None;
@@ -441,8 +464,8 @@ impl DeviceGla {
     }
 }
 
-/// Which kernels run `form` on the GPU: the chunk and fused-chunk forms both take the fused
-/// chunkwise kernels; the naive form runs on the CPU only.
+/// Which kernels run `form` on the GPU: the recurrent ones (true) or the chunk ones; the
+/// naive form runs on the CPU only.
 pub(crate) fn recurrent_kernels(form: Form) -> Result<bool> {
     match form {
         Form::Chunk | Form::FusedChunk => Ok(false),
@@ -464,6 +487,7 @@ pub fn gla_forward(
 ) -> Result<GlaOutputs<f32>> {
     let recurrent = recurrent_kernels(form)?;
     let mut d = DeviceGla::upload(gpu, gate, x, dtype)?;
+    d.use_fused(form == Form::FusedChunk);
     if recurrent {
         d.forward_recurrent(gpu)?;
     } else {

@@ -10,6 +10,7 @@ use crate::device::{device_err, Gpu};
 use crate::gla::{
     forced_tile, opt_ptr, recurrent_kernels, threads, upload_f32, Buf, DType, DeviceGla,
 };
+use crate::gla_chunk::Chunks;
 
 const BWD: &str = concat!(
     include_str!("../kernels/common.cuh"),
@@ -45,6 +46,8 @@ pub(crate) struct DeviceGrads {
 /// What only one form's backward keeps.
 pub(crate) enum Work {
     Chunk(ChunkWork),
+    /// The two-level form keeps nothing beyond the forward's states.
+    TwoLevel,
     /// dq and dk summed in f32 over the recurrent kernels' V tiles, then cast; the state at
     /// the end of every segment (with a gate), for the gate gradients' sums.
     Recurrent {
@@ -61,10 +64,7 @@ pub(crate) struct ChunkWork {
     states: Option<Buf>,
     /// The value gate's chunk boundary terms [chunks, H, V].
     zv: Option<CudaSlice<f32>>,
-    /// The first chunk of each sequence (and the total), and each chunk's sequence.
-    chunk_off: CudaSlice<i32>,
-    chunk_seq: CudaSlice<i32>,
-    chunks: usize,
+    chunks: Chunks,
 }
 
 pub(crate) fn zeros(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
@@ -171,12 +171,19 @@ impl DeviceGla {
     pub(crate) fn alloc_grads(&self, gpu: &Gpu, work: Work) -> Result<DeviceGrads> {
         let rows = self.b * self.t * self.h;
         let has_g = self.gate != GateKind::None;
+        // The two-level kernels sum the scalar gate's gradient directly and need no q ⊙ dq.
+        let two_level = matches!(work, Work::TwoLevel);
+        let per_key = if two_level {
+            self.gate == GateKind::Key
+        } else {
+            has_g
+        };
         Ok(DeviceGrads {
             dq: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
             dk: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
             dv: Buf::zeros(gpu, rows * self.dv, self.dtype)?,
-            qdq: zeros_if(gpu, has_g, rows * self.dk)?,
-            dgk: zeros_if(gpu, has_g, rows * self.dk)?,
+            qdq: zeros_if(gpu, has_g && !two_level, rows * self.dk)?,
+            dgk: zeros_if(gpu, per_key, rows * self.dk)?,
             dg_scalar: zeros_if(gpu, self.gate == GateKind::Scalar, rows)?,
             dgv: zeros_if(gpu, self.gate == GateKind::Both, rows * self.dv)?,
             du: zeros_if(gpu, self.u.is_some(), self.h * self.dk)?,
@@ -190,18 +197,8 @@ impl DeviceGla {
     }
 
     fn chunk_work(&self, gpu: &Gpu, chunk: usize) -> Result<ChunkWork> {
-        let mut chunk_off = vec![0i32];
-        let mut chunk_seq = Vec::new();
-        for (n, &len) in self.lens.iter().enumerate() {
-            let c = len.div_ceil(chunk);
-            chunk_off.push(chunk_off[n] + c as i32);
-            chunk_seq.extend(std::iter::repeat_n(n as i32, c));
-        }
-        let chunks = chunk_seq.len();
-        // cudarc refuses empty uploads: a sequence-less call keeps one unused entry.
-        chunk_seq.push(0);
-        let upload = |x: &[i32]| gpu.stream.clone_htod(x).map_err(device_err("upload"));
-        let states_len = chunks * self.h * self.dk * self.dv;
+        let chunks = Chunks::new(gpu, &self.lens, chunk)?;
+        let states_len = chunks.count * self.h * self.dk * self.dv;
         Ok(ChunkWork {
             dv_acc: zeros(gpu, self.b * self.t * self.h * self.dv)?,
             states: (self.gate != GateKind::None)
@@ -210,10 +207,8 @@ impl DeviceGla {
             zv: zeros_if(
                 gpu,
                 self.gate == GateKind::Both,
-                (chunks * self.h * self.dv).max(1),
+                (chunks.count * self.h * self.dv).max(1),
             )?,
-            chunk_off: upload(&chunk_off)?,
-            chunk_seq: upload(&chunk_seq)?,
             chunks,
         })
     }
@@ -225,6 +220,9 @@ impl DeviceGla {
             return Err(Error::Invalid(
                 "the GPU backward needs the forward run first".into(),
             ));
+        }
+        if self.use_two_level {
+            return self.backward_two_level(gpu, up);
         }
         let (c, bk, bvs) = bwd_tiling(gpu, self)?;
         if !matches!(
@@ -271,8 +269,8 @@ impl DeviceGla {
         let (du, dh0) = (ptr_mut(&mut gr.du, gpu), ptr_mut(&mut gr.dh0, gpu));
         let states = cw.states.as_mut().map_or(0, |b| b.ptr_mut(gpu));
         let zv = ptr_mut(&mut cw.zv, gpu);
-        let chunk_off = cw.chunk_off.device_ptr(s).0;
-        let chunk_seq = cw.chunk_seq.device_ptr(s).0;
+        let chunk_off = cw.chunks.off.device_ptr(s).0;
+        let chunk_seq = cw.chunks.seq.device_ptr(s).0;
         let (h, scale) = (self.h as i32, self.scale);
         let sweep = LaunchConfig {
             grid_dim: ((self.dk / bk) as u32, self.h as u32, self.n_seqs as u32),
@@ -330,14 +328,14 @@ impl DeviceGla {
             ],
             &[&tokens, &h],
         )?;
-        if gates.1 && cw.chunks > 0 {
+        if gates.1 && cw.chunks.count > 0 {
             // gla_bwd_dgv takes no scale: launched by hand.
             let f = gpu.function(BWD, "gla_bwd_dgv", &defines, 0)?;
             let cfg = LaunchConfig {
                 grid_dim: (
                     self.dv.div_ceil(nt as usize) as u32,
                     self.h as u32,
-                    cw.chunks as u32,
+                    cw.chunks.count as u32,
                 ),
                 block_dim: (nt, 1, 1),
                 shared_mem_bytes: 0,
@@ -394,6 +392,7 @@ pub fn gla_backward(
 ) -> Result<(GlaOutputs<f32>, GlaGrads<f32>)> {
     let recurrent = recurrent_kernels(form)?;
     let mut d = DeviceGla::upload(gpu, gate, x, dtype)?;
+    d.use_fused(form == Form::FusedChunk);
     let up = d.upstream(gpu, d_o, dht)?;
     if recurrent {
         d.forward_recurrent(gpu)?;

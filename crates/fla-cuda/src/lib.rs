@@ -7,6 +7,7 @@ mod blas;
 mod device;
 mod gla;
 mod gla_bwd;
+mod gla_chunk;
 mod gla_rec;
 pub mod layers;
 mod nvrtc;

@@ -80,8 +80,9 @@ fn stored_inputs(x: &GlaInputs<f64>, dtype: DType) -> GlaInputs<f64> {
     }
 }
 
-/// The GPU's forms: the chunk kernels and the recurrent ones.
-const FORMS: [Form; 2] = [Form::Chunk, Form::Recurrent];
+/// The GPU's forms: the two-level chunk kernels, the fused chunk kernels and the recurrent
+/// ones.
+const FORMS: [Form; 3] = [Form::Chunk, Form::FusedChunk, Form::Recurrent];
 
 fn check_forward(gpu: &Gpu, gate: GateKind, x: &GlaInputs<f64>, what: &str) {
     for dtype in [DType::F32, DType::Bf16] {

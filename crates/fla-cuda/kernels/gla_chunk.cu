@@ -1,0 +1,637 @@
+// Chunkwise GLA in two levels (the paper's "chunk" form with materialised states), for the
+// gates that act on keys only (none, scalar, key): thin sweeps carry the state between
+// chunks and write it at every chunk boundary; everything else runs one block per chunk, in
+// parallel over the whole batch.
+//
+// Per chunk of C rows, with G the chunk-local inclusive cumulative gate, Γ its last row,
+// S the state at the chunk's start and dS' the gradient of the state at its end:
+//   Q̃ = q ⊙ e^G,  K̃ = k ⊙ e^-G,  K̂ = k ⊙ e^(Γ-G)
+//   A = scale tril(Q̃ K̃^T) with the diagonal scale q_i·k_i taken from the raw q and k
+//   o = scale Q̃ S + A v,                      S' = e^Γ ⊙ S + K̂^T v
+//   dA = tril(do v^T)  (strictly lower in the products; its diagonal terms added exactly)
+//   dq = scale (do S^T + dA K̃) ⊙ e^G
+//   dk = scale (dA^T Q̃) ⊙ e^-G + (v dS'^T) ⊙ e^(Γ-G)
+//   dv = A^T do + K̂ dS'
+//   dS = e^Γ ⊙ dS' + scale Q̃^T do
+// When a key tile's total decay max(-Γ) exceeds SAFE_EXP, e^-G could overflow: that tile's
+// intra-chunk sums are taken term by term with exact exponents instead (slow; only for gates
+// far stronger than trained models use). Every other exponent is of a non-positive number.
+//
+// The gate's gradient, per chunk (the identity of seq.rs written so that no large terms
+// cancel): with X = q ⊙ dq - k ⊙ dk_intra and Y = k ⊙ dk_state,
+//   dg_t = Σ_{i≥t} X_i + Σ_{j<t} Y_j + e^Γ ⊙ rowsum(dS' ⊙ S)
+// (the state enters through e^Γ ⊙ S and through K̂, the rows j < t through e^(Γ-G_j)).
+//
+// Kernels, in the order they run:
+//   chunk_states    sweep per (V tile, K tile, sequence, head): writes S of every chunk
+//                   (io_t) and the final state
+//   chunk_attn      per chunk: A (io_t, [tokens, H, C])
+//   chunk_out       per (chunk, V tile): o
+//   chunk_dstates   reverse sweep: dS' of every chunk (io_t) and dh0
+//   chunk_dv        per (chunk, V tile): dv
+//   chunk_dqk       per (chunk, K tile): dq, dk and the gate's gradient
+//
+// Settings (-D): KERNEL (which of the six, in the order above, 0-5: one per module, so that
+// a configuration compiles only what it runs), HEAD_K, HEAD_V, CHUNK, BK, BV (the kernel's
+// tiles), NBUF (the sweeps' buffers), HAS_G, G_SCALAR, HAS_H0, HAS_DHT.
+
+#define KD HEAD_K
+#define C CHUNK
+#define SAFE_EXP 40.f
+#define PADE (16 / (int)sizeof(io_t))
+#define KS (BK + PADE)  // io_t tiles of BK columns
+#define VS (BV + PADE)  // io_t tiles of BV columns
+#define AS (C + PADE)   // io_t C x C
+#define FK (BK + 4)     // f32 tiles of BK columns
+#define FV (BV + 4)     // f32 tiles of BV columns
+#define FA (C + 4)      // f32 C x C
+
+// Regions of dynamic shared memory, each rounded up to 16 bytes; the host's sizes (gla_chunk.rs)
+// follow the same order.
+struct Carve {
+    unsigned char* p;
+    template <typename T>
+    __device__ __forceinline__ T* take(int n) {
+        T* r = (T*)p;
+        p += (n * (int)sizeof(T) + 15) & ~15;
+        return r;
+    }
+};
+
+extern __shared__ __align__(16) unsigned char smem[];
+
+__device__ __forceinline__ void check_carve(const Carve& c) { check_smem((u32)(c.p - smem)); }
+
+// Starts copying rows [r0, r0 + BKxx) of a row-major matrix (row stride `stride`) from
+// column c0, `width` columns, into dst (row stride ld).
+template <typename T>
+__device__ __forceinline__ void load_mat(T* dst, int ld, const T* src, int stride, int nrows,
+                                         int c0, int width) {
+    const int e = 16 / sizeof(T), per_row = width / e;
+    for (int idx = threadIdx.x; idx < nrows * per_row; idx += NT) {
+        const int i = idx / per_row, p = idx % per_row;
+        cp_async16(dst + i * ld + p * e, src + (size_t)i * stride + c0 + p * e, true);
+    }
+}
+
+// Starts loading the gate tile (C x BK, f32, row stride BK) of key columns k0..: the key
+// gate's columns, or the scalar gate broadcast; rows past `rows` are zeros.
+__device__ __forceinline__ void load_gates(float* sG, const float* g, size_t row0, int rows,
+                                           int H, int hh, int k0) {
+#if G_SCALAR
+    for (int idx = threadIdx.x; idx < C * BK; idx += NT) {
+        const int i = idx / BK;
+        sG[idx] = i < rows ? g[(row0 + i) * H + hh] : 0.f;
+    }
+#else
+    load_tile(sG, BK, g, row0, rows, C, H, hh, KD, k0, BK);
+#endif
+}
+
+// Threads per column of the cumulative gate sums (a power of two, at most NT / BK), each
+// summing RPT consecutive rows in registers.
+#define TPC_MAX (NT / BK)
+#define TPC (TPC_MAX >= 16 ? 16 : TPC_MAX >= 8 ? 8 : TPC_MAX >= 4 ? 4 : TPC_MAX >= 2 ? 2 : 1)
+#define RPT (C / TPC)
+// Floats of the scratch `red` every kernel with gates carries: the decay maximum, then the
+// per-part column totals of cumsum_gates.
+#define RED (4 + TPC * BK)
+
+// Cumulative sums down the columns of sG (in place); returns, in every thread after the
+// barrier, the tile's largest total decay max(-Γ). Thread (part, col) sums rows
+// [part RPT, (part + 1) RPT) of column col in registers (a warp reads consecutive columns of
+// one row: no bank conflicts), then adds the totals of the parts above it.
+__device__ __forceinline__ float cumsum_gates(float* sG, float* red) {
+    float* totals = red + 4;
+    const int col = threadIdx.x % BK, part = threadIdx.x / BK;
+    const bool mine = threadIdx.x < TPC * BK;
+    float x[RPT];
+    if (threadIdx.x == 0) *red = 0.f;
+    if (mine) {
+#pragma unroll
+        for (int i = 0; i < RPT; i++) x[i] = sG[(part * RPT + i) * BK + col];
+#pragma unroll
+        for (int i = 1; i < RPT; i++) x[i] += x[i - 1];
+        totals[part * BK + col] = x[RPT - 1];
+    }
+    __syncthreads();
+    float span = 0.f;
+    if (mine) {
+        float before = 0.f;
+        for (int p = 0; p < part; p++) before += totals[p * BK + col];
+#pragma unroll
+        for (int i = 0; i < RPT; i++) sG[(part * RPT + i) * BK + col] = x[i] + before;
+        if (part == TPC - 1) span = -(before + x[RPT - 1]);
+    }
+    span = warp_max(fmaxf(span, 0.f));
+    if (threadIdx.x % 32 == 0) atomicMax((int*)red, __float_as_int(span));
+    __syncthreads();
+    return *red;
+}
+
+// Sequence, first row and rows of global chunk `cg`.
+struct ChunkAt {
+    int n, rows;
+    size_t row0;
+};
+__device__ __forceinline__ ChunkAt chunk_at(int cg, const int* cu, const int* chunk_off,
+                                            const int* chunk_seq) {
+    ChunkAt a;
+    a.n = chunk_seq[cg];
+    const int c0 = (cg - chunk_off[a.n]) * C;
+    a.row0 = (size_t)cu[a.n] + c0;
+    a.rows = min(C, cu[a.n + 1] - cu[a.n] - c0);
+    return a;
+}
+
+// ---------------------------------------------------------------------------------------
+// The sweeps walk a sequence's chunks with one tile of the state (or of its gradient) in
+// shared memory. With NBUF = 2 the next chunk's rows load while the current one is worked on
+// (for few, long sequences); with NBUF = 1 they load after it, and the shared memory left lets
+// more blocks share an SM. Per chunk: keys (or queries) C x BK, values (or do) C x BV, gates
+// C x BK.
+struct SweepBuf {
+    io_t* x[NBUF];
+    io_t* y[NBUF];
+    float* G[NBUF];
+};
+
+__device__ __forceinline__ SweepBuf sweep_buffers(Carve& cv) {
+    SweepBuf b;
+    for (int i = 0; i < NBUF; i++) {
+        b.x[i] = cv.take<io_t>(C * KS);
+        b.y[i] = cv.take<io_t>(C * VS);
+        b.G[i] = cv.take<float>(HAS_G ? C * BK : 0);
+    }
+    return b;
+}
+
+// Starts loading chunk rows [row0, row0 + rows) into buffer `i`, as one committed group.
+__device__ __forceinline__ void sweep_load(const SweepBuf& b, int i, const io_t* x, const io_t* y,
+                                           const float* g, size_t row0, int rows, int H, int hh,
+                                           int k0, int v0) {
+    load_tile(b.x[i], KS, x, row0, rows, C, H, hh, KD, k0, BK);
+    load_tile(b.y[i], VS, y, row0, rows, C, H, hh, HEAD_V, v0, BV);
+#if HAS_G
+    load_gates(b.G[i], g, row0, rows, H, hh, k0);
+#endif
+    cp_async_commit();
+}
+
+// The state at every chunk boundary: grid (HEAD_V / BV, KD / BK, sequences x H).
+#if KERNEL == 0
+extern "C" __global__ void __launch_bounds__(NT) chunk_states(
+    const io_t* __restrict__ k, const io_t* __restrict__ v, const float* __restrict__ g,
+    const float* __restrict__ h0, io_t* __restrict__ states, float* __restrict__ ht,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H) {
+    Carve cv{smem};
+    const SweepBuf buf = sweep_buffers(cv);
+    float* sS = cv.take<float>(BK * FV);
+    float* red = cv.take<float>(RED);
+    check_carve(cv);
+    const int v0 = blockIdx.x * BV, k0 = blockIdx.y * BK;
+    const int n = blockIdx.z / H, hh = blockIdx.z % H;
+    const int bos = cu[n], len = cu[n + 1] - bos;
+    const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V;
+    for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
+        const int i = idx / BV, c = idx % BV;
+        sS[i * FV + c] = HAS_H0 ? h0[state_at + (size_t)(k0 + i) * HEAD_V + v0 + c] : 0.f;
+    }
+    if (len > 0) sweep_load(buf, 0, k, v, g, bos, min(C, len), H, hh, k0, v0);
+    __syncthreads();
+    for (int c0 = 0, cg = chunk_off[n], cur = 0; c0 < len; c0 += C, cg++, cur = (cur + 1) % NBUF) {
+        io_t* st = states + ((size_t)cg * H + hh) * KD * HEAD_V;
+        for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
+            const int i = idx / BV, c = idx % BV;
+            st[(size_t)(k0 + i) * HEAD_V + v0 + c] = from_f(sS[i * FV + c]);
+        }
+        const bool next = c0 + C < len;
+        const size_t next_row = (size_t)bos + c0 + C;
+        if (NBUF == 2 && next) {
+            sweep_load(buf, cur ^ 1, k, v, g, next_row, min(C, len - c0 - C), H, hh, k0, v0);
+            cp_async_wait_prior();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+        io_t* sk = buf.x[cur];
+#if HAS_G
+        float* sG = buf.G[cur];
+        cumsum_gates(sG, red);
+        for (int idx = threadIdx.x; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(sG[(C - 1) * BK + c] - sG[idx]));
+        }
+        for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
+            const int i = idx / BV, c = idx % BV;
+            sS[i * FV + c] *= EXP(sG[(C - 1) * BK + i]);
+        }
+        __syncthreads();
+#endif
+        gemm(sS, FV, mat(sk, 1, KS), mat(buf.y[cur], VS, 1), BK, BV, C, 1.f, true);
+        __syncthreads();
+        if (NBUF == 1 && next) sweep_load(buf, 0, k, v, g, next_row, min(C, len - c0 - C), H, hh, k0, v0);
+    }
+    for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
+        const int i = idx / BV, c = idx % BV;
+        ht[state_at + (size_t)(k0 + i) * HEAD_V + v0 + c] = sS[i * FV + c];
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// A of every chunk: grid (chunks, H).
+#if KERNEL == 1
+extern "C" __global__ void __launch_bounds__(NT) chunk_attn(
+    const io_t* __restrict__ q, const io_t* __restrict__ k, const float* __restrict__ g,
+    io_t* __restrict__ a, const int* __restrict__ cu, const int* __restrict__ chunk_off,
+    const int* __restrict__ chunk_seq, int H, float scale) {
+    Carve cv{smem};
+    io_t* sq = cv.take<io_t>(C * KS);
+    io_t* sk = cv.take<io_t>(C * KS);
+    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    float* sA = cv.take<float>(C * FA);
+    float* sd = cv.take<float>(C);
+    float* red = cv.take<float>(RED);
+    check_carve(cv);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, hh = blockIdx.y;
+    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
+    for (int i = tid; i < C; i += NT) sd[i] = 0.f;
+    for (int k0 = 0; k0 < KD; k0 += BK) {
+        const bool first = k0 == 0;
+        load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
+        load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
+#if HAS_G
+        load_gates(sG, g, at.row0, at.rows, H, hh, k0);
+#endif
+        cp_async_wait_all();
+        __syncthreads();
+        // The diagonal from the raw q and k.
+        for (int i = warp; i < C; i += NW) {
+            float s = 0.f;
+            for (int c = lane; c < BK; c += 32) s += to_f(sq[i * KS + c]) * to_f(sk[i * KS + c]);
+            s = warp_sum(s);
+            if (lane == 0) sd[i] += s;
+        }
+#if HAS_G
+        if (cumsum_gates(sG, red) > SAFE_EXP) {
+            for (int idx = tid; idx < C * C; idx += NT) {
+                const int i = idx / C, j = idx % C;
+                float s = 0.f;
+                if (j < i)
+                    for (int c = 0; c < BK; c++)
+                        s += to_f(sq[i * KS + c]) * to_f(sk[j * KS + c]) *
+                             EXP(sG[i * BK + c] - sG[j * BK + c]);
+                sA[i * FA + j] = s + (first ? 0.f : sA[i * FA + j]);
+            }
+            __syncthreads();
+            continue;
+        }
+        for (int idx = tid; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
+            sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(-sG[idx]));
+        }
+#endif
+        __syncthreads();
+        gemm(sA, FA, mat(sq, KS, 1), mat(sk, 1, KS), C, C, BK, 1.f, !first);
+        __syncthreads();
+    }
+    for (int idx = tid; idx < at.rows * C; idx += NT) {
+        const int i = idx / C, j = idx % C;
+        const float x = j < i ? sA[i * FA + j] : j == i ? sd[i] : 0.f;
+        a[((at.row0 + i) * H + hh) * C + j] = from_f(scale * x);
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// o = scale Q̃ S + A v: grid (chunks, H, HEAD_V / BV).
+#if KERNEL == 2
+extern "C" __global__ void __launch_bounds__(NT) chunk_out(
+    const io_t* __restrict__ q, const io_t* __restrict__ v, const float* __restrict__ g,
+    const io_t* __restrict__ states, const io_t* __restrict__ a, io_t* __restrict__ o,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off,
+    const int* __restrict__ chunk_seq, int H, float scale) {
+    Carve cv{smem};
+    io_t* sq = cv.take<io_t>(C * KS);
+    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    io_t* sS = cv.take<io_t>(BK * VS);
+    io_t* sA = cv.take<io_t>(C * AS);
+    io_t* sv = cv.take<io_t>(C * VS);
+    float* sO = cv.take<float>(C * FV);
+    float* red = cv.take<float>(RED);
+    check_carve(cv);
+    const int tid = threadIdx.x, hh = blockIdx.y, v0 = blockIdx.z * BV;
+    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
+    const io_t* st = states + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
+    load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
+    load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+    for (int k0 = 0; k0 < KD; k0 += BK) {
+        load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
+        load_mat(sS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
+#if HAS_G
+        load_gates(sG, g, at.row0, at.rows, H, hh, k0);
+#endif
+        cp_async_wait_all();
+        __syncthreads();
+#if HAS_G
+        cumsum_gates(sG, red);
+        for (int idx = tid; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
+        }
+        __syncthreads();
+#endif
+        gemm(sO, FV, mat(sq, KS, 1), mat(sS, VS, 1), C, BV, BK, scale, k0 > 0);
+        __syncthreads();
+    }
+    gemm(sO, FV, mat(sA, AS, 1), mat(sv, VS, 1), C, BV, C, 1.f, true);
+    __syncthreads();
+    for (int idx = tid; idx < at.rows * BV; idx += NT) {
+        const int i = idx / BV, c = idx % BV;
+        o[((at.row0 + i) * H + hh) * HEAD_V + v0 + c] = from_f(sO[i * FV + c]);
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// dS' of every chunk, last chunk first: grid (HEAD_V / BV, KD / BK, sequences x H).
+#if KERNEL == 3
+extern "C" __global__ void __launch_bounds__(NT) chunk_dstates(
+    const io_t* __restrict__ q, const float* __restrict__ g, const io_t* __restrict__ d_o,
+    const float* __restrict__ dht, io_t* __restrict__ dstates, float* __restrict__ dh0,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H, float scale) {
+    Carve cv{smem};
+    const SweepBuf buf = sweep_buffers(cv);
+    float* sdS = cv.take<float>(BK * FV);
+    float* red = cv.take<float>(RED);
+    check_carve(cv);
+    const int v0 = blockIdx.x * BV, k0 = blockIdx.y * BK;
+    const int n = blockIdx.z / H, hh = blockIdx.z % H;
+    const int bos = cu[n], len = cu[n + 1] - bos;
+    const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V;
+    for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
+        const int i = idx / BV, c = idx % BV;
+        sdS[i * FV + c] = HAS_DHT ? dht[state_at + (size_t)(k0 + i) * HEAD_V + v0 + c] : 0.f;
+    }
+    const int chunks = (len + C - 1) / C;
+    if (chunks > 0) {
+        const int c0 = (chunks - 1) * C;
+        sweep_load(buf, 0, q, d_o, g, (size_t)bos + c0, len - c0, H, hh, k0, v0);
+    }
+    __syncthreads();
+    for (int ci = chunks - 1, cur = 0; ci >= 0; ci--, cur = (cur + 1) % NBUF) {
+        io_t* st = dstates + ((size_t)(chunk_off[n] + ci) * H + hh) * KD * HEAD_V;
+        for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
+            const int i = idx / BV, c = idx % BV;
+            st[(size_t)(k0 + i) * HEAD_V + v0 + c] = from_f(sdS[i * FV + c]);
+        }
+        const size_t next_row = (size_t)bos + (ci - 1) * C;
+        if (NBUF == 2 && ci > 0) {
+            sweep_load(buf, cur ^ 1, q, d_o, g, next_row, C, H, hh, k0, v0);
+            cp_async_wait_prior();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+        io_t* sq = buf.x[cur];
+#if HAS_G
+        float* sG = buf.G[cur];
+        cumsum_gates(sG, red);
+        for (int idx = threadIdx.x; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
+        }
+        for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
+            const int i = idx / BV, c = idx % BV;
+            sdS[i * FV + c] *= EXP(sG[(C - 1) * BK + i]);
+        }
+        __syncthreads();
+#endif
+        gemm(sdS, FV, mat(sq, 1, KS), mat(buf.y[cur], VS, 1), BK, BV, C, scale, true);
+        __syncthreads();
+        if (NBUF == 1 && ci > 0) sweep_load(buf, 0, q, d_o, g, next_row, C, H, hh, k0, v0);
+    }
+#if HAS_H0
+    for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
+        const int i = idx / BV, c = idx % BV;
+        dh0[state_at + (size_t)(k0 + i) * HEAD_V + v0 + c] = sdS[i * FV + c];
+    }
+#endif
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// dv = A^T do + K̂ dS': grid (chunks, H, HEAD_V / BV).
+#if KERNEL == 4
+extern "C" __global__ void __launch_bounds__(NT) chunk_dv(
+    const io_t* __restrict__ k, const float* __restrict__ g, const io_t* __restrict__ d_o,
+    const io_t* __restrict__ a, const io_t* __restrict__ dstates, io_t* __restrict__ dv,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off,
+    const int* __restrict__ chunk_seq, int H) {
+    Carve cv{smem};
+    io_t* sk = cv.take<io_t>(C * KS);
+    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    io_t* sdS = cv.take<io_t>(BK * VS);
+    io_t* sA = cv.take<io_t>(C * AS);
+    io_t* sdo = cv.take<io_t>(C * VS);
+    float* sdv = cv.take<float>(C * FV);
+    float* red = cv.take<float>(RED);
+    check_carve(cv);
+    const int tid = threadIdx.x, hh = blockIdx.y, v0 = blockIdx.z * BV;
+    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
+    const io_t* st = dstates + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
+    load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
+    load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+    for (int k0 = 0; k0 < KD; k0 += BK) {
+        load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
+        load_mat(sdS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
+#if HAS_G
+        load_gates(sG, g, at.row0, at.rows, H, hh, k0);
+#endif
+        cp_async_wait_all();
+        __syncthreads();
+#if HAS_G
+        cumsum_gates(sG, red);
+        for (int idx = tid; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(sG[(C - 1) * BK + c] - sG[idx]));
+        }
+        __syncthreads();
+#endif
+        gemm(sdv, FV, mat(sk, KS, 1), mat(sdS, VS, 1), C, BV, BK, 1.f, k0 > 0);
+        __syncthreads();
+    }
+    gemm(sdv, FV, mat(sA, 1, AS), mat(sdo, VS, 1), C, BV, C, 1.f, true);
+    __syncthreads();
+    for (int idx = tid; idx < at.rows * BV; idx += NT) {
+        const int i = idx / BV, c = idx % BV;
+        dv[((at.row0 + i) * H + hh) * HEAD_V + v0 + c] = from_f(sdv[i * FV + c]);
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// dq, dk and the gate's gradient: grid (chunks, H, KD / BK); the value columns are walked
+// BV at a time. dgk [tokens, H, KD] (key gate) or dgs [tokens, H] (scalar gate, summed over
+// key tiles by atomics: zero it first).
+#if KERNEL == 5
+extern "C" __global__ void __launch_bounds__(NT) chunk_dqk(
+    const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
+    const float* __restrict__ g, const io_t* __restrict__ d_o, const io_t* __restrict__ states,
+    const io_t* __restrict__ dstates, io_t* __restrict__ dq, io_t* __restrict__ dk,
+    float* __restrict__ dgk, float* __restrict__ dgs, const int* __restrict__ cu,
+    const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
+    Carve cv{smem};
+    io_t* sv = cv.take<io_t>(C * VS);
+    io_t* sdo = cv.take<io_t>(C * VS);
+    io_t* sS = cv.take<io_t>(BK * VS);
+    io_t* sdS = cv.take<io_t>(BK * VS);
+    io_t* sq = cv.take<io_t>(C * KS);
+    io_t* sk = cv.take<io_t>(C * KS);
+    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    float* sdA = cv.take<float>(C * FA);
+    float* sDQ = cv.take<float>(C * FK);
+    float* sDK = cv.take<float>(C * FK);
+    float* sb = cv.take<float>(BK);  // rowsum(dS' ⊙ S), then the gate sums' start
+    float* sdd = cv.take<float>(C);  // the diagonal of dA
+    float* red = cv.take<float>(RED);
+    check_carve(cv);
+    const int tid = threadIdx.x, hh = blockIdx.y, k0 = blockIdx.z * BK;
+    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
+    const size_t st_at = ((size_t)blockIdx.x * H + hh) * KD * HEAD_V + (size_t)k0 * HEAD_V;
+    load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
+    load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
+#if HAS_G
+    load_gates(sG, g, at.row0, at.rows, H, hh, k0);
+#endif
+    for (int i = tid; i < BK; i += NT) sb[i] = 0.f;
+    for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
+        const bool first = v0 == 0;
+        load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+        load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+        load_mat(sS, VS, states + st_at, HEAD_V, BK, v0, BV);
+        load_mat(sdS, VS, dstates + st_at, HEAD_V, BK, v0, BV);
+        cp_async_wait_all();
+        __syncthreads();
+#if HAS_G
+        for (int i = tid; i < BK; i += NT) {
+            float s = 0.f;
+            for (int c = 0; c < BV; c++) s += to_f(sS[i * VS + c]) * to_f(sdS[i * VS + c]);
+            sb[i] += s;
+        }
+#endif
+        gemm(sdA, FA, mat(sdo, VS, 1), mat(sv, 1, VS), C, C, BV, 1.f, !first);
+        gemm(sDQ, FK, mat(sdo, VS, 1), mat(sS, 1, VS), C, BK, BV, 1.f, !first);
+        gemm(sDK, FK, mat(sv, VS, 1), mat(sdS, 1, VS), C, BK, BV, 1.f, !first);
+        __syncthreads();
+    }
+    // The diagonal of dA aside (its terms, scale dA_ii k_i in dq and scale dA_ii q_i in dk,
+    // are added exactly at the end and cancel in the gate's gradient), dA strictly lower.
+    for (int i = tid; i < C; i += NT) sdd[i] = sdA[i * FA + i];
+    __syncthreads();
+    for (int idx = tid; idx < C * C; idx += NT)
+        if (idx % C >= idx / C) sdA[(idx / C) * FA + idx % C] = 0.f;
+    __syncthreads();
+#if HAS_G
+    const float span = cumsum_gates(sG, red);
+    // The state part's sum over the chunk, Σ_j k_j ⊙ dk_j[state], into the start of the
+    // gate sums (with e^Γ ⊙ rowsum(dS' ⊙ S)); then dk's state part in sDK.
+    for (int c = tid; c < BK; c += NT) {
+        const float gl = sG[(C - 1) * BK + c];
+        float y = 0.f;
+        for (int j = 0; j < C; j++) {
+            const float d = sDK[j * FK + c] * EXP(gl - sG[j * BK + c]);
+            y += to_f(sk[j * KS + c]) * d;
+            sDK[j * FK + c] = d;
+        }
+        sb[c] = EXP(gl) * sb[c] + y;
+    }
+    __syncthreads();
+    if (span > SAFE_EXP) {
+        // Term by term: dq = scale (do S^T ⊙ e^G + Σ_j dA_ij k_j e^(G_i-G_j)),
+        // dk += scale Σ_i dA_ij q_i e^(G_i-G_j).
+        for (int idx = tid; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            const float gi = sG[idx];
+            float sq_ = sDQ[i * FK + c] * EXP(gi), sk_ = 0.f;
+            for (int j = 0; j < i; j++)
+                sq_ += sdA[i * FA + j] * to_f(sk[j * KS + c]) * EXP(gi - sG[j * BK + c]);
+            for (int j = i + 1; j < C; j++)
+                sk_ += sdA[j * FA + i] * to_f(sq[j * KS + c]) * EXP(sG[j * BK + c] - gi);
+            sDQ[i * FK + c] = scale * sq_;
+            sDK[i * FK + c] += scale * sk_;
+        }
+        __syncthreads();
+    } else {
+        // Scaled copies in place of q and k: raw values are read again from global memory.
+        for (int idx = tid; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
+            sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(-sG[idx]));
+            // dk's state part over e^-G, to take the intra part's e^-G with it.
+            sDK[i * FK + c] *= EXP(sG[idx]);
+        }
+        __syncthreads();
+        gemm(sDQ, FK, mat(sdA, FA, 1), mat(sk, KS, 1), C, BK, C, 1.f, true);
+        gemm(sDK, FK, mat(sdA, 1, FA), mat(sq, KS, 1), C, BK, C, scale, true);
+        __syncthreads();
+        for (int idx = tid; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            sDQ[i * FK + c] *= scale * EXP(sG[idx]);
+            sDK[i * FK + c] *= EXP(-sG[idx]);
+        }
+        __syncthreads();
+    }
+#else
+    gemm(sDQ, FK, mat(sdA, FA, 1), mat(sk, KS, 1), C, BK, C, 1.f, true);
+    gemm(sDK, FK, mat(sdA, 1, FA), mat(sq, KS, 1), C, BK, C, scale, true);
+    __syncthreads();
+#endif
+    // Write dq and dk with their diagonal terms; with a gate, X = q ⊙ dq - k ⊙ dk without them
+    // into sDQ (dk's state part included: the sums' start takes it back out).
+    for (int idx = tid; idx < C * BK; idx += NT) {
+        const int i = idx / BK, c = idx % BK;
+        const size_t gat = ((at.row0 + i) * H + hh) * KD + k0 + c;
+        const bool ok = i < at.rows;
+        const float dqv = HAS_G ? sDQ[i * FK + c] : scale * sDQ[i * FK + c];
+        const float dkv = sDK[i * FK + c];
+        const float qv = ok ? to_f(q[gat]) : 0.f, kv = ok ? to_f(k[gat]) : 0.f;
+        if (ok) {
+            dq[gat] = from_f(dqv + scale * sdd[i] * kv);
+            dk[gat] = from_f(dkv + scale * sdd[i] * qv);
+        }
+#if HAS_G
+        sDQ[i * FK + c] = qv * dqv - kv * dkv;
+#endif
+    }
+#if HAS_G
+    __syncthreads();
+    // dg_t = Σ_{i≥t} (q⊙dq - k⊙dk)_i + Σ_j k_j⊙dk_j[state] + e^Γ ⊙ rowsum(dS' ⊙ S): the
+    // state part of k⊙dk in the first sum cancels rows j ≥ t of the second, leaving j < t.
+    for (int c = tid; c < BK; c += NT) {
+        float s = sb[c];
+        for (int i = C - 1; i >= 0; i--) {
+            s += sDQ[i * FK + c];
+            sDK[i * FK + c] = s;
+        }
+    }
+    __syncthreads();
+#if G_SCALAR
+    const int warp = tid / 32, lane = tid % 32;
+    for (int i = warp; i < at.rows; i += NW) {
+        float s = 0.f;
+        for (int c = lane; c < BK; c += 32) s += sDK[i * FK + c];
+        s = warp_sum(s);
+        if (lane == 0) atomicAdd(&dgs[(at.row0 + i) * H + hh], s);
+    }
+#else
+    for (int idx = tid; idx < at.rows * BK; idx += NT) {
+        const int i = idx / BK, c = idx % BK;
+        dgk[((at.row0 + i) * H + hh) * KD + k0 + c] = sDK[i * FK + c];
+    }
+#endif
+#endif
+}
+#endif

@@ -1,0 +1,416 @@
+//! The two-level chunk form on the GPU (kernels/gla_chunk.cu): states written at every chunk
+//! boundary by thin sweeps, everything else one block per chunk. Gates that act on keys only
+//! (none, scalar, key); the others take the fused kernels.
+
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use fla_ops::GateKind;
+use fla_tensor::{Error, Result};
+
+use crate::device::{device_err, Gpu};
+use crate::gla::{forced_tile, opt_ptr, Buf, DType, DeviceGla};
+use crate::gla_bwd::{ptr_mut, DeviceGrads, DeviceUpstream, Work};
+
+const SRC: &str = concat!(
+    include_str!("../kernels/common.cuh"),
+    "\n",
+    include_str!("../kernels/gla_chunk.cu")
+);
+/// Rows per chunk.
+pub(crate) const CHUNK: usize = 64;
+const NT: u32 = 256;
+
+/// Whether the two-level kernels take this gate kind.
+pub(crate) fn supports(gate: GateKind) -> bool {
+    matches!(gate, GateKind::None | GateKind::Scalar | GateKind::Key)
+}
+
+/// Where each sequence's chunks start in the list of all chunks, and each chunk's sequence.
+pub(crate) struct Chunks {
+    pub(crate) off: CudaSlice<i32>,
+    pub(crate) seq: CudaSlice<i32>,
+    pub(crate) count: usize,
+}
+
+impl Chunks {
+    pub(crate) fn new(gpu: &Gpu, lens: &[usize], chunk: usize) -> Result<Chunks> {
+        let mut off = vec![0i32];
+        let mut seq = Vec::new();
+        for (n, &len) in lens.iter().enumerate() {
+            let c = len.div_ceil(chunk);
+            off.push(off[n] + c as i32);
+            seq.extend(std::iter::repeat_n(n as i32, c));
+        }
+        let count = seq.len();
+        // cudarc refuses empty uploads: a sequence-less call keeps one unused entry.
+        seq.push(0);
+        let upload = |x: &[i32]| gpu.stream.clone_htod(x).map_err(device_err("upload"));
+        Ok(Chunks {
+            off: upload(&off)?,
+            seq: upload(&seq)?,
+            count,
+        })
+    }
+}
+
+/// What the two-level forward leaves for the backward.
+pub(crate) struct TwoLevel {
+    chunks: Chunks,
+    /// The state at the start of every chunk [chunks, H, K, V].
+    states: Buf,
+    /// Every chunk's attention matrix A, scale included [tokens, H, CHUNK].
+    attn: Buf,
+}
+
+/// The widest of 128, 64, 48, 32, 16 that divides `size` and is at most `max`.
+fn tile(size: usize, max: usize) -> usize {
+    [128, 64, 48, 32, 16]
+        .into_iter()
+        .find(|&t| t <= max && size.is_multiple_of(t))
+        .expect("head sizes are multiples of 16")
+}
+
+/// Bytes of one kernel's shared memory: its regions in the kernel's order, each rounded up
+/// to 16 bytes as `Carve::take` does.
+fn carve(regions: &[usize]) -> usize {
+    regions.iter().map(|b| b.next_multiple_of(16)).sum()
+}
+
+/// The kernels of gla_chunk.cu, in the order of their KERNEL numbers.
+const KERNELS: [&str; 6] = [
+    "chunk_states",
+    "chunk_attn",
+    "chunk_out",
+    "chunk_dstates",
+    "chunk_dv",
+    "chunk_dqk",
+];
+
+/// The tiles of one kernel, the sweeps' buffers and its shared memory.
+struct Shape {
+    bk: usize,
+    bv: usize,
+    buffers: usize,
+    smem: usize,
+}
+
+impl Shape {
+    fn new(kernel: &str, d: &DeviceGla, bk: usize, bv: usize) -> Shape {
+        Shape::buffered(kernel, d, (bk, bv), 1)
+    }
+
+    /// A sweep's shape: `buffers` (1 or 2) sets of chunk rows.
+    fn buffered(kernel: &str, d: &DeviceGla, (bk, bv): (usize, usize), buffers: usize) -> Shape {
+        let io = d.dtype.bytes();
+        let pad = 16 / io;
+        let c = CHUNK;
+        let (ks, vs, a_s) = ((bk + pad) * io, (bv + pad) * io, (c + pad) * io);
+        let (fk, fv, fa) = ((bk + 4) * 4, (bv + 4) * 4, (c + 4) * 4);
+        // The scratch RED of the kernel: 4 floats and cumsum_gates' TPC x BK part totals.
+        let tpc = [16, 8, 4, 2, 1]
+            .into_iter()
+            .find(|&t| t <= NT as usize / bk)
+            .unwrap_or(1);
+        let red = (4 + tpc * bk) * 4;
+        let gates = if d.gate == GateKind::None {
+            0
+        } else {
+            c * bk * 4
+        };
+        let regions: Vec<usize> = match kernel {
+            "chunk_states" | "chunk_dstates" => {
+                let mut r = [c * ks, c * vs, gates].repeat(buffers);
+                r.extend([bk * fv, red]);
+                r
+            }
+            "chunk_attn" => vec![c * ks, c * ks, gates, c * fa, c * 4, red],
+            "chunk_out" | "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, c * fv, red],
+            "chunk_dqk" => vec![
+                c * vs,
+                c * vs,
+                bk * vs,
+                bk * vs,
+                c * ks,
+                c * ks,
+                gates,
+                c * fa,
+                c * fk,
+                c * fk,
+                bk * 4,
+                c * 4,
+                red,
+            ],
+            _ => unreachable!("no kernel {kernel}"),
+        };
+        Shape {
+            bk,
+            bv,
+            buffers,
+            smem: carve(&regions),
+        }
+    }
+}
+
+fn s_event(
+    gpu: &Gpu,
+    flags: Option<cudarc::driver::sys::CUevent_flags>,
+) -> Result<cudarc::driver::CudaEvent> {
+    gpu.stream.record_event(flags).map_err(device_err("event"))
+}
+
+impl DeviceGla {
+    fn two_level_defines(
+        &self,
+        kernel: &str,
+        shape: &Shape,
+        has_dht: bool,
+    ) -> Vec<(&'static str, i64)> {
+        let index = KERNELS
+            .iter()
+            .position(|&k| k == kernel)
+            .expect("a kernel of gla_chunk.cu");
+        let mut d = self.defines(CHUNK, NT);
+        d.extend([
+            ("KERNEL", index as i64),
+            ("BK", shape.bk as i64),
+            ("BV", shape.bv as i64),
+            ("NBUF", shape.buffers as i64),
+            ("HAS_DHT", i64::from(has_dht)),
+        ]);
+        d
+    }
+
+    /// A sweep's shape: the tiles of [`DeviceGla::sweep_tiles`]; two buffers (loads
+    /// overlapping work) when its blocks cannot fill the GPU anyway, else one (more blocks per
+    /// SM).
+    fn sweep_shape(&self, gpu: &Gpu, kernel: &str) -> Shape {
+        let (bk, bv) = self.sweep_tiles(gpu);
+        let blocks = self.n_seqs * self.h * (self.dk / bk) * (self.dv / bv);
+        let buffers = match std::env::var("FLA_CHUNK_SWEEP_BUFFERS").as_deref() {
+            Ok("1") => 1,
+            Ok("2") => 2,
+            _ if blocks < 2 * gpu.sms() => 2,
+            _ => 1,
+        };
+        Shape::buffered(kernel, self, (bk, bv), buffers)
+    }
+
+    /// The sweeps' tiles: the widest that divide the head sizes (at most 64), narrowed (the
+    /// wider first) while that leaves fewer blocks than two per SM.
+    fn sweep_tiles(&self, gpu: &Gpu) -> (usize, usize) {
+        let narrower =
+            |size: usize, t: usize| (t > 16).then(|| tile(size, t - 16)).filter(|&n| n < t);
+        let (mut bk, mut bv) = (tile(self.dk, 64), tile(self.dv, 64));
+        let blocks = |bk: usize, bv: usize| self.n_seqs * self.h * (self.dk / bk) * (self.dv / bv);
+        while blocks(bk, bv) < 2 * gpu.sms() {
+            match (narrower(self.dk, bk), narrower(self.dv, bv)) {
+                (_, Some(v)) if bv >= bk => bv = v,
+                (Some(k), _) => bk = k,
+                (None, Some(v)) => bv = v,
+                (None, None) => break,
+            }
+        }
+        (
+            forced_tile("FLA_CHUNK_SWEEP_BK")
+                .filter(|&t| self.dk.is_multiple_of(t))
+                .unwrap_or(bk),
+            forced_tile("FLA_CHUNK_SWEEP_BV")
+                .filter(|&t| self.dv.is_multiple_of(t))
+                .unwrap_or(bv),
+        )
+    }
+
+    /// The V tile of chunk_out and chunk_dv (FLA_CHUNK_BV forces one).
+    fn value_tile(&self) -> usize {
+        forced_tile("FLA_CHUNK_BV")
+            .filter(|&t| self.dv.is_multiple_of(t))
+            .unwrap_or(tile(self.dv, 64))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_chunk_kernel(
+        &self,
+        gpu: &Gpu,
+        name: &str,
+        shape: &Shape,
+        has_dht: bool,
+        grid: (usize, usize, usize),
+        ptrs: &[u64],
+        scale: bool,
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let defines = self.two_level_defines(name, shape, has_dht);
+        let trace = std::env::var_os("FLA_TRACE_KERNELS").is_some();
+        if trace {
+            eprintln!("{name}: compiling or loading");
+        }
+        let f = gpu.function(SRC, name, &defines, shape.smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block_dim: (NT, 1, 1),
+            shared_mem_bytes: shape.smem as u32,
+        };
+        let h = self.h as i32;
+        let mut l = gpu.stream.launch_builder(&f);
+        for p in ptrs {
+            l.arg(p);
+        }
+        l.arg(&h);
+        if scale {
+            l.arg(&self.scale);
+        }
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = if trace {
+            Some(s_event(gpu, timed)?)
+        } else {
+            None
+        };
+        unsafe { l.launch(cfg) }.map_err(device_err("chunk kernel launch"))?;
+        if let Some(start) = start {
+            // Each launch waited for and timed, for finding a slow or failing kernel.
+            let end = s_event(gpu, timed)?;
+            end.synchronize().map_err(device_err(name))?;
+            let ms = start.elapsed_ms(&end).map_err(device_err("event"))?;
+            eprintln!(
+                "{name} grid {grid:?} tiles {}x{} {ms:.4} ms",
+                shape.bk, shape.bv
+            );
+        }
+        Ok(())
+    }
+
+    /// The forward in two levels: states, attention matrices, outputs.
+    pub(crate) fn forward_two_level(&mut self, gpu: &Gpu) -> Result<()> {
+        let chunks = Chunks::new(gpu, &self.lens, CHUNK)?;
+        let n_chunks = chunks.count;
+        let states = Buf::zeros(
+            gpu,
+            (n_chunks * self.h * self.dk * self.dv).max(1),
+            self.dtype,
+        )?;
+        let attn = Buf::zeros(gpu, (self.b * self.t * self.h * CHUNK).max(1), self.dtype)?;
+        let mut tl = TwoLevel {
+            chunks,
+            states,
+            attn,
+        };
+        let [q, k, v, g, _, _, h0] = self.input_ptrs(gpu);
+        let s = &gpu.stream;
+        let cu = self.cu_seqlens.device_ptr(s).0;
+        let (off, seq) = (tl.chunks.off.device_ptr(s).0, tl.chunks.seq.device_ptr(s).0);
+        let (st, a) = (tl.states.ptr_mut(gpu), tl.attn.ptr_mut(gpu));
+        let o = self.o.ptr_mut(gpu);
+        let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
+        let (dk, dv) = (self.dk, self.dv);
+
+        let sweep = self.sweep_shape(gpu, "chunk_states");
+        let (bk, bv) = (sweep.bk, sweep.bv);
+        let seqs = self.n_seqs * self.h;
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_states",
+            &sweep,
+            false,
+            (dv / bv, dk / bk, seqs),
+            &[k, v, g, h0, st, ht, cu, off],
+            false,
+        )?;
+        let attn = Shape::new("chunk_attn", self, tile(dk, 64), 16);
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_attn",
+            &attn,
+            false,
+            (n_chunks, self.h, 1),
+            &[q, k, g, a, cu, off, seq],
+            true,
+        )?;
+        let out = Shape::new("chunk_out", self, tile(dk, 64), self.value_tile());
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_out",
+            &out,
+            false,
+            (n_chunks, self.h, dv / out.bv),
+            &[q, v, g, st, a, o, cu, off, seq],
+            true,
+        )?;
+        self.two_level = Some(tl);
+        Ok(())
+    }
+
+    /// The backward in two levels, after [`DeviceGla::forward_two_level`].
+    pub(crate) fn backward_two_level(&mut self, gpu: &Gpu, up: &DeviceUpstream) -> Result<()> {
+        if !matches!(
+            self.grads,
+            Some(DeviceGrads {
+                work: Work::TwoLevel,
+                ..
+            })
+        ) {
+            self.grads = Some(self.alloc_grads(gpu, Work::TwoLevel)?);
+        }
+        let tl = self
+            .two_level
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("the GPU backward needs the forward run first".into()))?;
+        let n_chunks = tl.chunks.count;
+        let mut dstates = Buf::zeros(
+            gpu,
+            (n_chunks * self.h * self.dk * self.dv).max(1),
+            self.dtype,
+        )?;
+        let [q, k, v, g, _, _, _] = self.input_ptrs(gpu);
+        let s = &gpu.stream;
+        let cu = self.cu_seqlens.device_ptr(s).0;
+        let (off, seq) = (tl.chunks.off.device_ptr(s).0, tl.chunks.seq.device_ptr(s).0);
+        let (st, a) = (tl.states.ptr(gpu), tl.attn.ptr(gpu));
+        let dst = dstates.ptr_mut(gpu);
+        let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
+        let has_dht = up.dht.is_some();
+        let (dk_, dv_) = (self.dk, self.dv);
+        let gr = self.grads.as_mut().expect("allocated above");
+        if let Some(x) = gr.dg_scalar.as_mut() {
+            s.memset_zeros(x).map_err(device_err("memset"))?;
+        }
+        let (dq, dk, dv) = (gr.dq.ptr_mut(gpu), gr.dk.ptr_mut(gpu), gr.dv.ptr_mut(gpu));
+        let (dgk, dgs) = (ptr_mut(&mut gr.dgk, gpu), ptr_mut(&mut gr.dg_scalar, gpu));
+        let dh0 = ptr_mut(&mut gr.dh0, gpu);
+
+        let sweep = self.sweep_shape(gpu, "chunk_dstates");
+        let (bk, bv) = (sweep.bk, sweep.bv);
+        let seqs = self.n_seqs * self.h;
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_dstates",
+            &sweep,
+            has_dht,
+            (dv_ / bv, dk_ / bk, seqs),
+            &[q, g, d_o, dht, dst, dh0, cu, off],
+            true,
+        )?;
+        let dvs = Shape::new("chunk_dv", self, tile(dk_, 64), self.value_tile());
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_dv",
+            &dvs,
+            has_dht,
+            (n_chunks, self.h, dv_ / dvs.bv),
+            &[k, g, d_o, a, dst, dv, cu, off, seq],
+            false,
+        )?;
+        let max_bv = if self.dtype == DType::Bf16 { 32 } else { 64 };
+        let dqk = Shape::new("chunk_dqk", self, tile(dk_, 64), tile(dv_, max_bv));
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_dqk",
+            &dqk,
+            has_dht,
+            (n_chunks, self.h, dk_ / dqk.bk),
+            &[q, k, v, g, d_o, st, dst, dq, dk, dgk, dgs, cu, off, seq],
+            true,
+        )?;
+        Ok(())
+    }
+}
