@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 
 status=0
 for t in .gpu/test-*; do
   echo "== $t"
-  "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/tests.log" | grep -E "^(test |T=|varlen|strength|decode|thread|error|  left|assert)|panicked|relative" 
+  FLA_POISON_UNINIT=1 "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/tests.log" | grep -E "^(test |T=|varlen|strength|decode|thread|error|  left|assert)|panicked|relative" 
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 echo "== fla bench cuda"

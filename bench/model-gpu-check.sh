@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export FLA_REQUIRE_CUDA=1 FLA_CACHE_DIR=/tmp/fk
-.gpu/test-gpu_layers --test-threads 1 2>&1 | grep -E "test result|panicked" | tee "$OUT/tests.log"
-.gpu/test-gpu_model --nocapture --test-threads 1 2>&1 | grep -E "loss|logits|test result|panicked|off by" | tee -a "$OUT/tests.log"
+# The tests run with unwritten buffers poisoned (NaN); the benchmarks without.
+FLA_POISON_UNINIT=1 .gpu/test-gpu_layers --test-threads 1 2>&1 | grep -E "test result|panicked" | tee "$OUT/tests.log"
+FLA_POISON_UNINIT=1 .gpu/test-gpu_model --nocapture --test-threads 1 2>&1 | grep -E "loss|logits|test result|panicked|off by" | tee -a "$OUT/tests.log"
 .gpu/fla bench train --json "$OUT/train-ours.json" 2>&1 | tee "$OUT/train-ours.txt"
 if [[ -f .gpu/data/brown.txt ]]; then
     .gpu/fla train --data .gpu/data/brown.txt --device cuda --steps 300 --batch-size 32 --seq-len 256 \

@@ -76,6 +76,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
     for _ in 0..2 {
         step(&mut model)?;
     }
+    model.submit_secs = 0.0;
     let start = Instant::now();
     let mut loss = 0.0;
     for _ in 0..a.steps {
@@ -89,6 +90,10 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
         params as f64 / 1e6
     );
     println!("step {:.1} ms, {tokens_per_s:.0} tokens/s, device memory in use after the forward {gib:.2} GiB, loss {loss:.4}", secs * 1e3);
+    println!(
+        "host time submitting a step's forward and backward: {:.1} ms",
+        model.submit_secs * 1e3 / a.steps.max(1) as f64
+    );
     let phases = model.profile();
     if !phases.is_empty() {
         let steps = (a.steps + 2) as f64;

@@ -1,7 +1,8 @@
 // Chunkwise GLA in two levels (the paper's "chunk" form with materialised states), for the
-// gates that act on keys only (none, scalar, key): thin sweeps carry the state between
-// chunks and write it at every chunk boundary; everything else runs one block per chunk, in
-// parallel over the whole batch.
+// gates that act on keys only (none, scalar, key): every chunk's own part of the state comes
+// from one block per chunk, an element-wise scan over chunks turns the parts into the state at
+// every chunk boundary, and everything else runs one block per chunk, in parallel over the
+// whole batch.
 //
 // Per chunk of C rows, with G the chunk-local inclusive cumulative gate, Γ its last row,
 // S the state at the chunk's start and dS' the gradient of the state at its end:
@@ -13,6 +14,10 @@
 //   dk = scale (dA^T Q̃) ⊙ e^-G + (v dS'^T) ⊙ e^(Γ-G)
 //   dv = A^T do + K̂ dS'
 //   dS = e^Γ ⊙ dS' + scale Q̃^T do
+// So the state at a chunk's end is e^Γ ⊙ (its start) + U with U = K̂^T v the chunk's own
+// part, and the gradient at its start is e^Γ ⊙ (its end's) + W with W = scale Q̃^T do: both
+// parts come from one block per chunk, and a scan over chunks (one thread per state element,
+// a multiply-add per chunk) chains them.
 // When a key tile's total decay max(-Γ) exceeds SAFE_EXP, e^-G could overflow: that tile's
 // intra-chunk sums are taken term by term with exact exponents instead (slow; only for gates
 // far stronger than trained models use). Every other exponent is of a non-positive number.
@@ -22,18 +27,20 @@
 //   dg_t = Σ_{i≥t} X_i + Σ_{j<t} Y_j + e^Γ ⊙ rowsum(dS' ⊙ S)
 // (the state enters through e^Γ ⊙ S and through K̂, the rows j < t through e^(Γ-G_j)).
 //
-// Kernels, in the order they run:
-//   chunk_states    sweep per (V tile, K tile, sequence, head): writes S of every chunk
-//                   (io_t) and the final state
+// Kernels, in the order they run (KERNEL 0-7, one per module, so that a configuration
+// compiles only what it runs):
+//   chunk_kv        per (chunk, K tile): U into the chunk's state slot (io_t), and Γ (f32)
+//   chunk_scan      per (sequence, head, state elements): the slots become S at every chunk
+//                   start, in place; the final state
 //   chunk_attn      per chunk: A (io_t, [tokens, H, C])
 //   chunk_out       per (chunk, V tile): o
-//   chunk_dstates   reverse sweep: dS' of every chunk (io_t) and dh0
+//   chunk_qdo       per (chunk, K tile): W into the chunk's slot of dS'
+//   chunk_scan_back the scan backwards: dS' at every chunk end, in place; dh0
 //   chunk_dv        per (chunk, V tile): dv
 //   chunk_dqk       per (chunk, K tile): dq, dk and the gate's gradient
 //
-// Settings (-D): KERNEL (which of the six, in the order above, 0-5: one per module, so that
-// a configuration compiles only what it runs), HEAD_K, HEAD_V, CHUNK, BK, BV (the kernel's
-// tiles), NBUF (the sweeps' buffers), HAS_G, G_SCALAR, HAS_H0, HAS_DHT.
+// Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK, BK, BV (the kernel's tiles), HAS_G, G_SCALAR,
+// HAS_H0, HAS_DHT.
 
 #define KD HEAD_K
 #define C CHUNK
@@ -145,103 +152,135 @@ __device__ __forceinline__ ChunkAt chunk_at(int cg, const int* cu, const int* ch
 }
 
 // ---------------------------------------------------------------------------------------
-// The sweeps walk a sequence's chunks with one tile of the state (or of its gradient) in
-// shared memory. With NBUF = 2 the next chunk's rows load while the current one is worked on
-// (for few, long sequences); with NBUF = 1 they load after it, and the shared memory left lets
-// more blocks share an SM. Per chunk: keys (or queries) C x BK, values (or do) C x BV, gates
-// C x BK.
-struct SweepBuf {
-    io_t* x[NBUF];
-    io_t* y[NBUF];
-    float* G[NBUF];
-};
-
-__device__ __forceinline__ SweepBuf sweep_buffers(Carve& cv) {
-    SweepBuf b;
-    for (int i = 0; i < NBUF; i++) {
-        b.x[i] = cv.take<io_t>(C * KS);
-        b.y[i] = cv.take<io_t>(C * VS);
-        b.G[i] = cv.take<float>(HAS_G ? C * BK : 0);
-    }
-    return b;
-}
-
-// Starts loading chunk rows [row0, row0 + rows) into buffer `i`, as one committed group.
-__device__ __forceinline__ void sweep_load(const SweepBuf& b, int i, const io_t* x, const io_t* y,
-                                           const float* g, size_t row0, int rows, int H, int hh,
-                                           int k0, int v0) {
-    load_tile(b.x[i], KS, x, row0, rows, C, H, hh, KD, k0, BK);
-    load_tile(b.y[i], VS, y, row0, rows, C, H, hh, HEAD_V, v0, BV);
-#if HAS_G
-    load_gates(b.G[i], g, row0, rows, H, hh, k0);
-#endif
-    cp_async_commit();
-}
-
-// The state at every chunk boundary: grid (HEAD_V / BV, KD / BK, sequences x H).
-#if KERNEL == 0
-extern "C" __global__ void __launch_bounds__(NT) chunk_states(
-    const io_t* __restrict__ k, const io_t* __restrict__ v, const float* __restrict__ g,
-    const float* __restrict__ h0, io_t* __restrict__ states, float* __restrict__ ht,
-    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H) {
+// A chunk's own part of the state, U = K̂^T v with K̂ = k ⊙ e^(Γ-G) (chunk_kv, which also
+// writes Γ), or of its gradient, W = scale Q̃^T do with Q̃ = q ⊙ e^G (chunk_qdo), into the
+// chunk's slot [KD, HEAD_V] of `out`: grid (chunks, H, KD / BK), the value columns walked BV
+// at a time. Both exponents are of non-positive numbers.
+#if KERNEL == 0 || KERNEL == 4
+template <bool FWD>
+__device__ __forceinline__ void chunk_part(const io_t* __restrict__ x, const io_t* __restrict__ y,
+                                           const float* __restrict__ g, io_t* __restrict__ out,
+                                           float* __restrict__ gam, const int* __restrict__ cu,
+                                           const int* __restrict__ chunk_off,
+                                           const int* __restrict__ chunk_seq, int H, float alpha) {
     Carve cv{smem};
-    const SweepBuf buf = sweep_buffers(cv);
-    float* sS = cv.take<float>(BK * FV);
+    io_t* sx = cv.take<io_t>(C * KS);
+    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    io_t* sy = cv.take<io_t>(C * VS);
+    float* sU = cv.take<float>(BK * FV);
     float* red = cv.take<float>(RED);
     check_carve(cv);
-    const int v0 = blockIdx.x * BV, k0 = blockIdx.y * BK;
-    const int n = blockIdx.z / H, hh = blockIdx.z % H;
-    const int bos = cu[n], len = cu[n + 1] - bos;
-    const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V;
-    for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
-        const int i = idx / BV, c = idx % BV;
-        sS[i * FV + c] = HAS_H0 ? h0[state_at + (size_t)(k0 + i) * HEAD_V + v0 + c] : 0.f;
-    }
-    if (len > 0) sweep_load(buf, 0, k, v, g, bos, min(C, len), H, hh, k0, v0);
-    __syncthreads();
-    for (int c0 = 0, cg = chunk_off[n], cur = 0; c0 < len; c0 += C, cg++, cur = (cur + 1) % NBUF) {
-        io_t* st = states + ((size_t)cg * H + hh) * KD * HEAD_V;
-        for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
-            const int i = idx / BV, c = idx % BV;
-            st[(size_t)(k0 + i) * HEAD_V + v0 + c] = from_f(sS[i * FV + c]);
-        }
-        const bool next = c0 + C < len;
-        const size_t next_row = (size_t)bos + c0 + C;
-        if (NBUF == 2 && next) {
-            sweep_load(buf, cur ^ 1, k, v, g, next_row, min(C, len - c0 - C), H, hh, k0, v0);
-            cp_async_wait_prior();
-        } else {
-            cp_async_wait_all();
-        }
-        __syncthreads();
-        io_t* sk = buf.x[cur];
+    const int tid = threadIdx.x, hh = blockIdx.y, k0 = blockIdx.z * BK;
+    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
+    load_tile(sx, KS, x, at.row0, at.rows, C, H, hh, KD, k0, BK);
 #if HAS_G
-        float* sG = buf.G[cur];
-        cumsum_gates(sG, red);
-        for (int idx = threadIdx.x; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(sG[(C - 1) * BK + c] - sG[idx]));
-        }
-        for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
-            const int i = idx / BV, c = idx % BV;
-            sS[i * FV + c] *= EXP(sG[(C - 1) * BK + i]);
-        }
-        __syncthreads();
+    load_gates(sG, g, at.row0, at.rows, H, hh, k0);
 #endif
-        gemm(sS, FV, mat(sk, 1, KS), mat(buf.y[cur], VS, 1), BK, BV, C, 1.f, true);
+    cp_async_wait_all();
+    __syncthreads();
+#if HAS_G
+    cumsum_gates(sG, red);  // rows past the chunk's end hold zero gates: Γ is the last row
+    for (int idx = tid; idx < C * BK; idx += NT) {
+        const int i = idx / BK, c = idx % BK;
+        const float e = FWD ? sG[(C - 1) * BK + c] - sG[idx] : sG[idx];
+        sx[i * KS + c] = from_f(to_f(sx[i * KS + c]) * EXP(e));
+    }
+    if (FWD)
+        for (int c = tid; c < BK; c += NT)
+            gam[((size_t)blockIdx.x * H + hh) * KD + k0 + c] = sG[(C - 1) * BK + c];
+#endif
+    io_t* dst = out + (((size_t)blockIdx.x * H + hh) * KD + k0) * HEAD_V;
+    for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
+        __syncthreads();  // sx scaled; sy and sU free again
+        load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+        cp_async_wait_all();
         __syncthreads();
-        if (NBUF == 1 && next) sweep_load(buf, 0, k, v, g, next_row, min(C, len - c0 - C), H, hh, k0, v0);
+        gemm(sU, FV, mat(sx, 1, KS), mat(sy, VS, 1), BK, BV, C, alpha, false);
+        __syncthreads();
+        for (int idx = tid; idx < BK * BV; idx += NT) {
+            const int i = idx / BV, c = idx % BV;
+            dst[(size_t)i * HEAD_V + v0 + c] = from_f(sU[i * FV + c]);
+        }
     }
-    for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
-        const int i = idx / BV, c = idx % BV;
-        ht[state_at + (size_t)(k0 + i) * HEAD_V + v0 + c] = sS[i * FV + c];
+}
+#endif
+
+#if KERNEL == 0
+extern "C" __global__ void __launch_bounds__(NT) chunk_kv(
+    const io_t* __restrict__ k, const io_t* __restrict__ v, const float* __restrict__ g,
+    io_t* __restrict__ states, float* __restrict__ gam, const int* __restrict__ cu,
+    const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H) {
+    chunk_part<true>(k, v, g, states, gam, cu, chunk_off, chunk_seq, H, 1.f);
+}
+#endif
+
+#if KERNEL == 4
+extern "C" __global__ void __launch_bounds__(NT) chunk_qdo(
+    const io_t* __restrict__ q, const io_t* __restrict__ d_o, const float* __restrict__ g,
+    io_t* __restrict__ dstates, const int* __restrict__ cu, const int* __restrict__ chunk_off,
+    const int* __restrict__ chunk_seq, int H, float scale) {
+    chunk_part<false>(q, d_o, g, dstates, nullptr, cu, chunk_off, chunk_seq, H, scale);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// The scan over a sequence's chunks, in place, one thread per state element (k, v): grid
+// (sequences x H, KD * HEAD_V / NT rounded up). Forward (chunk_scan): slot i holds U_i and
+// becomes S_i, the state at chunk i's start: S_0 = h0 (or 0), S_{i+1} = e^Γ_i ⊙ S_i + U_i,
+// and ht = the state after the last chunk. Backward (chunk_scan_back): slot i holds W_i and
+// becomes dS'_i, the gradient of the state at chunk i's end: dS'_last = dht (or 0),
+// dS'_{i-1} = e^Γ_i ⊙ dS'_i + W_i, and dh0 = the gradient at the first chunk's start. Each
+// thread reads its slot before writing it; the next chunk's part and decay load ahead.
+#if KERNEL == 1 || KERNEL == 5
+template <bool BACK>
+__device__ __forceinline__ void scan(io_t* __restrict__ slots, const float* __restrict__ gam,
+                                     const float* __restrict__ init, float* __restrict__ fin,
+                                     const int* __restrict__ chunk_off, int H, bool has_init,
+                                     bool has_fin) {
+    const int e = blockIdx.y * NT + threadIdx.x;
+    if (e >= KD * HEAD_V) return;
+    const int n = blockIdx.x / H, hh = blockIdx.x % H, key = e / HEAD_V;
+    const int first = chunk_off[n], chunks = chunk_off[n + 1] - first;
+    const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V + e;
+    auto chunk = [&](int step) { return first + (BACK ? chunks - 1 - step : step); };
+    auto slot = [&](int step) { return slots + ((size_t)chunk(step) * H + hh) * KD * HEAD_V + e; };
+    auto decay = [&](int step) {
+        return HAS_G ? EXP(gam[((size_t)chunk(step) * H + hh) * KD + key]) : 1.f;
+    };
+    float s = has_init ? init[state_at] : 0.f;
+    float part = chunks > 0 ? to_f(*slot(0)) : 0.f, dec = chunks > 0 ? decay(0) : 1.f;
+    for (int step = 0; step < chunks; step++) {
+        const float p = part, d = dec;
+        if (step + 1 < chunks) {
+            part = to_f(*slot(step + 1));
+            dec = decay(step + 1);
+        }
+        *slot(step) = from_f(s);
+        s = d * s + p;
     }
+    if (has_fin) fin[state_at] = s;
+}
+#endif
+
+#if KERNEL == 1
+extern "C" __global__ void __launch_bounds__(NT) chunk_scan(
+    io_t* __restrict__ states, const float* __restrict__ gam, const float* __restrict__ h0,
+    float* __restrict__ ht, const int* __restrict__ chunk_off, int H) {
+    scan<false>(states, gam, h0, ht, chunk_off, H, HAS_H0, true);
+}
+#endif
+
+#if KERNEL == 5
+extern "C" __global__ void __launch_bounds__(NT) chunk_scan_back(
+    io_t* __restrict__ dstates, const float* __restrict__ gam, const float* __restrict__ dht,
+    float* __restrict__ dh0, const int* __restrict__ chunk_off, int H) {
+    scan<true>(dstates, gam, dht, dh0, chunk_off, H, HAS_DHT, HAS_H0);
 }
 #endif
 
 // ---------------------------------------------------------------------------------------
 // A of every chunk: grid (chunks, H).
-#if KERNEL == 1
+#if KERNEL == 2
 extern "C" __global__ void __launch_bounds__(NT) chunk_attn(
     const io_t* __restrict__ q, const io_t* __restrict__ k, const float* __restrict__ g,
     io_t* __restrict__ a, const int* __restrict__ cu, const int* __restrict__ chunk_off,
@@ -307,7 +346,7 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_attn(
 
 // ---------------------------------------------------------------------------------------
 // o = scale Q̃ S + A v: grid (chunks, H, HEAD_V / BV).
-#if KERNEL == 2
+#if KERNEL == 3
 extern "C" __global__ void __launch_bounds__(NT) chunk_out(
     const io_t* __restrict__ q, const io_t* __restrict__ v, const float* __restrict__ g,
     const io_t* __restrict__ states, const io_t* __restrict__ a, io_t* __restrict__ o,
@@ -356,75 +395,8 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_out(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// dS' of every chunk, last chunk first: grid (HEAD_V / BV, KD / BK, sequences x H).
-#if KERNEL == 3
-extern "C" __global__ void __launch_bounds__(NT) chunk_dstates(
-    const io_t* __restrict__ q, const float* __restrict__ g, const io_t* __restrict__ d_o,
-    const float* __restrict__ dht, io_t* __restrict__ dstates, float* __restrict__ dh0,
-    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H, float scale) {
-    Carve cv{smem};
-    const SweepBuf buf = sweep_buffers(cv);
-    float* sdS = cv.take<float>(BK * FV);
-    float* red = cv.take<float>(RED);
-    check_carve(cv);
-    const int v0 = blockIdx.x * BV, k0 = blockIdx.y * BK;
-    const int n = blockIdx.z / H, hh = blockIdx.z % H;
-    const int bos = cu[n], len = cu[n + 1] - bos;
-    const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V;
-    for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
-        const int i = idx / BV, c = idx % BV;
-        sdS[i * FV + c] = HAS_DHT ? dht[state_at + (size_t)(k0 + i) * HEAD_V + v0 + c] : 0.f;
-    }
-    const int chunks = (len + C - 1) / C;
-    if (chunks > 0) {
-        const int c0 = (chunks - 1) * C;
-        sweep_load(buf, 0, q, d_o, g, (size_t)bos + c0, len - c0, H, hh, k0, v0);
-    }
-    __syncthreads();
-    for (int ci = chunks - 1, cur = 0; ci >= 0; ci--, cur = (cur + 1) % NBUF) {
-        io_t* st = dstates + ((size_t)(chunk_off[n] + ci) * H + hh) * KD * HEAD_V;
-        for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
-            const int i = idx / BV, c = idx % BV;
-            st[(size_t)(k0 + i) * HEAD_V + v0 + c] = from_f(sdS[i * FV + c]);
-        }
-        const size_t next_row = (size_t)bos + (ci - 1) * C;
-        if (NBUF == 2 && ci > 0) {
-            sweep_load(buf, cur ^ 1, q, d_o, g, next_row, C, H, hh, k0, v0);
-            cp_async_wait_prior();
-        } else {
-            cp_async_wait_all();
-        }
-        __syncthreads();
-        io_t* sq = buf.x[cur];
-#if HAS_G
-        float* sG = buf.G[cur];
-        cumsum_gates(sG, red);
-        for (int idx = threadIdx.x; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
-        }
-        for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
-            const int i = idx / BV, c = idx % BV;
-            sdS[i * FV + c] *= EXP(sG[(C - 1) * BK + i]);
-        }
-        __syncthreads();
-#endif
-        gemm(sdS, FV, mat(sq, 1, KS), mat(buf.y[cur], VS, 1), BK, BV, C, scale, true);
-        __syncthreads();
-        if (NBUF == 1 && ci > 0) sweep_load(buf, 0, q, d_o, g, next_row, C, H, hh, k0, v0);
-    }
-#if HAS_H0
-    for (int idx = threadIdx.x; idx < BK * BV; idx += NT) {
-        const int i = idx / BV, c = idx % BV;
-        dh0[state_at + (size_t)(k0 + i) * HEAD_V + v0 + c] = sdS[i * FV + c];
-    }
-#endif
-}
-#endif
-
-// ---------------------------------------------------------------------------------------
 // dv = A^T do + K̂ dS': grid (chunks, H, HEAD_V / BV).
-#if KERNEL == 4
+#if KERNEL == 6
 extern "C" __global__ void __launch_bounds__(NT) chunk_dv(
     const io_t* __restrict__ k, const float* __restrict__ g, const io_t* __restrict__ d_o,
     const io_t* __restrict__ a, const io_t* __restrict__ dstates, io_t* __restrict__ dv,
@@ -476,7 +448,7 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_dv(
 // dq, dk and the gate's gradient: grid (chunks, H, KD / BK); the value columns are walked
 // BV at a time. dgk [tokens, H, KD] (key gate) or dgs [tokens, H] (scalar gate, summed over
 // key tiles by atomics: zero it first).
-#if KERNEL == 5
+#if KERNEL == 7
 extern "C" __global__ void __launch_bounds__(NT) chunk_dqk(
     const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
     const float* __restrict__ g, const io_t* __restrict__ d_o, const io_t* __restrict__ states,

@@ -3,19 +3,20 @@
 // in the element type io_t (bf16 or f32, -DUSE_BF16), and so are the SwiGLU and output-gate
 // inputs (products write them). Statistics, gates, the residual stream, the gradients arriving
 // from products and parameter gradients are f32; arithmetic is f32 throughout.
-// Each block (NT threads) owns ROWS consecutive rows; threads stride over the columns.
+// Row-wise kernels give each warp whole rows (rows r = the warp's index, then every
+// gridDim.x * NW rows on): a row's sums are warp shuffles, with no block barrier per row. A
+// block's parameter-gradient partials gather in shared memory (one column accumulator per
+// column of the row) and reach global memory as one atomic per column per block.
 
-#ifndef ROWS
-#define ROWS 16
-#endif
-// Columns a thread holds partial parameter gradients for: width <= NT * MAXC.
+// Columns a row may have in the kernels with column accumulators: width <= NT * MAXC.
 #define MAXC 16
+#define MAXW (NT * MAXC)
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // Sum over the block, returned to every thread (one shared slot per warp).
 __device__ float block_sum(float v, float* red) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(v);
     __syncthreads();
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
     __syncthreads();
@@ -24,42 +25,63 @@ __device__ float block_sum(float v, float* red) {
     return s;
 }
 
+__device__ __forceinline__ int first_row() { return blockIdx.x * NW + (threadIdx.x >> 5); }
+__device__ __forceinline__ int row_step() { return gridDim.x * NW; }
+
+// A block's column accumulators: zeroed before its rows, added into `out` after them.
+__device__ __forceinline__ void cols_zero(float* cols, int width) {
+    for (int j = threadIdx.x; j < width; j += NT) cols[j] = 0.f;
+    __syncthreads();
+}
+__device__ __forceinline__ void cols_flush(const float* cols, float* out, int width) {
+    __syncthreads();
+    for (int j = threadIdx.x; j < width; j += NT) atomicAdd(out + j, cols[j]);
+}
+
 // y = x / sqrt(mean(x^2) + eps) * w (w may be null), rstd = that 1/rms per row.
 extern "C" __global__ void rms_norm_fwd(const float* __restrict__ x, const float* __restrict__ w,
                                         io_t* __restrict__ y, float* __restrict__ rstd, int rows,
                                         int width, float eps) {
-    __shared__ float red[NW];
-    for (int r = blockIdx.x * ROWS; r < min(rows, (int)(blockIdx.x + 1) * ROWS); r++) {
+    const int lane = threadIdx.x & 31;
+    for (int r = first_row(); r < rows; r += row_step()) {
         const float* xr = x + (long)r * width;
         float ss = 0.f;
-        for (int j = threadIdx.x; j < width; j += NT) ss += xr[j] * xr[j];
-        float inv = rsqrtf(block_sum(ss, red) / width + eps);
-        for (int j = threadIdx.x; j < width; j += NT) y[(long)r * width + j] = from_f(xr[j] * inv * (w ? w[j] : 1.f));
-        if (threadIdx.x == 0) rstd[r] = inv;
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) ss += xr[j] * xr[j];
+        const float inv = rsqrtf(warp_sum(ss) / width + eps);
+        io_t* yr = y + (long)r * width;
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) yr[j] = from_f(xr[j] * inv * (w ? w[j] : 1.f));
+        if (lane == 0) rstd[r] = inv;
     }
 }
 
-// With ŵ = w ⊙ dy: dx += r ŵ - x r^3 mean(x ⊙ ŵ); dw += Σ_rows dy ⊙ x r (atomics per block).
+// With ŵ = w ⊙ dy: dx += r ŵ - x r^3 mean(x ⊙ ŵ); dw += Σ_rows dy ⊙ x r. dx_io (may be null)
+// receives the new dx in the element type, for the products that read it next.
 extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float* __restrict__ w,
                                         const float* __restrict__ rstd, const float* __restrict__ dy,
-                                        float* __restrict__ dx, float* __restrict__ dw, int rows,
-                                        int width) {
-    __shared__ float red[NW];
-    float acc[MAXC];
-    for (int i = 0; i < MAXC; i++) acc[i] = 0.f;
-    for (int r = blockIdx.x * ROWS; r < min(rows, (int)(blockIdx.x + 1) * ROWS); r++) {
-        const float *xr = x + (long)r * width, *dyr = dy + (long)r * width;
-        float inv = rstd[r], dot = 0.f;
-        for (int j = threadIdx.x; j < width; j += NT) dot += xr[j] * dyr[j] * (w ? w[j] : 1.f);
-        dot = block_sum(dot, red) / width;
-        for (int j = threadIdx.x, i = 0; j < width; j += NT, i++) {
-            float wd = dyr[j] * (w ? w[j] : 1.f);
-            dx[(long)r * width + j] += inv * wd - xr[j] * inv * inv * inv * dot;
-            acc[i] += dyr[j] * xr[j] * inv;
+                                        float* __restrict__ dx, io_t* __restrict__ dx_io,
+                                        float* __restrict__ dw, int rows, int width) {
+    __shared__ float cols[MAXW];
+    if (dw) cols_zero(cols, width);
+    const int lane = threadIdx.x & 31;
+    for (int r = first_row(); r < rows; r += row_step()) {
+        const long base = (long)r * width;
+        const float *xr = x + base, *dyr = dy + base;
+        const float inv = rstd[r];
+        float dot = 0.f;
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) dot += xr[j] * dyr[j] * (w ? w[j] : 1.f);
+        dot = warp_sum(dot) / width;
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) {
+            const float v = dx[base + j] + inv * dyr[j] * (w ? w[j] : 1.f) - xr[j] * inv * inv * inv * dot;
+            dx[base + j] = v;
+            if (dx_io) dx_io[base + j] = from_f(v);
+            if (dw) atomicAdd(cols + j, dyr[j] * xr[j] * inv);
         }
     }
-    if (dw)
-        for (int j = threadIdx.x, i = 0; j < width; j += NT, i++) atomicAdd(dw + j, acc[i]);
+    if (dw) cols_flush(cols, dw, width);
 }
 
 // The attention output per head: out = rmsnorm(o) * w * silu(g) over rows of width `width`
@@ -67,55 +89,59 @@ extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float
 extern "C" __global__ void norm_gate_fwd(const io_t* __restrict__ o, const io_t* __restrict__ g,
                                          const float* __restrict__ w, io_t* __restrict__ out,
                                          float* __restrict__ rstd, int rows, int width, float eps) {
-    __shared__ float red[NW];
-    for (int r = blockIdx.x * ROWS; r < min(rows, (int)(blockIdx.x + 1) * ROWS); r++) {
-        long base = (long)r * width;
+    const int lane = threadIdx.x & 31;
+    for (int r = first_row(); r < rows; r += row_step()) {
+        const long base = (long)r * width;
         float ss = 0.f;
-        for (int j = threadIdx.x; j < width; j += NT) ss += to_f(o[base + j]) * to_f(o[base + j]);
-        float inv = rsqrtf(block_sum(ss, red) / width + eps);
-        for (int j = threadIdx.x; j < width; j += NT) {
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) ss += to_f(o[base + j]) * to_f(o[base + j]);
+        const float inv = rsqrtf(warp_sum(ss) / width + eps);
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) {
             float v = to_f(o[base + j]) * inv * (w ? w[j] : 1.f);
             if (g) v *= to_f(g[base + j]) * sigmoidf_(to_f(g[base + j]));
             out[base + j] = from_f(v);
         }
-        if (threadIdx.x == 0) rstd[r] = inv;
+        if (lane == 0) rstd[r] = inv;
     }
 }
 
-// Backward of norm_gate_fwd from dout (f32): do (for the GLA backward), dg (for the g
-// projection's backward products) and dw (f32, added).
+// Backward of norm_gate_fwd from dout: do (for the GLA backward), dg (for the g projection's
+// backward products) and dw (f32, added).
 extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const io_t* __restrict__ g,
                                          const float* __restrict__ w, const float* __restrict__ rstd,
-                                         const float* __restrict__ dout, io_t* __restrict__ d_o,
+                                         const io_t* __restrict__ dout, io_t* __restrict__ d_o,
                                          io_t* __restrict__ dg, float* __restrict__ dw, int rows,
                                          int width) {
-    __shared__ float red[NW];
-    float acc[MAXC];
-    for (int i = 0; i < MAXC; i++) acc[i] = 0.f;
-    for (int r = blockIdx.x * ROWS; r < min(rows, (int)(blockIdx.x + 1) * ROWS); r++) {
-        long base = (long)r * width;
-        float inv = rstd[r], dot = 0.f;
+    __shared__ float cols[MAXW];
+    if (dw) cols_zero(cols, width);
+    const int lane = threadIdx.x & 31;
+    for (int r = first_row(); r < rows; r += row_step()) {
+        const long base = (long)r * width;
+        const float inv = rstd[r];
+        float dot = 0.f;
         // dn = d(normalised o): dout times the gate.
-        for (int j = threadIdx.x; j < width; j += NT) {
-            float gate = g ? to_f(g[base + j]) * sigmoidf_(to_f(g[base + j])) : 1.f;
-            dot += to_f(o[base + j]) * dout[base + j] * gate * (w ? w[j] : 1.f);
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) {
+            const float gate = g ? to_f(g[base + j]) * sigmoidf_(to_f(g[base + j])) : 1.f;
+            dot += to_f(o[base + j]) * to_f(dout[base + j]) * gate * (w ? w[j] : 1.f);
         }
-        dot = block_sum(dot, red) / width;
-        for (int j = threadIdx.x, i = 0; j < width; j += NT, i++) {
-            float ov = to_f(o[base + j]), wj = w ? w[j] : 1.f, n = ov * inv;
+        dot = warp_sum(dot) / width;
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) {
+            const float ov = to_f(o[base + j]), wj = w ? w[j] : 1.f, n = ov * inv;
+            const float dv = to_f(dout[base + j]);
             float gate = 1.f;
             if (g) {
-                float gv = to_f(g[base + j]), s = sigmoidf_(gv);
+                const float gv = to_f(g[base + j]), s = sigmoidf_(gv);
                 gate = gv * s;
-                dg[base + j] = from_f(dout[base + j] * n * wj * s * (1.f + gv * (1.f - s)));
+                dg[base + j] = from_f(dv * n * wj * s * (1.f + gv * (1.f - s)));
             }
-            float wd = dout[base + j] * gate * wj;
-            d_o[base + j] = from_f(inv * wd - ov * inv * inv * inv * dot);
-            acc[i] += dout[base + j] * gate * n;
+            d_o[base + j] = from_f(inv * dv * gate * wj - ov * inv * inv * inv * dot);
+            if (dw) atomicAdd(cols + j, dv * gate * n);
         }
     }
-    if (dw)
-        for (int j = threadIdx.x, i = 0; j < width; j += NT, i++) atomicAdd(dw + j, acc[i]);
+    if (dw) cols_flush(cols, dw, width);
 }
 
 // SwiGLU: m = silu(gate) * up.
@@ -127,13 +153,16 @@ extern "C" __global__ void swiglu_fwd(const io_t* __restrict__ gate, const io_t*
     }
 }
 
+// From dm (the down projection's input gradient): dgate, dup, and m again when `m` is not
+// null (the forward's m is not kept; the down projection's weight gradient reads it).
 extern "C" __global__ void swiglu_bwd(const io_t* __restrict__ gate, const io_t* __restrict__ up,
-                                      const float* __restrict__ dm, io_t* __restrict__ dgate,
-                                      io_t* __restrict__ dup, long n) {
+                                      const io_t* __restrict__ dm, io_t* __restrict__ dgate,
+                                      io_t* __restrict__ dup, io_t* __restrict__ m, long n) {
     for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
-        float x = to_f(gate[i]), s = sigmoidf_(x);
-        dgate[i] = from_f(dm[i] * to_f(up[i]) * s * (1.f + x * (1.f - s)));
-        dup[i] = from_f(dm[i] * x * s);
+        const float x = to_f(gate[i]), s = sigmoidf_(x), u = to_f(up[i]), d = to_f(dm[i]);
+        dgate[i] = from_f(d * u * s * (1.f + x * (1.f - s)));
+        dup[i] = from_f(d * x * s);
+        if (m) m[i] = from_f(x * s * u);
     }
 }
 
@@ -154,17 +183,19 @@ extern "C" __global__ void gate_fwd(float* __restrict__ raw, const float* __rest
 extern "C" __global__ void gate_bwd(const float* __restrict__ raw, const float* __restrict__ dg,
                                     io_t* __restrict__ draw, float* __restrict__ dbias, int rows,
                                     int width, float norm, float clamp) {
-    float acc[MAXC];
-    for (int i = 0; i < MAXC; i++) acc[i] = 0.f;
-    for (int r = blockIdx.x * ROWS; r < min(rows, (int)(blockIdx.x + 1) * ROWS); r++)
-        for (int j = threadIdx.x, i = 0; j < width; j += NT, i++) {
-            long at = (long)r * width + j;
-            float x = raw[at], ls = fminf(x, 0.f) - log1pf(__expf(-fabsf(x)));
-            float d = ls / norm < clamp ? 0.f : dg[at] * sigmoidf_(-x) / norm;
+    __shared__ float cols[MAXW];
+    cols_zero(cols, width);
+    const int lane = threadIdx.x & 31;
+    for (int r = first_row(); r < rows; r += row_step())
+#pragma unroll 4
+        for (int j = lane; j < width; j += 32) {
+            const long at = (long)r * width + j;
+            const float x = raw[at], ls = fminf(x, 0.f) - log1pf(__expf(-fabsf(x)));
+            const float d = ls / norm < clamp ? 0.f : dg[at] * sigmoidf_(-x) / norm;
             draw[at] = from_f(d);
-            acc[i] += d;
+            atomicAdd(cols + j, d);
         }
-    for (int j = threadIdx.x, i = 0; j < width; j += NT, i++) atomicAdd(dbias + j, acc[i]);
+    cols_flush(cols, dbias, width);
 }
 
 // Short convolution and SiLU over [B, T, C] (f32 in): pre = Σ_i w[c, i] x[t - W + 1 + i],
@@ -228,35 +259,56 @@ extern "C" __global__ void embed_bwd(const int* __restrict__ ids, const float* _
         atomicAdd(de + (long)ids[i / width] * width + i % width, dx[i]);
 }
 
-// Cross-entropy per row of logits [rows, vocab] (f32) against targets (< 0: ignored):
-// loss[r] = logsumexp - logit[target], and the logits replaced by their gradient
-// (softmax - onehot) * scale (scale = 1 / the number of counted rows).
-extern "C" __global__ void cross_entropy(float* __restrict__ logits, const int* __restrict__ targets,
-                                         float* __restrict__ loss, int rows, int vocab, float scale) {
-    __shared__ float red[NW];
-    for (int r = blockIdx.x * ROWS; r < min(rows, (int)(blockIdx.x + 1) * ROWS); r++) {
-        float* l = logits + (long)r * vocab;
-        int target = targets[r];
+// Merges a running (max, Σ exp(x - max)) pair with another.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    const float mx = fmaxf(m, m2);
+    if (mx == __int_as_float(0xff800000)) return;  // both empty
+    s = s * expf(m - mx) + s2 * expf(m2 - mx);
+    m = mx;
+}
+
+// Cross-entropy per row of logits [rows, vocab] (f32) against targets (< 0: ignored), one
+// block per row: loss[r] = logsumexp - logit[target] (the log-sum-exp in one pass over the
+// row, merging running maxima), and dlogits = (softmax - onehot) * scale in the element type
+// (scale = 1 / the number of counted rows).
+extern "C" __global__ void cross_entropy(const float* __restrict__ logits, const int* __restrict__ targets,
+                                         float* __restrict__ loss, io_t* __restrict__ dlogits, int rows,
+                                         int vocab, float scale) {
+    __shared__ float red_m[NW], red_s[NW];
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* l = logits + (long)r * vocab;
+        io_t* d = dlogits + (long)r * vocab;
+        const int target = targets[r];
         if (target < 0) {
-            for (int j = threadIdx.x; j < vocab; j += NT) l[j] = 0.f;
+            for (int j = threadIdx.x; j < vocab; j += NT) d[j] = from_f(0.f);
             if (threadIdx.x == 0) loss[r] = 0.f;
             continue;
         }
-        float mx = __int_as_float(0xff800000);  // -inf
-        for (int j = threadIdx.x; j < vocab; j += NT) mx = fmaxf(mx, l[j]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float m = __int_as_float(0xff800000), s = 0.f;  // -inf, 0
+        for (int j = threadIdx.x; j < vocab; j += NT) {
+            const float x = l[j];
+            if (x > m) {
+                s = s * expf(m - x) + 1.f;
+                m = x;
+            } else {
+                s += expf(x - m);
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1)
+            lse_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+        __syncthreads();  // the previous row's readers are done with red_*
+        if ((threadIdx.x & 31) == 0) {
+            red_m[threadIdx.x >> 5] = m;
+            red_s[threadIdx.x >> 5] = s;
+        }
         __syncthreads();
-        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-        __syncthreads();
-        mx = __int_as_float(0xff800000);
-        for (int i = 0; i < NW; i++) mx = fmaxf(mx, red[i]);
-        float se = 0.f;
-        for (int j = threadIdx.x; j < vocab; j += NT) se += expf(l[j] - mx);
-        float lse = mx + logf(block_sum(se, red));
-        float lt = l[target];
-        __syncthreads();
-        for (int j = threadIdx.x; j < vocab; j += NT) l[j] = (expf(l[j] - lse) - (j == target)) * scale;
-        if (threadIdx.x == 0) loss[r] = lse - lt;
+        m = red_m[0];
+        s = red_s[0];
+        for (int i = 1; i < NW; i++) lse_merge(m, s, red_m[i], red_s[i]);
+        const float lse = m + logf(s);
+#pragma unroll 4
+        for (int j = threadIdx.x; j < vocab; j += NT) d[j] = from_f((expf(l[j] - lse) - (j == target)) * scale);
+        if (threadIdx.x == 0) loss[r] = lse - l[target];
     }
 }
 

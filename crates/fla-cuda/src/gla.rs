@@ -76,6 +76,15 @@ impl Buf {
         })
     }
 
+    /// A buffer of `n` elements left as the allocator hands it over (no memset): for outputs
+    /// that a kernel or product writes whole before anything reads them. See [`uninit`].
+    pub fn uninit(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
+        Ok(match dtype {
+            DType::F32 => Buf::F32(uninit(gpu, n)?),
+            DType::Bf16 => Buf::Bf16(uninit(gpu, n)?),
+        })
+    }
+
     /// The elements as host f32.
     pub fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let s = &gpu.stream;
@@ -122,6 +131,25 @@ impl Buf {
             Buf::Bf16(b) => b.device_ptr_mut(&gpu.stream).0,
         }
     }
+}
+
+/// `n` elements of device memory that the caller writes whole before reading. With
+/// FLA_POISON_UNINIT=1 (for tests) they start as all-ones bits, a NaN in f32 and bf16, so that
+/// reading an element that nothing wrote shows in the results instead of passing unseen on
+/// memory that happened to be zero.
+pub(crate) fn uninit<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>> {
+    static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let s = &gpu.stream;
+    // SAFETY: any bits are a valid f32 or bf16 pattern; callers write before they read.
+    let mut x = unsafe { s.alloc::<T>(n) }.map_err(device_err("allocation"))?;
+    if *POISON.get_or_init(|| std::env::var("FLA_POISON_UNINIT").as_deref() == Ok("1")) {
+        let bytes = n * std::mem::size_of::<T>();
+        let p = x.device_ptr_mut(s).0;
+        // SAFETY: the range is the allocation just made, on its own stream.
+        unsafe { cudarc::driver::result::memset_d8_async(p, 0xff, bytes, s.cu_stream()) }
+            .map_err(device_err("memset"))?;
+    }
+    Ok(x)
 }
 
 pub(crate) fn opt_ptr(x: &Option<CudaSlice<f32>>, gpu: &Gpu) -> u64 {
@@ -209,7 +237,7 @@ pub(crate) fn threads(var: &str) -> u32 {
 
 /// A tile width (16, 32, 64 or 128) forced by the environment variable `var` instead of the
 /// chosen one, for tuning: FLA_GLA_BV (fused forward V tile), FLA_GLA_BK and FLA_GLA_BVS (fused
-/// backward K tile and V step), FLA_CHUNK_SWEEP_BK/BV and FLA_CHUNK_BV (two-level form). The
+/// backward K tile and V step) and FLA_CHUNK_BV (two-level form: the V tile of its kernels). The
 /// caller checks that it divides the head size and fits.
 pub(crate) fn forced_tile(var: &str) -> Option<usize> {
     let x = std::env::var(var).ok()?.parse().ok()?;

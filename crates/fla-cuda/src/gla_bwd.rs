@@ -178,12 +178,26 @@ impl DeviceGla {
         } else {
             has_g
         };
+        // The two-level kernels write every element of dq, dk, dv and the key gate's gradient;
+        // the fused ones add into some of them.
+        let grad = |n: usize| {
+            if two_level {
+                Buf::uninit(gpu, n, self.dtype)
+            } else {
+                Buf::zeros(gpu, n, self.dtype)
+            }
+        };
+        let dgk = match (per_key, two_level) {
+            (false, _) => None,
+            (true, true) => Some(crate::gla::uninit(gpu, rows * self.dk)?),
+            (true, false) => Some(zeros(gpu, rows * self.dk)?),
+        };
         Ok(DeviceGrads {
-            dq: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
-            dk: Buf::zeros(gpu, rows * self.dk, self.dtype)?,
-            dv: Buf::zeros(gpu, rows * self.dv, self.dtype)?,
+            dq: grad(rows * self.dk)?,
+            dk: grad(rows * self.dk)?,
+            dv: grad(rows * self.dv)?,
             qdq: zeros_if(gpu, has_g && !two_level, rows * self.dk)?,
-            dgk: zeros_if(gpu, per_key, rows * self.dk)?,
+            dgk,
             dg_scalar: zeros_if(gpu, self.gate == GateKind::Scalar, rows)?,
             dgv: zeros_if(gpu, self.gate == GateKind::Both, rows * self.dv)?,
             du: zeros_if(gpu, self.u.is_some(), self.h * self.dk)?,

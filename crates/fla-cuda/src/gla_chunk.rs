@@ -1,6 +1,7 @@
-//! The two-level chunk form on the GPU (kernels/gla_chunk.cu): states written at every chunk
-//! boundary by thin sweeps, everything else one block per chunk. Gates that act on keys only
-//! (none, scalar, key); the others take the fused kernels.
+//! The two-level chunk form on the GPU (kernels/gla_chunk.cu): every chunk's own part of the
+//! state from one block per chunk, a scan over chunks that makes the state at every chunk
+//! boundary of them, everything else one block per chunk. Gates that act on keys only (none,
+//! scalar, key); the others take the fused kernels.
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use fla_ops::GateKind;
@@ -57,6 +58,8 @@ pub(crate) struct TwoLevel {
     chunks: Chunks,
     /// The state at the start of every chunk [chunks, H, K, V].
     states: Buf,
+    /// Every chunk's total gate Γ [chunks, H, K] (f32; unused without gates).
+    gam: CudaSlice<f32>,
     /// Every chunk's attention matrix A, scale included [tokens, H, CHUNK].
     attn: Buf,
 }
@@ -76,30 +79,26 @@ fn carve(regions: &[usize]) -> usize {
 }
 
 /// The kernels of gla_chunk.cu, in the order of their KERNEL numbers.
-const KERNELS: [&str; 6] = [
-    "chunk_states",
+const KERNELS: [&str; 8] = [
+    "chunk_kv",
+    "chunk_scan",
     "chunk_attn",
     "chunk_out",
-    "chunk_dstates",
+    "chunk_qdo",
+    "chunk_scan_back",
     "chunk_dv",
     "chunk_dqk",
 ];
 
-/// The tiles of one kernel, the sweeps' buffers and its shared memory.
+/// The tiles of one kernel and its shared memory.
 struct Shape {
     bk: usize,
     bv: usize,
-    buffers: usize,
     smem: usize,
 }
 
 impl Shape {
     fn new(kernel: &str, d: &DeviceGla, bk: usize, bv: usize) -> Shape {
-        Shape::buffered(kernel, d, (bk, bv), 1)
-    }
-
-    /// A sweep's shape: `buffers` (1 or 2) sets of chunk rows.
-    fn buffered(kernel: &str, d: &DeviceGla, (bk, bv): (usize, usize), buffers: usize) -> Shape {
         let io = d.dtype.bytes();
         let pad = 16 / io;
         let c = CHUNK;
@@ -117,11 +116,8 @@ impl Shape {
             c * bk * 4
         };
         let regions: Vec<usize> = match kernel {
-            "chunk_states" | "chunk_dstates" => {
-                let mut r = [c * ks, c * vs, gates].repeat(buffers);
-                r.extend([bk * fv, red]);
-                r
-            }
+            "chunk_kv" | "chunk_qdo" => vec![c * ks, gates, c * vs, bk * fv, red],
+            "chunk_scan" | "chunk_scan_back" => vec![],
             "chunk_attn" => vec![c * ks, c * ks, gates, c * fa, c * 4, red],
             "chunk_out" | "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, c * fv, red],
             "chunk_dqk" => vec![
@@ -144,7 +140,6 @@ impl Shape {
         Shape {
             bk,
             bv,
-            buffers,
             smem: carve(&regions),
         }
     }
@@ -173,53 +168,21 @@ impl DeviceGla {
             ("KERNEL", index as i64),
             ("BK", shape.bk as i64),
             ("BV", shape.bv as i64),
-            ("NBUF", shape.buffers as i64),
             ("HAS_DHT", i64::from(has_dht)),
         ]);
         d
     }
 
-    /// A sweep's shape: the tiles of [`DeviceGla::sweep_tiles`]; two buffers (loads
-    /// overlapping work) when its blocks cannot fill the GPU anyway, else one (more blocks per
-    /// SM).
-    fn sweep_shape(&self, gpu: &Gpu, kernel: &str) -> Shape {
-        let (bk, bv) = self.sweep_tiles(gpu);
-        let blocks = self.n_seqs * self.h * (self.dk / bk) * (self.dv / bv);
-        let buffers = match std::env::var("FLA_CHUNK_SWEEP_BUFFERS").as_deref() {
-            Ok("1") => 1,
-            Ok("2") => 2,
-            _ if blocks < 2 * gpu.sms() => 2,
-            _ => 1,
-        };
-        Shape::buffered(kernel, self, (bk, bv), buffers)
-    }
-
-    /// The sweeps' tiles: the widest that divide the head sizes (at most 64), narrowed (the
-    /// wider first) while that leaves fewer blocks than two per SM.
-    fn sweep_tiles(&self, gpu: &Gpu) -> (usize, usize) {
-        let narrower =
-            |size: usize, t: usize| (t > 16).then(|| tile(size, t - 16)).filter(|&n| n < t);
-        let (mut bk, mut bv) = (tile(self.dk, 64), tile(self.dv, 64));
-        let blocks = |bk: usize, bv: usize| self.n_seqs * self.h * (self.dk / bk) * (self.dv / bv);
-        while blocks(bk, bv) < 2 * gpu.sms() {
-            match (narrower(self.dk, bk), narrower(self.dv, bv)) {
-                (_, Some(v)) if bv >= bk => bv = v,
-                (Some(k), _) => bk = k,
-                (None, Some(v)) => bv = v,
-                (None, None) => break,
-            }
-        }
+    /// The scans' grid: (sequences x heads, blocks of NT state elements).
+    fn scan_grid(&self) -> (usize, usize, usize) {
         (
-            forced_tile("FLA_CHUNK_SWEEP_BK")
-                .filter(|&t| self.dk.is_multiple_of(t))
-                .unwrap_or(bk),
-            forced_tile("FLA_CHUNK_SWEEP_BV")
-                .filter(|&t| self.dv.is_multiple_of(t))
-                .unwrap_or(bv),
+            self.n_seqs * self.h,
+            (self.dk * self.dv).div_ceil(NT as usize),
+            1,
         )
     }
 
-    /// The V tile of chunk_out and chunk_dv (FLA_CHUNK_BV forces one).
+    /// The V tile of chunk_kv, chunk_out, chunk_qdo and chunk_dv (FLA_CHUNK_BV forces one).
     fn value_tile(&self) -> usize {
         forced_tile("FLA_CHUNK_BV")
             .filter(|&t| self.dv.is_multiple_of(t))
@@ -284,15 +247,18 @@ impl DeviceGla {
     pub(crate) fn forward_two_level(&mut self, gpu: &Gpu) -> Result<()> {
         let chunks = Chunks::new(gpu, &self.lens, CHUNK)?;
         let n_chunks = chunks.count;
-        let states = Buf::zeros(
+        // chunk_kv and chunk_attn write every element.
+        let states = Buf::uninit(
             gpu,
             (n_chunks * self.h * self.dk * self.dv).max(1),
             self.dtype,
         )?;
-        let attn = Buf::zeros(gpu, (self.b * self.t * self.h * CHUNK).max(1), self.dtype)?;
+        let attn = Buf::uninit(gpu, (self.b * self.t * self.h * CHUNK).max(1), self.dtype)?;
+        let gam = crate::gla::uninit(gpu, (n_chunks * self.h * self.dk).max(1))?;
         let mut tl = TwoLevel {
             chunks,
             states,
+            gam,
             attn,
         };
         let [q, k, v, g, _, _, h0] = self.input_ptrs(gpu);
@@ -300,20 +266,29 @@ impl DeviceGla {
         let cu = self.cu_seqlens.device_ptr(s).0;
         let (off, seq) = (tl.chunks.off.device_ptr(s).0, tl.chunks.seq.device_ptr(s).0);
         let (st, a) = (tl.states.ptr_mut(gpu), tl.attn.ptr_mut(gpu));
+        let gam = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut tl.gam, s).0;
         let o = self.o.ptr_mut(gpu);
         let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
         let (dk, dv) = (self.dk, self.dv);
 
-        let sweep = self.sweep_shape(gpu, "chunk_states");
-        let (bk, bv) = (sweep.bk, sweep.bv);
-        let seqs = self.n_seqs * self.h;
+        let kv = Shape::new("chunk_kv", self, tile(dk, 64), self.value_tile());
         self.launch_chunk_kernel(
             gpu,
-            "chunk_states",
-            &sweep,
+            "chunk_kv",
+            &kv,
             false,
-            (dv / bv, dk / bk, seqs),
-            &[k, v, g, h0, st, ht, cu, off],
+            (n_chunks, self.h, dk / kv.bk),
+            &[k, v, g, st, gam, cu, off, seq],
+            false,
+        )?;
+        let scan = Shape::new("chunk_scan", self, dk, dv);
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_scan",
+            &scan,
+            false,
+            self.scan_grid(),
+            &[st, gam, h0, ht, off],
             false,
         )?;
         let attn = Shape::new("chunk_attn", self, tile(dk, 64), 16);
@@ -356,7 +331,8 @@ impl DeviceGla {
             .as_ref()
             .ok_or_else(|| Error::Invalid("the GPU backward needs the forward run first".into()))?;
         let n_chunks = tl.chunks.count;
-        let mut dstates = Buf::zeros(
+        // chunk_dstates writes every element.
+        let mut dstates = Buf::uninit(
             gpu,
             (n_chunks * self.h * self.dk * self.dv).max(1),
             self.dtype,
@@ -366,6 +342,7 @@ impl DeviceGla {
         let cu = self.cu_seqlens.device_ptr(s).0;
         let (off, seq) = (tl.chunks.off.device_ptr(s).0, tl.chunks.seq.device_ptr(s).0);
         let (st, a) = (tl.states.ptr(gpu), tl.attn.ptr(gpu));
+        let gam = tl.gam.device_ptr(s).0;
         let dst = dstates.ptr_mut(gpu);
         let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
         let has_dht = up.dht.is_some();
@@ -378,17 +355,25 @@ impl DeviceGla {
         let (dgk, dgs) = (ptr_mut(&mut gr.dgk, gpu), ptr_mut(&mut gr.dg_scalar, gpu));
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
-        let sweep = self.sweep_shape(gpu, "chunk_dstates");
-        let (bk, bv) = (sweep.bk, sweep.bv);
-        let seqs = self.n_seqs * self.h;
+        let qdo = Shape::new("chunk_qdo", self, tile(dk_, 64), self.value_tile());
         self.launch_chunk_kernel(
             gpu,
-            "chunk_dstates",
-            &sweep,
-            has_dht,
-            (dv_ / bv, dk_ / bk, seqs),
-            &[q, g, d_o, dht, dst, dh0, cu, off],
+            "chunk_qdo",
+            &qdo,
+            false,
+            (n_chunks, self.h, dk_ / qdo.bk),
+            &[q, d_o, g, dst, cu, off, seq],
             true,
+        )?;
+        let scan = Shape::new("chunk_scan_back", self, dk_, dv_);
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_scan_back",
+            &scan,
+            has_dht,
+            self.scan_grid(),
+            &[dst, gam, dht, dh0, off],
+            false,
         )?;
         let dvs = Shape::new("chunk_dv", self, tile(dk_, 64), self.value_tile());
         self.launch_chunk_kernel(

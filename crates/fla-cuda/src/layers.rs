@@ -18,8 +18,8 @@ const SRC: &str = concat!(
     include_str!("../kernels/layers.cu")
 );
 const THREADS: u32 = 256;
-/// Rows per block of the row-wise kernels (ROWS in layers.cu).
-const ROWS: usize = 16;
+/// Warps per block (NW in layers.cu): the row-wise kernels give each warp whole rows.
+const WARPS: usize = THREADS as usize / 32;
 /// Widest row the kernels with per-column accumulators take (NT * MAXC in layers.cu).
 pub const MAX_WIDTH: usize = 256 * 16;
 
@@ -94,7 +94,6 @@ impl Layers {
                     let defines = [
                         ("USE_BF16", i64::from(self.dtype == DType::Bf16)),
                         ("NT", THREADS as i64),
-                        ("ROWS", ROWS as i64),
                     ];
                     let f = gpu.function(SRC, name, &defines, 0)?;
                     functions.insert(name.to_string(), f.clone());
@@ -120,9 +119,10 @@ impl Layers {
         Ok(())
     }
 
-    /// Blocks for `rows` rows of a row-wise kernel.
-    fn row_blocks(rows: usize) -> usize {
-        rows.div_ceil(ROWS)
+    /// Blocks for `rows` rows of a row-wise kernel: a warp per row, up to a full GPU of
+    /// blocks (a block adds its parameter-gradient partials once, at its end).
+    fn row_blocks(gpu: &Gpu, rows: usize) -> usize {
+        rows.div_ceil(WARPS).min(gpu.sms() * 8)
     }
 
     /// Blocks of a grid-stride element-wise kernel over `n` elements.
@@ -153,10 +153,11 @@ impl Layers {
             Arg::I(width as i32),
             Arg::F(eps),
         ];
-        self.launch(gpu, "rms_norm_fwd", Self::row_blocks(rows), &args)
+        self.launch(gpu, "rms_norm_fwd", Self::row_blocks(gpu, rows), &args)
     }
 
-    /// dx += d/dx, dw += d/dw (dw may be null) given dy (f32).
+    /// dx += d/dx, dw += d/dw (dw may be null) given dy (f32); dx_io (or null) receives the
+    /// new dx in the element type.
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm_bwd(
         &self,
@@ -166,6 +167,7 @@ impl Layers {
         rstd: u64,
         dy: u64,
         dx: u64,
+        dx_io: u64,
         dw: u64,
         rows: usize,
         width: usize,
@@ -177,11 +179,12 @@ impl Layers {
             Arg::P(rstd),
             Arg::P(dy),
             Arg::P(dx),
+            Arg::P(dx_io),
             Arg::P(dw),
             Arg::I(rows as i32),
             Arg::I(width as i32),
         ];
-        self.launch(gpu, "rms_norm_bwd", Self::row_blocks(rows), &args)
+        self.launch(gpu, "rms_norm_bwd", Self::row_blocks(gpu, rows), &args)
     }
 
     /// out = rmsnorm(o) * w * silu(g) per head row (g null: no gate).
@@ -209,10 +212,10 @@ impl Layers {
             Arg::I(width as i32),
             Arg::F(eps),
         ];
-        self.launch(gpu, "norm_gate_fwd", Self::row_blocks(rows), &args)
+        self.launch(gpu, "norm_gate_fwd", Self::row_blocks(gpu, rows), &args)
     }
 
-    /// d_o and dg (element type, written) and dw (f32, added) from dout (f32).
+    /// d_o and dg (element type, written) and dw (f32, added) from dout (element type).
     #[allow(clippy::too_many_arguments)]
     pub fn norm_gate_bwd(
         &self,
@@ -241,7 +244,7 @@ impl Layers {
             Arg::I(rows as i32),
             Arg::I(width as i32),
         ];
-        self.launch(gpu, "norm_gate_bwd", Self::row_blocks(rows), &args)
+        self.launch(gpu, "norm_gate_bwd", Self::row_blocks(gpu, rows), &args)
     }
 
     pub fn swiglu_fwd(&self, gpu: &Gpu, gate: u64, up: u64, m: u64, n: usize) -> Result<()> {
@@ -249,6 +252,8 @@ impl Layers {
         self.launch(gpu, "swiglu_fwd", Self::elem_blocks(gpu, n), &args)
     }
 
+    /// dgate and dup from dm (all in the element type); `m` (or null) receives silu(gate) * up
+    /// again.
     #[allow(clippy::too_many_arguments)]
     pub fn swiglu_bwd(
         &self,
@@ -258,6 +263,7 @@ impl Layers {
         dm: u64,
         dgate: u64,
         dup: u64,
+        m: u64,
         n: usize,
     ) -> Result<()> {
         let args = [
@@ -266,6 +272,7 @@ impl Layers {
             Arg::P(dm),
             Arg::P(dgate),
             Arg::P(dup),
+            Arg::P(m),
             Arg::L(n as i64),
         ];
         self.launch(gpu, "swiglu_bwd", Self::elem_blocks(gpu, n), &args)
@@ -320,7 +327,7 @@ impl Layers {
             Arg::F(norm),
             Arg::F(clamp),
         ];
-        self.launch(gpu, "gate_bwd", Self::row_blocks(rows), &args)
+        self.launch(gpu, "gate_bwd", Self::row_blocks(gpu, rows), &args)
     }
 
     /// pre = causal depthwise conv of x [b, t, c] with w [c, width]; out = silu(pre).
@@ -466,7 +473,8 @@ impl Layers {
         )
     }
 
-    /// Per-row losses, and the logits replaced by d(mean loss)/d logits (`scale` = 1 / count).
+    /// Per-row losses of f32 logits, and d(mean loss)/d logits in the element type
+    /// (`scale` = 1 / count); one block per row.
     #[allow(clippy::too_many_arguments)]
     pub fn cross_entropy(
         &self,
@@ -474,6 +482,7 @@ impl Layers {
         logits: u64,
         targets: u64,
         loss: u64,
+        dlogits: u64,
         rows: usize,
         vocab: usize,
         scale: f32,
@@ -482,11 +491,12 @@ impl Layers {
             Arg::P(logits),
             Arg::P(targets),
             Arg::P(loss),
+            Arg::P(dlogits),
             Arg::I(rows as i32),
             Arg::I(vocab as i32),
             Arg::F(scale),
         ];
-        self.launch(gpu, "cross_entropy", Self::row_blocks(rows), &args)
+        self.launch(gpu, "cross_entropy", rows, &args)
     }
 
     /// One AdamW update of `n` f32 weights `p` from `grad` (times `h.grad_scale`, for

@@ -84,12 +84,24 @@ fn stored_inputs(x: &GlaInputs<f64>, dtype: DType) -> GlaInputs<f64> {
 /// ones.
 const FORMS: [Form; 3] = [Form::Chunk, Form::FusedChunk, Form::Recurrent];
 
+/// The forms under test: all three, or those that FLA_TEST_FORMS names (comma-separated, as
+/// `fla bench cuda --form` spells them), to spend less device time after a change to one.
+fn forms() -> Vec<Form> {
+    match std::env::var("FLA_TEST_FORMS") {
+        Ok(names) => FORMS
+            .into_iter()
+            .filter(|f| names.split(',').any(|n| n == f.to_string()))
+            .collect(),
+        Err(_) => FORMS.to_vec(),
+    }
+}
+
 fn check_forward(gpu: &Gpu, gate: GateKind, x: &GlaInputs<f64>, what: &str) {
     for dtype in [DType::F32, DType::Bf16] {
         let x = &stored_inputs(x, dtype);
         let want = reference(gate, x);
         let tol = tolerance(dtype);
-        for form in FORMS {
+        for form in forms() {
             let got = gla_forward(gpu, gate, &cast_inputs::<f32>(x), dtype, form).unwrap();
             let (eo, eh) = (rel_err(&got.o, &want.o), rel_err(&got.ht, &want.ht));
             let tag = format!("{what} {gate} {form} {dtype:?}");
@@ -155,7 +167,7 @@ fn check_backward(
         let dht = dht.as_ref().map(|t| as_stored(t, DType::F32));
         let want_out = reference(gate, x);
         let want = fla_ops::gla_backward(gate, x, &d_o, dht.as_ref(), &opts).unwrap();
-        for form in FORMS {
+        for form in forms() {
             let (out, got) = gla_backward(
                 gpu,
                 gate,

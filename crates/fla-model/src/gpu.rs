@@ -22,6 +22,11 @@ fn zeros(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
     Buf::zeros(gpu, n.max(1), dtype)
 }
 
+/// A buffer that its producer writes whole (no memset).
+fn empty(gpu: &Gpu, n: usize, dtype: DType) -> Result<Buf> {
+    Buf::uninit(gpu, n.max(1), dtype)
+}
+
 fn clone_buf(gpu: &Gpu, x: &Buf) -> Result<Buf> {
     let s = gpu.stream();
     Ok(match x {
@@ -84,7 +89,6 @@ struct BlockRest {
     rstd2: Buf,
     gate: Buf,
     up: Buf,
-    m: Buf,
     x_out: Buf,
 }
 
@@ -106,7 +110,6 @@ struct LayerTape {
     rstd2: Buf,
     gate: Buf,
     up: Buf,
-    m: Buf,
 }
 
 pub struct GpuModel {
@@ -127,6 +130,9 @@ pub struct GpuModel {
     /// The most device memory in use (all of this process's, as the driver reports it) seen
     /// after a forward, when the activations are all held.
     pub peak_bytes: usize,
+    /// Host seconds spent submitting forwards and backwards (up to the loss's read), summed:
+    /// near the device time, the step is bound by the host's launches.
+    pub submit_secs: f64,
     /// Logits the loss computes at a time (rows x vocabulary).
     pub logit_block_elements: usize,
     profile: Option<Profile>,
@@ -183,6 +189,7 @@ impl GpuModel {
             weights,
             step: 0,
             peak_bytes: 0,
+            submit_secs: 0.0,
             logit_block_elements: LOGIT_BLOCK_ELEMENTS,
             profile: std::env::var_os("FLA_PROFILE").map(|_| Profile {
                 marks: Default::default(),
@@ -334,21 +341,37 @@ impl GpuModel {
         dx: &mut Buf,
         accumulate: bool,
     ) -> Result<()> {
-        let shape = self.layout.specs[slot].shape.clone();
+        self.linear_dx(dy, n, slot, dx, accumulate)?;
+        self.linear_dw(x, dy, n, slot)
+    }
+
+    /// dx[n, i] (= or +=) dy[n, o] W for the weight in `slot` [o, i].
+    fn linear_dx(
+        &self,
+        dy: &Buf,
+        n: usize,
+        slot: usize,
+        dx: &mut Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let shape = &self.layout.specs[slot].shape;
         let (o, i) = (shape[0], shape[1]);
         let beta = if accumulate { 1.0 } else { 0.0 };
-        let w = self.weights[slot]
-            .as_ref()
-            .expect("a matrix has an element-type copy");
         self.blas.matmul(
             &self.gpu,
             Operand::new(dy, false),
-            Operand::new(w, false),
+            Operand::new(self.w(slot), false),
             dx,
             (n, i, o),
             1.0,
             beta,
-        )?;
+        )
+    }
+
+    /// dW += dy[n, o]^T x[n, i] for the weight in `slot`.
+    fn linear_dw(&mut self, x: &Buf, dy: &Buf, n: usize, slot: usize) -> Result<()> {
+        let shape = &self.layout.specs[slot].shape;
+        let (o, i) = (shape[0], shape[1]);
         self.blas.matmul(
             &self.gpu,
             Operand::new(dy, true),
@@ -407,6 +430,7 @@ impl GpuModel {
             .collect();
         let tg_d: CudaSlice<i32> = self.gpu.stream().clone_htod(&tg32).map_err(dev("upload"))?;
         let count = targets.iter().filter(|&&x| x >= 0).count();
+        let submit = std::time::Instant::now();
         // Forward.
         self.mark("start");
         let (mut x, ids_d) = self.embed(ids)?;
@@ -428,12 +452,12 @@ impl GpuModel {
         // gradient come out of the same blocks.
         let out_slot = self.layout.output_slot();
         let loss_rows = zeros(g, n, DType::F32)?;
-        let mut dhf = zeros(g, n * d, DType::F32)?;
+        let mut dhf = empty(g, n * d, DType::F32)?;
         let tgp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&tg_d, s).0;
         let ce_scale = (scale / count.max(1) as f64) as f32;
         let block = (self.logit_block_elements / vocab).clamp(1, n);
-        let mut logits = zeros(g, block * vocab, DType::F32)?;
-        let dlogits = zeros(g, block * vocab, self.dtype)?;
+        let mut logits = empty(g, block * vocab, DType::F32)?;
+        let dlogits = empty(g, block * vocab, self.dtype)?;
         let w = self.weights[out_slot]
             .as_ref()
             .expect("the output projection has a copy");
@@ -454,12 +478,11 @@ impl GpuModel {
                 buf_ptr(g, &logits),
                 tgp + l_at,
                 buf_ptr(g, &loss_rows) + l_at,
+                buf_ptr(g, &dlogits),
                 rows,
                 vocab,
                 ce_scale,
             )?;
-            self.ops
-                .cast_io(g, buf_ptr(g, &logits), buf_ptr(g, &dlogits), rows * vocab)?;
             self.blas.matmul_at(
                 g,
                 Operand::new(&dlogits, false),
@@ -486,7 +509,9 @@ impl GpuModel {
             self.peak_bytes = self.peak_bytes.max(total - free);
         }
         let g = &self.gpu;
+        // The residual stream's gradient (f32) and its element-type copy for the products.
         let mut dx = zeros(g, n * d, DType::F32)?;
+        let mut dx_io = empty(g, n * d, self.dtype)?;
         let norm = self.layout.norm;
         self.ops.rms_norm_bwd(
             g,
@@ -495,6 +520,7 @@ impl GpuModel {
             buf_ptr(g, &rstd_f),
             buf_ptr(g, &dhf),
             buf_ptr(g, &dx),
+            buf_ptr(g, &dx_io),
             self.pg(norm),
             n,
             d,
@@ -502,7 +528,7 @@ impl GpuModel {
         for l in (0..tapes.len()).rev() {
             let slots = self.layout.layers[l].clone();
             let tape = tapes.pop().expect("one tape per layer");
-            dx = self.layer_backward(&slots, tape, b, t, dx)?;
+            (dx, dx_io) = self.layer_backward(&slots, tape, b, t, dx, dx_io)?;
         }
         let g = &self.gpu;
         self.ops.embed_bwd(
@@ -514,6 +540,7 @@ impl GpuModel {
             d,
         )?;
         self.mark("bwd: embedding");
+        self.submit_secs += submit.elapsed().as_secs_f64();
         // Read only now, so that the step never waits for the device in the middle.
         let loss_sum: f64 = loss_rows.download(g)?.iter().map(|&x| x as f64).sum();
         Ok(if count == 0 {
@@ -535,8 +562,8 @@ impl GpuModel {
     ) -> Result<AttnInputs> {
         let (g, c, dt) = (&self.gpu, &self.config, self.dtype);
         let (n, d, eps) = (b * t, c.hidden_size, c.norm_eps as f32);
-        let h1 = zeros(g, n * d, dt)?;
-        let rstd1 = zeros(g, n, DType::F32)?;
+        let h1 = empty(g, n * d, dt)?;
+        let rstd1 = empty(g, n, DType::F32)?;
         self.ops.rms_norm_fwd(
             g,
             buf_ptr(g, x_in),
@@ -552,10 +579,10 @@ impl GpuModel {
         let mut outs = Vec::with_capacity(3);
         let mut convs = Vec::with_capacity(3);
         for i in 0..3 {
-            let mut out = zeros(g, n * widths[i], dt)?;
+            let mut out = empty(g, n * widths[i], dt)?;
             match s.convs {
                 Some(cv) => {
-                    let mut lin = zeros(g, n * widths[i], DType::F32)?;
+                    let mut lin = empty(g, n * widths[i], DType::F32)?;
                     self.linear(&h1, n, projs[i], &mut lin, false)?;
                     let (w, width) = (self.p(cv[i]), c.conv_size);
                     if let Some(win) = windows.as_deref_mut() {
@@ -569,7 +596,7 @@ impl GpuModel {
                             width,
                         )?;
                     } else {
-                        let pre = zeros(g, n * widths[i], DType::F32)?;
+                        let pre = empty(g, n * widths[i], DType::F32)?;
                         self.ops.conv_silu_fwd(
                             g,
                             buf_ptr(g, &lin),
@@ -586,11 +613,11 @@ impl GpuModel {
             }
             outs.push(out);
         }
-        let mut gk_low = zeros(g, n * GATE_LOW_RANK, dt)?;
+        let mut gk_low = empty(g, n * GATE_LOW_RANK, dt)?;
         self.linear(&h1, n, s.gk_proj0, &mut gk_low, false)?;
-        let mut raw = zeros(g, n * widths[1], DType::F32)?;
+        let mut raw = empty(g, n * widths[1], DType::F32)?;
         self.linear(&gk_low, n, s.gk_proj1, &mut raw, false)?;
-        let gate = zeros(g, n * widths[1], DType::F32)?;
+        let gate = empty(g, n * widths[1], DType::F32)?;
         let clamp = c.clamp_min.map_or(f32::NEG_INFINITY, |m| m as f32);
         let norm = GATE_LOGIT_NORMALIZER as f32;
         self.ops.gate_fwd(
@@ -641,14 +668,14 @@ impl GpuModel {
         let (h, hv) = (c.num_heads, c.head_v_dim());
         let g_pre = match s.g_proj {
             Some(gp) => {
-                let mut x = zeros(g, n * c.value_dim(), dt)?;
+                let mut x = empty(g, n * c.value_dim(), dt)?;
                 self.linear(h1, n, gp, &mut x, false)?;
                 Some(x)
             }
             None => None,
         };
-        let o_gated = zeros(g, n * c.value_dim(), dt)?;
-        let rstd_o = zeros(g, n * h, DType::F32)?;
+        let o_gated = empty(g, n * c.value_dim(), dt)?;
+        let rstd_o = empty(g, n * h, DType::F32)?;
         let gp = g_pre.as_ref().map_or(0, |x| buf_ptr(g, x));
         let gw = s.g_norm.map_or(0, |i| self.p(i));
         self.ops.norm_gate_fwd(
@@ -664,8 +691,8 @@ impl GpuModel {
         )?;
         let mut x_mid = clone_buf(g, x_in)?;
         self.linear(&o_gated, n, s.o_proj, &mut x_mid, true)?;
-        let h2 = zeros(g, n * d, dt)?;
-        let rstd2 = zeros(g, n, DType::F32)?;
+        let h2 = empty(g, n * d, dt)?;
+        let rstd2 = empty(g, n, DType::F32)?;
         self.ops.rms_norm_fwd(
             g,
             buf_ptr(g, &x_mid),
@@ -677,11 +704,11 @@ impl GpuModel {
             eps,
         )?;
         let inter = c.intermediate();
-        let mut gate = zeros(g, n * inter, dt)?;
-        let mut up = zeros(g, n * inter, dt)?;
+        let mut gate = empty(g, n * inter, dt)?;
+        let mut up = empty(g, n * inter, dt)?;
         self.linear(&h2, n, s.gate_proj, &mut gate, false)?;
         self.linear(&h2, n, s.up_proj, &mut up, false)?;
-        let m = zeros(g, n * inter, dt)?;
+        let m = empty(g, n * inter, dt)?;
         self.ops.swiglu_fwd(
             g,
             buf_ptr(g, &gate),
@@ -691,6 +718,8 @@ impl GpuModel {
         )?;
         let mut x_out = clone_buf(g, &x_mid)?;
         self.linear(&m, n, s.down_proj, &mut x_out, true)?;
+        // m is computed again in the backward (swiglu_bwd) rather than kept.
+        drop(m);
         Ok(BlockRest {
             g_pre,
             rstd_o,
@@ -700,7 +729,6 @@ impl GpuModel {
             rstd2,
             gate,
             up,
-            m,
             x_out,
         })
     }
@@ -738,12 +766,12 @@ impl GpuModel {
             rstd2: r.rstd2,
             gate: r.gate,
             up: r.up,
-            m: r.m,
         };
         Ok((tape, r.x_out))
     }
 
-    /// d loss / d x_in of one block from d loss / d x_out (f32), adding into the gradients.
+    /// d loss / d x_in of one block from d loss / d x_out (f32, updated in place) and its
+    /// element-type copy, adding into the parameters' gradients.
     fn layer_backward(
         &mut self,
         s: &LayerSlots,
@@ -751,23 +779,18 @@ impl GpuModel {
         b: usize,
         t: usize,
         dx_out: Buf,
-    ) -> Result<Buf> {
+        dx_io: Buf,
+    ) -> Result<(Buf, Buf)> {
         let (c, dt) = (self.config.clone(), self.dtype);
         let (n, d) = (b * t, c.hidden_size);
         let (h, hv) = (c.num_heads, c.head_v_dim());
         let inter = c.intermediate();
-        // MLP.
-        let dx_io = zeros(&self.gpu, n * d, dt)?;
-        self.ops.cast_io(
-            &self.gpu,
-            buf_ptr(&self.gpu, &dx_out),
-            buf_ptr(&self.gpu, &dx_io),
-            n * d,
-        )?;
-        let mut dm = zeros(&self.gpu, n * inter, DType::F32)?;
-        self.linear_back(&lt.m, &dx_io, n, s.down_proj, &mut dm, false)?;
+        // MLP: dm, then dgate, dup and m again, then the down projection's weight gradient.
+        let mut dm = empty(&self.gpu, n * inter, dt)?;
+        self.linear_dx(&dx_io, n, s.down_proj, &mut dm, false)?;
         let g = &self.gpu;
-        let (dgate, dup) = (zeros(g, n * inter, dt)?, zeros(g, n * inter, dt)?);
+        let (dgate, dup) = (empty(g, n * inter, dt)?, empty(g, n * inter, dt)?);
+        let m = empty(g, n * inter, dt)?;
         self.ops.swiglu_bwd(
             g,
             buf_ptr(g, &lt.gate),
@@ -775,10 +798,13 @@ impl GpuModel {
             buf_ptr(g, &dm),
             buf_ptr(g, &dgate),
             buf_ptr(g, &dup),
+            buf_ptr(g, &m),
             n * inter,
         )?;
         drop(dm);
-        let mut dh2 = zeros(g, n * d, DType::F32)?;
+        self.linear_dw(&m, &dx_io, n, s.down_proj)?;
+        drop(m);
+        let mut dh2 = empty(&self.gpu, n * d, DType::F32)?;
         self.linear_back(&lt.h2, &dgate, n, s.gate_proj, &mut dh2, false)?;
         self.linear_back(&lt.h2, &dup, n, s.up_proj, &mut dh2, true)?;
         let g = &self.gpu;
@@ -790,19 +816,18 @@ impl GpuModel {
             buf_ptr(g, &lt.rstd2),
             buf_ptr(g, &dh2),
             buf_ptr(g, &dx_mid),
+            buf_ptr(g, &dx_io),
             self.pg(s.mlp_norm),
             n,
             d,
         )?;
         self.mark("bwd: MLP");
         // Output projection, gate and per-head norm.
-        self.ops
-            .cast_io(g, buf_ptr(g, &dx_mid), buf_ptr(g, &dx_io), n * d)?;
-        let mut do_gated = zeros(g, n * c.value_dim(), DType::F32)?;
+        let mut do_gated = empty(g, n * c.value_dim(), dt)?;
         self.linear_back(&lt.o_gated, &dx_io, n, s.o_proj, &mut do_gated, false)?;
         let g = &self.gpu;
-        let d_o = zeros(g, n * c.value_dim(), dt)?;
-        let dg = zeros(g, n * c.value_dim(), dt)?;
+        let d_o = empty(g, n * c.value_dim(), dt)?;
+        let dg = empty(g, n * c.value_dim(), dt)?;
         let gp = lt.g_pre.as_ref().map_or(0, |x| buf_ptr(g, x));
         let gw = s.g_norm.map_or(0, |i| self.p(i));
         let gwg = s.g_norm.map_or(0, |i| self.pg(i));
@@ -820,10 +845,15 @@ impl GpuModel {
             hv,
         )?;
         drop(do_gated);
-        let mut dh1 = zeros(g, n * d, DType::F32)?;
-        if let Some(gpj) = s.g_proj {
-            self.linear_back(&lt.h1, &dg, n, gpj, &mut dh1, false)?;
-        }
+        // dh1 gathers five products; the first writes it, or it starts at zero.
+        let mut dh1 = match s.g_proj {
+            Some(gpj) => {
+                let mut dh1 = empty(g, n * d, DType::F32)?;
+                self.linear_back(&lt.h1, &dg, n, gpj, &mut dh1, false)?;
+                dh1
+            }
+            None => zeros(g, n * d, DType::F32)?,
+        };
         self.mark("bwd: o_proj, output gate");
         // Attention.
         let g = &self.gpu;
@@ -836,7 +866,7 @@ impl GpuModel {
         self.mark("bwd: GLA");
         // Key gates: through logsigmoid / 16 and the clamp, then the low-rank pair.
         let kw = c.key_dim();
-        let draw = zeros(g, n * kw, dt)?;
+        let draw = empty(g, n * kw, dt)?;
         let clamp = c.clamp_min.map_or(f32::NEG_INFINITY, |m| m as f32);
         let norm = GATE_LOGIT_NORMALIZER as f32;
         self.ops.gate_bwd(
@@ -850,38 +880,36 @@ impl GpuModel {
             norm,
             clamp,
         )?;
-        let mut dlow = zeros(g, n * GATE_LOW_RANK, dt)?;
+        let mut dlow = empty(g, n * GATE_LOW_RANK, dt)?;
         // dlow is a product output read by the next product: written in the element type.
-        let dq = clone_buf(g, dq)?;
-        let dk = clone_buf(g, dk)?;
-        let dv = clone_buf(g, dv)?;
         self.linear_back(&lt.gk_low, &draw, n, s.gk_proj1, &mut dlow, false)?;
         self.linear_back(&lt.h1, &dlow, n, s.gk_proj0, &mut dh1, true)?;
         // q, k, v: SiLU and convolution, then the projections.
         let projs = [s.q_proj, s.k_proj, s.v_proj];
         let widths = [kw, kw, c.value_dim()];
         for (i, dout) in [dq, dk, dv].into_iter().enumerate() {
-            let dlin = match (&lt.conv, s.convs) {
+            let conv_grad = match (&lt.conv, s.convs) {
                 (Some(conv), Some(cv)) => {
                     let g = &self.gpu;
                     let (lin, pre) = &conv[i];
-                    let dlin = zeros(g, n * widths[i], dt)?;
+                    let dlin = empty(g, n * widths[i], dt)?;
                     self.ops.conv_silu_bwd(
                         g,
                         buf_ptr(g, lin),
                         self.p(cv[i]),
                         buf_ptr(g, pre),
-                        buf_ptr(g, &dout),
+                        buf_ptr(g, dout),
                         buf_ptr(g, &dlin),
                         self.pg(cv[i]),
                         (b, t, widths[i]),
                         c.conv_size,
                     )?;
-                    dlin
+                    Some(dlin)
                 }
-                _ => dout,
+                _ => None,
             };
-            self.linear_back(&lt.h1, &dlin, n, projs[i], &mut dh1, true)?;
+            let dlin = conv_grad.as_ref().unwrap_or(dout);
+            self.linear_back(&lt.h1, dlin, n, projs[i], &mut dh1, true)?;
         }
         let g = &self.gpu;
         self.mark("bwd: gates, q k v, attn norm");
@@ -893,11 +921,12 @@ impl GpuModel {
             buf_ptr(g, &lt.rstd1),
             buf_ptr(g, &dh1),
             buf_ptr(g, &dx_in),
+            buf_ptr(g, &dx_io),
             self.pg(s.attn_norm),
             n,
             d,
         )?;
-        Ok(dx_in)
+        Ok((dx_in, dx_io))
     }
 
     /// The forward alone: mean cross-entropy of `ids` [B, T] against `targets` (negative:
@@ -940,7 +969,7 @@ impl GpuModel {
         }
         let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let ids_d: CudaSlice<i32> = g.stream().clone_htod(&ids32).map_err(dev("upload"))?;
-        let x = zeros(g, ids.len() * d, DType::F32)?;
+        let x = empty(g, ids.len() * d, DType::F32)?;
         let idp = fla_cuda::cudarc::driver::DevicePtr::device_ptr(&ids_d, g.stream()).0;
         self.ops.embed_fwd(
             g,
@@ -956,8 +985,8 @@ impl GpuModel {
     /// The final RMSNorm of x [n, d]: the normed rows in the element type and 1/rms.
     fn final_norm(&self, x: &Buf, n: usize) -> Result<(Buf, Buf)> {
         let (g, d) = (&self.gpu, self.config.hidden_size);
-        let hf = zeros(g, n * d, self.dtype)?;
-        let rstd = zeros(g, n, DType::F32)?;
+        let hf = empty(g, n * d, self.dtype)?;
+        let rstd = empty(g, n, DType::F32)?;
         let eps = self.config.norm_eps as f32;
         self.ops.rms_norm_fwd(
             g,
@@ -991,7 +1020,7 @@ impl GpuModel {
         }
         let n = rows.len();
         let (hf, _) = self.final_norm(&Buf::F32(picked), n)?;
-        let mut logits = zeros(g, n * vocab, DType::F32)?;
+        let mut logits = empty(g, n * vocab, DType::F32)?;
         self.linear(&hf, n, self.layout.output_slot(), &mut logits, false)?;
         logits.download(g)
     }

@@ -142,6 +142,7 @@ fn rms_norm_forward_and_backward() {
             up(&g, &vec![0.0; width]),
         );
         let y = Buf::zeros(&g, rows * width, d).unwrap();
+        let dx_io = Buf::zeros(&g, rows * width, d).unwrap();
         let rstd = up(&g, &vec![0.0; rows]);
         l.rms_norm_fwd(
             &g,
@@ -161,6 +162,7 @@ fn rms_norm_forward_and_backward() {
             ptr(&g, &rstd),
             ptr(&g, &dyg),
             ptr(&g, &dxg),
+            buf_ptr(&g, &dx_io),
             ptr(&g, &dwg),
             rows,
             width,
@@ -174,6 +176,12 @@ fn rms_norm_forward_and_backward() {
         );
         check("rms_norm rstd", &down(&g, &rstd), &r_ref, 1e-5);
         check("rms_norm dx", &down(&g, &dxg), &dx_ref, 1e-5);
+        check(
+            &format!("rms_norm dx copy {d:?}"),
+            &dx_io.download(&g).unwrap(),
+            &dx_ref,
+            tol(d),
+        );
         check("rms_norm dw", &down(&g, &dwg), &dw_ref, 1e-5);
     }
 }
@@ -193,7 +201,9 @@ fn gated_output_norm_forward_and_backward() {
                 rand(rows * width, 4, 1.0),
             );
             let gg = Buf::upload(&g, &gate, d).unwrap();
-            let (gd, wd, doutd) = (f64s(&gg.download(&g).unwrap()), f64s(&w), f64s(&dout));
+            let doutg = Buf::upload(&g, &dout, d).unwrap();
+            let (gd, wd) = (f64s(&gg.download(&g).unwrap()), f64s(&w));
+            let doutd = f64s(&doutg.download(&g).unwrap());
             let (n, r) = nn::rms_norm(&od, width, Some(&wd), 1e-5);
             let act = |i: usize| if gated { nn::silu(gd[i]) } else { 1.0 };
             let out_ref: Vec<f64> = (0..n.len()).map(|i| n[i] * act(i)).collect();
@@ -212,7 +222,7 @@ fn gated_output_norm_forward_and_backward() {
                 .map(|i| doutd[i] * n[i] * nn::silu_grad(gd[i]))
                 .collect();
 
-            let (wg, doutg) = (up(&g, &w), up(&g, &dout));
+            let wg = up(&g, &w);
             let gp = if gated { buf_ptr(&g, &gg) } else { 0 };
             let out = Buf::zeros(&g, rows * width, d).unwrap();
             let d_o = Buf::zeros(&g, rows * width, d).unwrap();
@@ -236,7 +246,7 @@ fn gated_output_norm_forward_and_backward() {
                 gp,
                 ptr(&g, &wg),
                 ptr(&g, &rstd),
-                ptr(&g, &doutg),
+                buf_ptr(&g, &doutg),
                 buf_ptr(&g, &d_o),
                 buf_ptr(&g, &dg),
                 ptr(&g, &dw),
@@ -281,9 +291,10 @@ fn swiglu_gates_and_conv() {
         let (ag, bg, dmg) = (
             Buf::upload(&g, &a, d).unwrap(),
             Buf::upload(&g, &b, d).unwrap(),
-            up(&g, &dm),
+            Buf::upload(&g, &dm, d).unwrap(),
         );
-        let (m, da, db) = (
+        let (m, da, db, m2) = (
+            Buf::zeros(&g, n, d).unwrap(),
             Buf::zeros(&g, n, d).unwrap(),
             Buf::zeros(&g, n, d).unwrap(),
             Buf::zeros(&g, n, d).unwrap(),
@@ -294,21 +305,24 @@ fn swiglu_gates_and_conv() {
             &g,
             buf_ptr(&g, &ag),
             buf_ptr(&g, &bg),
-            ptr(&g, &dmg),
+            buf_ptr(&g, &dmg),
             buf_ptr(&g, &da),
             buf_ptr(&g, &db),
+            buf_ptr(&g, &m2),
             n,
         )
         .unwrap();
         let (ad, bd, dmd) = (
             f64s(&ag.download(&g).unwrap()),
             f64s(&bg.download(&g).unwrap()),
-            f64s(&dm),
+            f64s(&dmg.download(&g).unwrap()),
         );
+        let m_ref: Vec<f64> = (0..n).map(|i| nn::silu(ad[i]) * bd[i]).collect();
+        check("swiglu m", &m.download(&g).unwrap(), &m_ref, tol(d));
         check(
-            "swiglu m",
-            &m.download(&g).unwrap(),
-            &(0..n).map(|i| nn::silu(ad[i]) * bd[i]).collect::<Vec<_>>(),
+            "swiglu m again (backward)",
+            &m2.download(&g).unwrap(),
+            &m_ref,
             tol(d),
         );
         check(
@@ -478,32 +492,46 @@ fn embeddings_cross_entropy_adamw_and_norm() {
     check("embed x", &down(&g, &x), &x_ref, 1e-6);
     check("embed de", &down(&g, &de), &de_ref, 1e-6);
 
-    // Cross-entropy over a vocabulary wider than a block, with ignored rows.
+    // Cross-entropy over a vocabulary wider than a block, with ignored rows; row 3 rises
+    // along the vocabulary, so that each thread's running maximum moves at every element.
     let (rows, v) = (9, 1000);
-    let logits = rand(rows * v, 3, 3.0);
+    let mut logits = rand(rows * v, 3, 3.0);
+    for j in 0..v {
+        logits[3 * v + j] = j as f32 * 0.01;
+    }
     let targets: Vec<i64> = vec![5, -100, 999, 0, 17, -100, 400, 3, 998];
     let count = targets.iter().filter(|&&t| t >= 0).count();
     let (loss_ref, dl_ref) = nn::cross_entropy(&f64s(&logits), v, &targets);
     let tg: CudaSlice<i32> = s
         .clone_htod(&targets.iter().map(|&t| t as i32).collect::<Vec<_>>())
         .unwrap();
-    let (lg, lossg) = (up(&g, &logits), up(&g, &vec![0.0; rows]));
-    l.cross_entropy(
-        &g,
-        ptr(&g, &lg),
-        fla_cuda::cudarc::driver::DevicePtr::device_ptr(&tg, s).0,
-        ptr(&g, &lossg),
-        rows,
-        v,
-        1.0 / count as f32,
-    )
-    .unwrap();
-    let loss: f64 = down(&g, &lossg).iter().map(|&x| x as f64).sum::<f64>() / count as f64;
-    assert!(
-        (loss - loss_ref).abs() < 1e-5 * loss_ref.abs(),
-        "loss {loss} vs {loss_ref}"
-    );
-    check("cross_entropy dlogits", &down(&g, &lg), &dl_ref, 1e-5);
+    for d in DTYPES {
+        let (lg, lossg) = (up(&g, &logits), up(&g, &vec![0.0; rows]));
+        let dl = Buf::zeros(&g, rows * v, d).unwrap();
+        Layers::new(d)
+            .cross_entropy(
+                &g,
+                ptr(&g, &lg),
+                fla_cuda::cudarc::driver::DevicePtr::device_ptr(&tg, s).0,
+                ptr(&g, &lossg),
+                buf_ptr(&g, &dl),
+                rows,
+                v,
+                1.0 / count as f32,
+            )
+            .unwrap();
+        let loss: f64 = down(&g, &lossg).iter().map(|&x| x as f64).sum::<f64>() / count as f64;
+        assert!(
+            (loss - loss_ref).abs() < 1e-5 * loss_ref.abs(),
+            "loss {loss} vs {loss_ref}"
+        );
+        check(
+            &format!("cross_entropy dlogits {d:?}"),
+            &dl.download(&g).unwrap(),
+            &dl_ref,
+            tol(d),
+        );
+    }
 
     // AdamW against the CPU optimizer, two steps, with a bf16 copy of the weights.
     let n = 777;

@@ -7,7 +7,9 @@
 //! the loss, 5e-2 on all gradients and 1e-1 per tensor: bounds that catch wiring mistakes
 //! (errors of order 1) while the f32 build checks the arithmetic. Then AdamW against the CPU
 //! optimizer, and bf16 training that fits a batch.
-//! Without a GPU each test prints that it skipped; with FLA_REQUIRE_CUDA=1 it fails.
+//! Without a GPU each test prints that it skipped; with FLA_REQUIRE_CUDA=1 it fails. On the
+//! device (bench/model-gpu-check.sh) they run with FLA_POISON_UNINIT=1: buffers that skip
+//! their memset start as NaN, so that an element nothing wrote cannot pass unseen.
 
 use fla_cuda::{DType, Gpu};
 use fla_model::gpu::GpuModel;
@@ -66,69 +68,82 @@ const CASES: [&str; 3] = [
     r#","use_output_gate":false,"elementwise_affine":false"#,
 ];
 
+/// The GPU model's loss and gradients for a batch of `b` x `t` against the CPU model in f64,
+/// within `loss_tol` (relative) on the loss, `tol` on all gradients together and
+/// `per_tensor` on each.
+fn check_against_cpu(extra: &str, dtype: DType, (b, t): (usize, usize), tols: (f64, f64, f64)) {
+    let (loss_tol, tol, per_tensor) = tols;
+    let cpu = model(extra, 1);
+    let (ids, targets) = batch(b, t, 97);
+    // The reference in f64.
+    let cpu64 = Model::<f64> {
+        config: cpu.config.clone(),
+        layout: cpu.layout.clone(),
+        params: cpu.params.iter().map(|p| p.cast()).collect(),
+    };
+    let want = cpu64.loss(&ids, b, t, &targets, true).unwrap();
+    let mut gm = GpuModel::new(Gpu::new(0).unwrap(), &cpu, dtype).unwrap();
+    // The loss in blocks of 37 rows (the last one shorter).
+    gm.logit_block_elements = 37 * 97;
+    let loss = gm.loss_and_grads(&ids, b, t, &targets).unwrap();
+    let loss_err = (loss - want.loss).abs() / want.loss.abs();
+    let grads = gm.gradients().unwrap();
+    let mut worst = (0.0f64, String::new());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for ((spec, got), w) in gm
+        .layout
+        .specs
+        .iter()
+        .zip(&grads)
+        .zip(want.grads.as_ref().unwrap())
+    {
+        let got = got.cast::<f64>();
+        let e = got.rel_err(w);
+        if e > worst.0 {
+            worst = (e, spec.name.clone());
+        }
+        num += got
+            .data()
+            .iter()
+            .zip(w.data())
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>();
+        den += w.data().iter().map(|b| b * b).sum::<f64>();
+    }
+    let all = (num / den).sqrt();
+    println!(
+        "{extra} {dtype:?} {b}x{t}: loss {loss:.6} (error {loss_err:.1e}), all gradients {all:.1e}, worst tensor {:.1e} ({})",
+        worst.0, worst.1
+    );
+    assert!(loss_err < loss_tol, "loss {loss} vs {}", want.loss);
+    assert!(all < tol, "gradients off by {all:e}");
+    assert!(
+        worst.0 < per_tensor,
+        "gradient of {} off by {:e}",
+        worst.1,
+        worst.0
+    );
+}
+
 #[test]
 fn loss_and_gradients_match_the_cpu_model() {
     if gpu().is_none() {
         return;
     }
     for extra in CASES {
-        for (dtype, loss_tol, tol, per_tensor) in [
-            (DType::F32, 1e-4, 1e-4, 1e-4),
-            (DType::Bf16, 1e-3, 5e-2, 1e-1),
-        ] {
-            let cpu = model(extra, 1);
-            let (b, t) = (2, 100);
-            let (ids, targets) = batch(b, t, 97);
-            // The reference in f64.
-            let cpu64 = Model::<f64> {
-                config: cpu.config.clone(),
-                layout: cpu.layout.clone(),
-                params: cpu.params.iter().map(|p| p.cast()).collect(),
-            };
-            let want = cpu64.loss(&ids, b, t, &targets, true).unwrap();
-            let mut gm = GpuModel::new(Gpu::new(0).unwrap(), &cpu, dtype).unwrap();
-            // The loss in blocks of 37 rows (the last one shorter).
-            gm.logit_block_elements = 37 * 97;
-            let loss = gm.loss_and_grads(&ids, b, t, &targets).unwrap();
-            let loss_err = (loss - want.loss).abs() / want.loss.abs();
-            let grads = gm.gradients().unwrap();
-            let mut worst = (0.0f64, String::new());
-            let (mut num, mut den) = (0.0f64, 0.0f64);
-            for ((spec, got), w) in gm
-                .layout
-                .specs
-                .iter()
-                .zip(&grads)
-                .zip(want.grads.as_ref().unwrap())
-            {
-                let got = got.cast::<f64>();
-                let e = got.rel_err(w);
-                if e > worst.0 {
-                    worst = (e, spec.name.clone());
-                }
-                num += got
-                    .data()
-                    .iter()
-                    .zip(w.data())
-                    .map(|(a, b)| (a - b).powi(2))
-                    .sum::<f64>();
-                den += w.data().iter().map(|b| b * b).sum::<f64>();
-            }
-            let all = (num / den).sqrt();
-            println!(
-                "{extra} {dtype:?}: loss {loss:.6} (error {loss_err:.1e}), all gradients {all:.1e}, worst tensor {:.1e} ({})",
-                worst.0, worst.1
-            );
-            assert!(loss_err < loss_tol, "loss {loss} vs {}", want.loss);
-            assert!(all < tol, "gradients off by {all:e}");
-            assert!(
-                worst.0 < per_tensor,
-                "gradient of {} off by {:e}",
-                worst.1,
-                worst.0
-            );
-        }
+        check_against_cpu(extra, DType::F32, (2, 100), (1e-4, 1e-4, 1e-4));
+        check_against_cpu(extra, DType::Bf16, (2, 100), (1e-3, 5e-2, 1e-1));
     }
+}
+
+/// 9,000 rows: more than a GPU's worth of warps in the row kernels (each warp takes several
+/// rows), 47 chunks per sequence in GLA, 244 blocks of logits.
+#[test]
+fn gradients_match_on_a_long_batch() {
+    if gpu().is_none() {
+        return;
+    }
+    check_against_cpu(CASES[0], DType::F32, (3, 3000), (1e-4, 1e-4, 1e-4));
 }
 
 #[test]
