@@ -38,76 +38,231 @@ __device__ __forceinline__ void cols_flush(const float* cols, float* out, int wi
     for (int j = threadIdx.x; j < width; j += NT) atomicAdd(out + j, cols[j]);
 }
 
+// V consecutive elements as floats and back: V = 4 (one 16-byte f32 or 8-byte bf16 access;
+// the caller keeps rows and counts multiples of 4, so that the address is aligned) or 1.
+struct __align__(16) f32x4 {
+    float x, y, z, w;
+};
+struct __align__(8) u32x2 {
+    u32 x, y;
+};
+template <int V>
+__device__ __forceinline__ void ld(const float* p, float* v) {
+    if (V == 4) {
+        const f32x4 t = *(const f32x4*)p;
+        v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+    } else {
+        v[0] = *p;
+    }
+}
+template <int V>
+__device__ __forceinline__ void ld(const bf16_t* p, float* v) {
+    if (V == 4) {
+        const u32x2 t = *(const u32x2*)p;
+        v[0] = __uint_as_float(t.x << 16), v[1] = __uint_as_float(t.x & 0xffff0000u);
+        v[2] = __uint_as_float(t.y << 16), v[3] = __uint_as_float(t.y & 0xffff0000u);
+    } else {
+        v[0] = bf16_to_f(*p);
+    }
+}
+template <int V>
+__device__ __forceinline__ void st(float* p, const float* v) {
+    if (V == 4) {
+        *(f32x4*)p = f32x4{v[0], v[1], v[2], v[3]};
+    } else {
+        *p = v[0];
+    }
+}
+template <int V>
+__device__ __forceinline__ void st(bf16_t* p, const float* v) {
+    if (V == 4) {
+        *(u32x2*)p = u32x2{(u32)f_to_bf16(v[0]) | ((u32)f_to_bf16(v[1]) << 16),
+                           (u32)f_to_bf16(v[2]) | ((u32)f_to_bf16(v[3]) << 16)};
+    } else {
+        *p = f_to_bf16(v[0]);
+    }
+}
+// V elements of an optional per-column parameter (1 where absent).
+template <int V>
+__device__ __forceinline__ void ld_or_one(const float* p, float* v) {
+    if (p) {
+        ld<V>(p, v);
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; i++) v[i] = 1.f;
+    }
+}
+
+// Runs body<4> when rows (or counts) are multiples of 4, else body<1>.
+#define BY_WIDTH(n, body, ...) ((n) % 4 == 0 ? body<4>(__VA_ARGS__) : body<1>(__VA_ARGS__))
+
+// The columns of one lane in a row: j = lane V, then every 32 V.
+#define LANE_COLS(j, width) for (int j = (threadIdx.x & 31) * V; j < (width); j += 32 * V)
+
 // y = x / sqrt(mean(x^2) + eps) * w (w may be null), rstd = that 1/rms per row.
+template <int V>
+__device__ __forceinline__ void rms_norm_fwd_rows(const float* __restrict__ x, const float* __restrict__ w,
+                                                  io_t* __restrict__ y, float* __restrict__ rstd,
+                                                  int rows, int width, float eps) {
+    for (int r = first_row(); r < rows; r += row_step()) {
+        const long base = (long)r * width;
+        float ss = 0.f;
+        LANE_COLS(j, width) {
+            float a[V];
+            ld<V>(x + base + j, a);
+#pragma unroll
+            for (int i = 0; i < V; i++) ss += a[i] * a[i];
+        }
+        const float inv = rsqrtf(warp_sum(ss) / width + eps);
+        LANE_COLS(j, width) {
+            float a[V], wv[V];
+            ld<V>(x + base + j, a);
+            ld_or_one<V>(w ? w + j : nullptr, wv);
+#pragma unroll
+            for (int i = 0; i < V; i++) a[i] *= inv * wv[i];
+            st<V>(y + base + j, a);
+        }
+        if ((threadIdx.x & 31) == 0) rstd[r] = inv;
+    }
+}
 extern "C" __global__ void rms_norm_fwd(const float* __restrict__ x, const float* __restrict__ w,
                                         io_t* __restrict__ y, float* __restrict__ rstd, int rows,
                                         int width, float eps) {
-    const int lane = threadIdx.x & 31;
-    for (int r = first_row(); r < rows; r += row_step()) {
-        const float* xr = x + (long)r * width;
-        float ss = 0.f;
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) ss += xr[j] * xr[j];
-        const float inv = rsqrtf(warp_sum(ss) / width + eps);
-        io_t* yr = y + (long)r * width;
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) yr[j] = from_f(xr[j] * inv * (w ? w[j] : 1.f));
-        if (lane == 0) rstd[r] = inv;
-    }
+    BY_WIDTH(width, rms_norm_fwd_rows, x, w, y, rstd, rows, width, eps);
 }
 
 // With ŵ = w ⊙ dy: dx += r ŵ - x r^3 mean(x ⊙ ŵ); dw += Σ_rows dy ⊙ x r. dx_io (may be null)
 // receives the new dx in the element type, for the products that read it next.
+template <int V>
+__device__ __forceinline__ void rms_norm_bwd_rows(const float* __restrict__ x, const float* __restrict__ w,
+                                                  const float* __restrict__ rstd,
+                                                  const float* __restrict__ dy, float* __restrict__ dx,
+                                                  io_t* __restrict__ dx_io, float* cols, int rows,
+                                                  int width) {
+    for (int r = first_row(); r < rows; r += row_step()) {
+        const long base = (long)r * width;
+        const float inv = rstd[r];
+        float dot = 0.f;
+        LANE_COLS(j, width) {
+            float a[V], d[V], wv[V];
+            ld<V>(x + base + j, a);
+            ld<V>(dy + base + j, d);
+            ld_or_one<V>(w ? w + j : nullptr, wv);
+#pragma unroll
+            for (int i = 0; i < V; i++) dot += a[i] * d[i] * wv[i];
+        }
+        dot = warp_sum(dot) / width;
+        LANE_COLS(j, width) {
+            float a[V], d[V], wv[V], out[V];
+            ld<V>(x + base + j, a);
+            ld<V>(dy + base + j, d);
+            ld_or_one<V>(w ? w + j : nullptr, wv);
+            ld<V>(dx + base + j, out);
+#pragma unroll
+            for (int i = 0; i < V; i++) {
+                out[i] += inv * d[i] * wv[i] - a[i] * inv * inv * inv * dot;
+                if (cols) atomicAdd(cols + j + i, d[i] * a[i] * inv);
+            }
+            st<V>(dx + base + j, out);
+            if (dx_io) st<V>(dx_io + base + j, out);
+        }
+    }
+}
 extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float* __restrict__ w,
                                         const float* __restrict__ rstd, const float* __restrict__ dy,
                                         float* __restrict__ dx, io_t* __restrict__ dx_io,
                                         float* __restrict__ dw, int rows, int width) {
     __shared__ float cols[MAXW];
     if (dw) cols_zero(cols, width);
-    const int lane = threadIdx.x & 31;
-    for (int r = first_row(); r < rows; r += row_step()) {
-        const long base = (long)r * width;
-        const float *xr = x + base, *dyr = dy + base;
-        const float inv = rstd[r];
-        float dot = 0.f;
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) dot += xr[j] * dyr[j] * (w ? w[j] : 1.f);
-        dot = warp_sum(dot) / width;
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) {
-            const float v = dx[base + j] + inv * dyr[j] * (w ? w[j] : 1.f) - xr[j] * inv * inv * inv * dot;
-            dx[base + j] = v;
-            if (dx_io) dx_io[base + j] = from_f(v);
-            if (dw) atomicAdd(cols + j, dyr[j] * xr[j] * inv);
-        }
-    }
+    BY_WIDTH(width, rms_norm_bwd_rows, x, w, rstd, dy, dx, dx_io, dw ? cols : nullptr, rows, width);
     if (dw) cols_flush(cols, dw, width);
 }
 
 // The attention output per head: out = rmsnorm(o) * w * silu(g) over rows of width `width`
 // (one row per token and head); without g (no output gate) out = rmsnorm(o) * w.
-extern "C" __global__ void norm_gate_fwd(const io_t* __restrict__ o, const io_t* __restrict__ g,
-                                         const float* __restrict__ w, io_t* __restrict__ out,
-                                         float* __restrict__ rstd, int rows, int width, float eps) {
-    const int lane = threadIdx.x & 31;
+template <int V>
+__device__ __forceinline__ void norm_gate_fwd_rows(const io_t* __restrict__ o, const io_t* __restrict__ g,
+                                                   const float* __restrict__ w, io_t* __restrict__ out,
+                                                   float* __restrict__ rstd, int rows, int width,
+                                                   float eps) {
     for (int r = first_row(); r < rows; r += row_step()) {
         const long base = (long)r * width;
         float ss = 0.f;
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) ss += to_f(o[base + j]) * to_f(o[base + j]);
-        const float inv = rsqrtf(warp_sum(ss) / width + eps);
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) {
-            float v = to_f(o[base + j]) * inv * (w ? w[j] : 1.f);
-            if (g) v *= to_f(g[base + j]) * sigmoidf_(to_f(g[base + j]));
-            out[base + j] = from_f(v);
+        LANE_COLS(j, width) {
+            float a[V];
+            ld<V>(o + base + j, a);
+#pragma unroll
+            for (int i = 0; i < V; i++) ss += a[i] * a[i];
         }
-        if (lane == 0) rstd[r] = inv;
+        const float inv = rsqrtf(warp_sum(ss) / width + eps);
+        LANE_COLS(j, width) {
+            float a[V], wv[V], gv[V];
+            ld<V>(o + base + j, a);
+            ld_or_one<V>(w ? w + j : nullptr, wv);
+            if (g) ld<V>(g + base + j, gv);
+#pragma unroll
+            for (int i = 0; i < V; i++) {
+                a[i] *= inv * wv[i];
+                if (g) a[i] *= gv[i] * sigmoidf_(gv[i]);
+            }
+            st<V>(out + base + j, a);
+        }
+        if ((threadIdx.x & 31) == 0) rstd[r] = inv;
     }
+}
+extern "C" __global__ void norm_gate_fwd(const io_t* __restrict__ o, const io_t* __restrict__ g,
+                                         const float* __restrict__ w, io_t* __restrict__ out,
+                                         float* __restrict__ rstd, int rows, int width, float eps) {
+    BY_WIDTH(width, norm_gate_fwd_rows, o, g, w, out, rstd, rows, width, eps);
 }
 
 // Backward of norm_gate_fwd from dout: do (for the GLA backward), dg (for the g projection's
 // backward products) and dw (f32, added).
+template <int V>
+__device__ __forceinline__ void norm_gate_bwd_rows(const io_t* __restrict__ o, const io_t* __restrict__ g,
+                                                   const float* __restrict__ w,
+                                                   const float* __restrict__ rstd,
+                                                   const io_t* __restrict__ dout, io_t* __restrict__ d_o,
+                                                   io_t* __restrict__ dg, float* cols, int rows,
+                                                   int width) {
+    for (int r = first_row(); r < rows; r += row_step()) {
+        const long base = (long)r * width;
+        const float inv = rstd[r];
+        float dot = 0.f;
+        // dn = d(normalised o): dout times the gate.
+        LANE_COLS(j, width) {
+            float ov[V], dv[V], wv[V], gv[V];
+            ld<V>(o + base + j, ov);
+            ld<V>(dout + base + j, dv);
+            ld_or_one<V>(w ? w + j : nullptr, wv);
+            if (g) ld<V>(g + base + j, gv);
+#pragma unroll
+            for (int i = 0; i < V; i++) dot += ov[i] * dv[i] * (g ? gv[i] * sigmoidf_(gv[i]) : 1.f) * wv[i];
+        }
+        dot = warp_sum(dot) / width;
+        LANE_COLS(j, width) {
+            float ov[V], dv[V], wv[V], gv[V], dov[V], dgv[V];
+            ld<V>(o + base + j, ov);
+            ld<V>(dout + base + j, dv);
+            ld_or_one<V>(w ? w + j : nullptr, wv);
+            if (g) ld<V>(g + base + j, gv);
+#pragma unroll
+            for (int i = 0; i < V; i++) {
+                const float n = ov[i] * inv;
+                float gate = 1.f;
+                if (g) {
+                    const float s = sigmoidf_(gv[i]);
+                    gate = gv[i] * s;
+                    dgv[i] = dv[i] * n * wv[i] * s * (1.f + gv[i] * (1.f - s));
+                }
+                dov[i] = inv * dv[i] * gate * wv[i] - ov[i] * inv * inv * inv * dot;
+                if (cols) atomicAdd(cols + j + i, dv[i] * gate * n);
+            }
+            st<V>(d_o + base + j, dov);
+            if (g) st<V>(dg + base + j, dgv);
+        }
+    }
+}
 extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const io_t* __restrict__ g,
                                          const float* __restrict__ w, const float* __restrict__ rstd,
                                          const io_t* __restrict__ dout, io_t* __restrict__ d_o,
@@ -115,86 +270,111 @@ extern "C" __global__ void norm_gate_bwd(const io_t* __restrict__ o, const io_t*
                                          int width) {
     __shared__ float cols[MAXW];
     if (dw) cols_zero(cols, width);
-    const int lane = threadIdx.x & 31;
-    for (int r = first_row(); r < rows; r += row_step()) {
-        const long base = (long)r * width;
-        const float inv = rstd[r];
-        float dot = 0.f;
-        // dn = d(normalised o): dout times the gate.
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) {
-            const float gate = g ? to_f(g[base + j]) * sigmoidf_(to_f(g[base + j])) : 1.f;
-            dot += to_f(o[base + j]) * to_f(dout[base + j]) * gate * (w ? w[j] : 1.f);
-        }
-        dot = warp_sum(dot) / width;
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) {
-            const float ov = to_f(o[base + j]), wj = w ? w[j] : 1.f, n = ov * inv;
-            const float dv = to_f(dout[base + j]);
-            float gate = 1.f;
-            if (g) {
-                const float gv = to_f(g[base + j]), s = sigmoidf_(gv);
-                gate = gv * s;
-                dg[base + j] = from_f(dv * n * wj * s * (1.f + gv * (1.f - s)));
-            }
-            d_o[base + j] = from_f(inv * dv * gate * wj - ov * inv * inv * inv * dot);
-            if (dw) atomicAdd(cols + j, dv * gate * n);
-        }
-    }
+    BY_WIDTH(width, norm_gate_bwd_rows, o, g, w, rstd, dout, d_o, dg, dw ? cols : nullptr, rows, width);
     if (dw) cols_flush(cols, dw, width);
 }
 
+// The element-wise kernels: thread t takes elements [V t, V t + V), then every gridDim NT V.
+#define ELEMENTS(i, n) for (long i = (blockIdx.x * (long)NT + threadIdx.x) * V; i < (n); i += (long)gridDim.x * NT * V)
+
 // SwiGLU: m = silu(gate) * up.
+template <int V>
+__device__ __forceinline__ void swiglu_fwd_elems(const io_t* __restrict__ gate, const io_t* __restrict__ up,
+                                                 io_t* __restrict__ m, long n) {
+    ELEMENTS(i, n) {
+        float x[V], u[V];
+        ld<V>(gate + i, x);
+        ld<V>(up + i, u);
+#pragma unroll
+        for (int e = 0; e < V; e++) x[e] = x[e] * sigmoidf_(x[e]) * u[e];
+        st<V>(m + i, x);
+    }
+}
 extern "C" __global__ void swiglu_fwd(const io_t* __restrict__ gate, const io_t* __restrict__ up,
                                       io_t* __restrict__ m, long n) {
-    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
-        float x = to_f(gate[i]);
-        m[i] = from_f(x * sigmoidf_(x) * to_f(up[i]));
-    }
+    BY_WIDTH(n, swiglu_fwd_elems, gate, up, m, n);
 }
 
 // From dm (the down projection's input gradient): dgate, dup, and m again when `m` is not
 // null (the forward's m is not kept; the down projection's weight gradient reads it).
+template <int V>
+__device__ __forceinline__ void swiglu_bwd_elems(const io_t* __restrict__ gate, const io_t* __restrict__ up,
+                                                 const io_t* __restrict__ dm, io_t* __restrict__ dgate,
+                                                 io_t* __restrict__ dup, io_t* __restrict__ m, long n) {
+    ELEMENTS(i, n) {
+        float x[V], u[V], d[V], dx[V], du[V], mv[V];
+        ld<V>(gate + i, x);
+        ld<V>(up + i, u);
+        ld<V>(dm + i, d);
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+            const float s = sigmoidf_(x[e]);
+            dx[e] = d[e] * u[e] * s * (1.f + x[e] * (1.f - s));
+            du[e] = d[e] * x[e] * s;
+            mv[e] = x[e] * s * u[e];
+        }
+        st<V>(dgate + i, dx);
+        st<V>(dup + i, du);
+        if (m) st<V>(m + i, mv);
+    }
+}
 extern "C" __global__ void swiglu_bwd(const io_t* __restrict__ gate, const io_t* __restrict__ up,
                                       const io_t* __restrict__ dm, io_t* __restrict__ dgate,
                                       io_t* __restrict__ dup, io_t* __restrict__ m, long n) {
-    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
-        const float x = to_f(gate[i]), s = sigmoidf_(x), u = to_f(up[i]), d = to_f(dm[i]);
-        dgate[i] = from_f(d * u * s * (1.f + x * (1.f - s)));
-        dup[i] = from_f(d * x * s);
-        if (m) m[i] = from_f(x * s * u);
-    }
+    BY_WIDTH(n, swiglu_bwd_elems, gate, up, dm, dgate, dup, m, n);
 }
 
 // Key gates: g = max(logsigmoid(raw + bias) / norm, clamp) (clamp = -inf for none); raw gets
 // the bias added in place (rows of `width`).
+template <int V>
+__device__ __forceinline__ void gate_fwd_elems(float* __restrict__ raw, const float* __restrict__ bias,
+                                               float* __restrict__ g, long n, int width, float norm,
+                                               float clamp) {
+    ELEMENTS(i, n) {
+        float x[V], out[V];
+        ld<V>(raw + i, x);
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+            x[e] += bias[(i + e) % width];
+            out[e] = fmaxf((fminf(x[e], 0.f) - log1pf(__expf(-fabsf(x[e])))) / norm, clamp);
+        }
+        st<V>(raw + i, x);
+        st<V>(g + i, out);
+    }
+}
 extern "C" __global__ void gate_fwd(float* __restrict__ raw, const float* __restrict__ bias,
                                     float* __restrict__ g, long n, int width, float norm, float clamp) {
-    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
-        float x = raw[i] + bias[i % width];
-        raw[i] = x;
-        float ls = fminf(x, 0.f) - log1pf(__expf(-fabsf(x)));
-        g[i] = fmaxf(ls / norm, clamp);
-    }
+    BY_WIDTH(n, gate_fwd_elems, raw, bias, g, n, width, norm, clamp);
 }
 
 // draw = dg σ(-raw) / norm where the gate was not clamped (in io_t, for the products);
 // dbias += Σ_rows draw (f32).
+template <int V>
+__device__ __forceinline__ void gate_bwd_rows(const float* __restrict__ raw, const float* __restrict__ dg,
+                                              io_t* __restrict__ draw, float* cols, int rows,
+                                              int width, float norm, float clamp) {
+    for (int r = first_row(); r < rows; r += row_step()) {
+        const long base = (long)r * width;
+        LANE_COLS(j, width) {
+            float x[V], d[V];
+            ld<V>(raw + base + j, x);
+            ld<V>(dg + base + j, d);
+#pragma unroll
+            for (int i = 0; i < V; i++) {
+                const float ls = fminf(x[i], 0.f) - log1pf(__expf(-fabsf(x[i])));
+                d[i] = ls / norm < clamp ? 0.f : d[i] * sigmoidf_(-x[i]) / norm;
+                atomicAdd(cols + j + i, d[i]);
+            }
+            st<V>(draw + base + j, d);
+        }
+    }
+}
 extern "C" __global__ void gate_bwd(const float* __restrict__ raw, const float* __restrict__ dg,
                                     io_t* __restrict__ draw, float* __restrict__ dbias, int rows,
                                     int width, float norm, float clamp) {
     __shared__ float cols[MAXW];
     cols_zero(cols, width);
-    const int lane = threadIdx.x & 31;
-    for (int r = first_row(); r < rows; r += row_step())
-#pragma unroll 4
-        for (int j = lane; j < width; j += 32) {
-            const long at = (long)r * width + j;
-            const float x = raw[at], ls = fminf(x, 0.f) - log1pf(__expf(-fabsf(x)));
-            const float d = ls / norm < clamp ? 0.f : dg[at] * sigmoidf_(-x) / norm;
-            draw[at] = from_f(d);
-            atomicAdd(cols + j, d);
-        }
+    BY_WIDTH(width, gate_bwd_rows, raw, dg, draw, cols, rows, width, norm, clamp);
     cols_flush(cols, dbias, width);
 }
 
