@@ -230,8 +230,9 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_qdo(
 // and ht = the state after the last chunk. Backward (chunk_scan_back): slot i holds W_i and
 // becomes dS'_i, the gradient of the state at chunk i's end: dS'_last = dht (or 0),
 // dS'_{i-1} = e^Γ_i ⊙ dS'_i + W_i, and dh0 = the gradient at the first chunk's start. Each
-// thread reads its slot before writing it; the next chunk's part and decay load ahead.
+// thread reads its slots before writing them, SCAN_AHEAD chunks at a time (loads in flight).
 #if KERNEL == 1 || KERNEL == 5
+#define SCAN_AHEAD 8
 template <bool BACK>
 __device__ __forceinline__ void scan(io_t* __restrict__ slots, const float* __restrict__ gam,
                                      const float* __restrict__ init, float* __restrict__ fin,
@@ -248,15 +249,21 @@ __device__ __forceinline__ void scan(io_t* __restrict__ slots, const float* __re
         return HAS_G ? EXP(gam[((size_t)chunk(step) * H + hh) * KD + key]) : 1.f;
     };
     float s = has_init ? init[state_at] : 0.f;
-    float part = chunks > 0 ? to_f(*slot(0)) : 0.f, dec = chunks > 0 ? decay(0) : 1.f;
-    for (int step = 0; step < chunks; step++) {
-        const float p = part, d = dec;
-        if (step + 1 < chunks) {
-            part = to_f(*slot(step + 1));
-            dec = decay(step + 1);
-        }
-        *slot(step) = from_f(s);
-        s = d * s + p;
+    // SCAN_AHEAD chunks' parts and decays are read before any of their slots is written.
+    for (int s0 = 0; s0 < chunks; s0 += SCAN_AHEAD) {
+        float part[SCAN_AHEAD], dec[SCAN_AHEAD];
+#pragma unroll
+        for (int u = 0; u < SCAN_AHEAD; u++)
+            if (s0 + u < chunks) {
+                part[u] = to_f(*slot(s0 + u));
+                dec[u] = decay(s0 + u);
+            }
+#pragma unroll
+        for (int u = 0; u < SCAN_AHEAD; u++)
+            if (s0 + u < chunks) {
+                *slot(s0 + u) = from_f(s);
+                s = dec[u] * s + part[u];
+            }
     }
     if (has_fin) fin[state_at] = s;
 }
