@@ -141,54 +141,54 @@ fn rms_norm_case(g: &Gpu, rows: usize, width: usize) {
     for d in DTYPES {
         let l = Layers::new(d);
         let (xg, wg, dyg, dxg, dwg) = (
-            up(&g, &x),
-            up(&g, &w),
-            up(&g, &dy),
-            up(&g, &dx0),
-            up(&g, &vec![0.0; width]),
+            up(g, &x),
+            up(g, &w),
+            up(g, &dy),
+            up(g, &dx0),
+            up(g, &vec![0.0; width]),
         );
-        let y = Buf::zeros(&g, rows * width, d).unwrap();
-        let dx_io = Buf::zeros(&g, rows * width, d).unwrap();
-        let rstd = up(&g, &vec![0.0; rows]);
+        let y = Buf::zeros(g, rows * width, d).unwrap();
+        let dx_io = Buf::zeros(g, rows * width, d).unwrap();
+        let rstd = up(g, &vec![0.0; rows]);
         l.rms_norm_fwd(
-            &g,
-            ptr(&g, &xg),
-            ptr(&g, &wg),
-            buf_ptr(&g, &y),
-            ptr(&g, &rstd),
+            g,
+            ptr(g, &xg),
+            ptr(g, &wg),
+            buf_ptr(g, &y),
+            ptr(g, &rstd),
             rows,
             width,
             1e-6,
         )
         .unwrap();
         l.rms_norm_bwd(
-            &g,
-            ptr(&g, &xg),
-            ptr(&g, &wg),
-            ptr(&g, &rstd),
-            ptr(&g, &dyg),
-            ptr(&g, &dxg),
-            buf_ptr(&g, &dx_io),
-            ptr(&g, &dwg),
+            g,
+            ptr(g, &xg),
+            ptr(g, &wg),
+            ptr(g, &rstd),
+            ptr(g, &dyg),
+            ptr(g, &dxg),
+            buf_ptr(g, &dx_io),
+            ptr(g, &dwg),
             rows,
             width,
         )
         .unwrap();
         check(
             &format!("rms_norm y {d:?}"),
-            &y.download(&g).unwrap(),
+            &y.download(g).unwrap(),
             &y_ref,
             tol(d),
         );
-        check("rms_norm rstd", &down(&g, &rstd), &r_ref, 1e-5);
-        check("rms_norm dx", &down(&g, &dxg), &dx_ref, 1e-5);
+        check("rms_norm rstd", &down(g, &rstd), &r_ref, 1e-5);
+        check("rms_norm dx", &down(g, &dxg), &dx_ref, 1e-5);
         check(
             &format!("rms_norm dx copy {d:?}"),
-            &dx_io.download(&g).unwrap(),
+            &dx_io.download(g).unwrap(),
             &dx_ref,
             tol(d),
         );
-        check("rms_norm dw", &down(&g, &dwg), &dw_ref, 1e-5);
+        check("rms_norm dw", &down(g, &dwg), &dw_ref, 1e-5);
     }
 }
 
