@@ -317,15 +317,30 @@ impl GpuModel {
         out: &mut Buf,
         accumulate: bool,
     ) -> Result<()> {
+        self.by_weight(x, n, slot, out, accumulate, true)
+    }
+
+    /// out (= or +=) x W^T (`transposed`: x [n, i], out [n, o]) or x W (x [n, o], out [n, i])
+    /// for the weight in `slot` [o, i].
+    fn by_weight(
+        &self,
+        x: &Buf,
+        n: usize,
+        slot: usize,
+        out: &mut Buf,
+        accumulate: bool,
+        transposed: bool,
+    ) -> Result<()> {
         let shape = &self.layout.specs[slot].shape;
         let (o, i) = (shape[0], shape[1]);
+        let dims = if transposed { (n, o, i) } else { (n, i, o) };
         let beta = if accumulate { 1.0 } else { 0.0 };
         self.blas.matmul(
             &self.gpu,
             Operand::new(x, false),
-            Operand::new(self.w(slot), true),
+            Operand::new(self.w(slot), transposed),
             out,
-            (n, o, i),
+            dims,
             1.0,
             beta,
         )
@@ -354,18 +369,7 @@ impl GpuModel {
         dx: &mut Buf,
         accumulate: bool,
     ) -> Result<()> {
-        let shape = &self.layout.specs[slot].shape;
-        let (o, i) = (shape[0], shape[1]);
-        let beta = if accumulate { 1.0 } else { 0.0 };
-        self.blas.matmul(
-            &self.gpu,
-            Operand::new(dy, false),
-            Operand::new(self.w(slot), false),
-            dx,
-            (n, i, o),
-            1.0,
-            beta,
-        )
+        self.by_weight(dy, n, slot, dx, accumulate, false)
     }
 
     /// dW += dy[n, o]^T x[n, i] for the weight in `slot`.
