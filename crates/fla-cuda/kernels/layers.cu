@@ -99,6 +99,19 @@ __device__ __forceinline__ void ld_or_one(const float* p, float* v) {
 // The columns of one lane in a row: j = lane V, then every 32 V.
 #define LANE_COLS(j, width) for (int j = (threadIdx.x & 31) * V; j < (width); j += 32 * V)
 
+// 1 / sqrt(mean(row^2) + eps) of a row, in every lane of the warp that owns it.
+template <int V, typename T>
+__device__ __forceinline__ float inv_rms(const T* __restrict__ row, int width, float eps) {
+    float ss = 0.f;
+    LANE_COLS(j, width) {
+        float a[V];
+        ld<V>(row + j, a);
+#pragma unroll
+        for (int i = 0; i < V; i++) ss += a[i] * a[i];
+    }
+    return rsqrtf(warp_sum(ss) / width + eps);
+}
+
 // y = x / sqrt(mean(x^2) + eps) * w (w may be null), rstd = that 1/rms per row.
 template <int V>
 __device__ __forceinline__ void rms_norm_fwd_rows(const float* __restrict__ x, const float* __restrict__ w,
@@ -106,14 +119,7 @@ __device__ __forceinline__ void rms_norm_fwd_rows(const float* __restrict__ x, c
                                                   int rows, int width, float eps) {
     for (int r = first_row(); r < rows; r += row_step()) {
         const long base = (long)r * width;
-        float ss = 0.f;
-        LANE_COLS(j, width) {
-            float a[V];
-            ld<V>(x + base + j, a);
-#pragma unroll
-            for (int i = 0; i < V; i++) ss += a[i] * a[i];
-        }
-        const float inv = rsqrtf(warp_sum(ss) / width + eps);
+        const float inv = inv_rms<V>(x + base, width, eps);
         LANE_COLS(j, width) {
             float a[V], wv[V];
             ld<V>(x + base + j, a);
@@ -187,14 +193,7 @@ __device__ __forceinline__ void norm_gate_fwd_rows(const io_t* __restrict__ o, c
                                                    float eps) {
     for (int r = first_row(); r < rows; r += row_step()) {
         const long base = (long)r * width;
-        float ss = 0.f;
-        LANE_COLS(j, width) {
-            float a[V];
-            ld<V>(o + base + j, a);
-#pragma unroll
-            for (int i = 0; i < V; i++) ss += a[i] * a[i];
-        }
-        const float inv = rsqrtf(warp_sum(ss) / width + eps);
+        const float inv = inv_rms<V>(o + base, width, eps);
         LANE_COLS(j, width) {
             float a[V], wv[V], gv[V];
             ld<V>(o + base + j, a);
@@ -419,11 +418,6 @@ extern "C" __global__ void conv_silu_bwd(const float* __restrict__ x, const floa
         }
         dx[i] = from_f(acc);
     }
-}
-
-// y = x in the element type.
-extern "C" __global__ void cast_io(const float* __restrict__ x, io_t* __restrict__ y, long n) {
-    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) y[i] = from_f(x[i]);
 }
 
 // Token embeddings: x[r] = E[ids[r]] (f32), and the backward dE[ids[r]] += dx[r].

@@ -187,11 +187,15 @@ impl DeviceGla {
                 Buf::zeros(gpu, n, self.dtype)
             }
         };
-        let dgk = match (per_key, two_level) {
-            (false, _) => None,
-            (true, true) => Some(crate::gla::uninit(gpu, rows * self.dk)?),
-            (true, false) => Some(zeros(gpu, rows * self.dk)?),
-        };
+        let dgk = per_key
+            .then(|| {
+                if two_level {
+                    crate::gla::uninit(gpu, rows * self.dk)
+                } else {
+                    zeros(gpu, rows * self.dk)
+                }
+            })
+            .transpose()?;
         Ok(DeviceGrads {
             dq: grad(rows * self.dk)?,
             dk: grad(rows * self.dk)?,

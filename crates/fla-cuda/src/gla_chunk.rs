@@ -331,7 +331,7 @@ impl DeviceGla {
             .as_ref()
             .ok_or_else(|| Error::Invalid("the GPU backward needs the forward run first".into()))?;
         let n_chunks = tl.chunks.count;
-        // chunk_dstates writes every element.
+        // chunk_qdo writes every element.
         let mut dstates = Buf::uninit(
             gpu,
             (n_chunks * self.h * self.dk * self.dv).max(1),

@@ -419,12 +419,6 @@ impl Layers {
         )
     }
 
-    /// y = x in the element type.
-    pub fn cast_io(&self, gpu: &Gpu, x: u64, y: u64, n: usize) -> Result<()> {
-        let args = [Arg::P(x), Arg::P(y), Arg::L(n as i64)];
-        self.launch(gpu, "cast_io", Self::elem_blocks(gpu, n), &args)
-    }
-
     pub fn embed_fwd(
         &self,
         gpu: &Gpu,
