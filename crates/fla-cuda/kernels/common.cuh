@@ -44,13 +44,26 @@ __device__ __forceinline__ void check_smem(u32 need) {
     if (have < need) __trap();
 }
 
-// A strided view of a matrix in shared memory: element (r, c) at p[r * rs + c * cs].
-template <typename T>
+// A matrix in shared memory, row-major (ROW: element (r, c) at p[r * ld + c]) or
+// column-major (at p[r + c * ld]); the layout is part of the type, so that every product
+// picks its fragment loads at compile time.
+template <typename T, bool ROW>
 struct Mat {
     const T* p;
-    int rs, cs;
-    __device__ __forceinline__ float at(int r, int c) const { return to_f32(p[r * rs + c * cs]); }
+    int ld;
+    __device__ __forceinline__ int rs() const { return ROW ? ld : 1; }
+    __device__ __forceinline__ int cs() const { return ROW ? 1 : ld; }
+    __device__ __forceinline__ float at(int r, int c) const { return to_f32(p[r * rs() + c * cs()]); }
 };
+
+template <typename T>
+__device__ __forceinline__ Mat<T, true> row_major(const T* p, int ld) {
+    return Mat<T, true>{p, ld};
+}
+template <typename T>
+__device__ __forceinline__ Mat<T, false> col_major(const T* p, int ld) {
+    return Mat<T, false>{p, ld};
+}
 
 // Asynchronous 16-byte copy global -> shared (sm_80+); with `valid` false it writes zeros
 // and reads nothing.
@@ -89,15 +102,6 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, size_t r
     }
 }
 
-template <typename T>
-__device__ __forceinline__ Mat<T> mat(const T* p, int rs, int cs) {
-    Mat<T> m;
-    m.p = p;
-    m.rs = rs;
-    m.cs = cs;
-    return m;
-}
-
 #if USE_BF16
 __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     u32 r;
@@ -107,73 +111,157 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
 
 // Elements (r, c) and (r + dr, c + dc) as a bf16 pair, the first in the low half: one 32-bit
 // load when they are adjacent bf16 in memory, else two loads and a conversion.
-__device__ __forceinline__ u32 pair(Mat<bf16_t> m, int r, int c, int dr, int dc) {
-    const int at = r * m.rs + c * m.cs;
-    if (dr * m.rs + dc * m.cs == 1 && (at & 1) == 0) return *(const u32*)(m.p + at);
-    return (u32)m.p[at] | ((u32)m.p[at + dr * m.rs + dc * m.cs] << 16);
+template <bool ROW>
+__device__ __forceinline__ u32 pair(Mat<bf16_t, ROW> m, int r, int c, int dr, int dc) {
+    const int at = r * m.rs() + c * m.cs(), step = dr * m.rs() + dc * m.cs();
+    if (step == 1 && (at & 1) == 0) return *(const u32*)(m.p + at);
+    return (u32)m.p[at] | ((u32)m.p[at + step] << 16);
 }
-__device__ __forceinline__ u32 pair(Mat<float> m, int r, int c, int dr, int dc) {
-    const int at = r * m.rs + c * m.cs;
-    if (dr * m.rs + dc * m.cs == 1 && (at & 1) == 0) {
+template <bool ROW>
+__device__ __forceinline__ u32 pair(Mat<float, ROW> m, int r, int c, int dr, int dc) {
+    const int at = r * m.rs() + c * m.cs(), step = dr * m.rs() + dc * m.cs();
+    if (step == 1 && (at & 1) == 0) {
         const f32x2 x = *(const f32x2*)(m.p + at);
         return pack_bf16x2(x.x, x.y);
     }
-    return pack_bf16x2(m.p[at], m.p[at + dr * m.rs + dc * m.cs]);
+    return pack_bf16x2(m.p[at], m.p[at + step]);
+}
+
+__device__ __forceinline__ void mma_bf16(float d[4], const u32 a[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Stores a warp's 16 x 32 tile of C (fragments d[j] of mma.m16n8k16, columns past N skipped).
+__device__ __forceinline__ void store_tile(float* c, int ldc, const float d[4][4], int m0, int n0,
+                                           int N, float alpha, bool acc) {
+    const int lane = threadIdx.x % 32, r = lane >> 2, cc = (lane & 3) * 2;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        if (n0 + j * 8 >= N) continue;
+        const int n = n0 + j * 8 + cc;
+        float* c0 = c + (m0 + r) * ldc + n;
+        float* c1 = c + (m0 + r + 8) * ldc + n;
+        c0[0] = alpha * d[j][0] + (acc ? c0[0] : 0.f);
+        c0[1] = alpha * d[j][1] + (acc ? c0[1] : 0.f);
+        c1[0] = alpha * d[j][2] + (acc ? c1[0] : 0.f);
+        c1[1] = alpha * d[j][3] + (acc ? c1[1] : 0.f);
+    }
 }
 
 // C (M x N, f32, row stride ldc) = alpha * A B (+ C when acc). M and the inner size D are
 // multiples of 16, N of 8. Every thread of the block calls it; the caller synchronises
 // before (operands written) and after (C read). Each warp takes 16 x 32 tiles of C and
-// issues mma.m16n8k16 (bf16 operands rounded from the tiles, f32 accumulation).
-template <typename TA, typename TB>
-__device__ void gemm(float* c, int ldc, Mat<TA> a, Mat<TB> b, int M, int N, int D, float alpha,
-                     bool acc) {
+// issues mma.m16n8k16 (bf16 operands rounded from the tiles, f32 accumulation). This
+// version builds fragments from pairs of elements; the bf16 tiles below take ldmatrix.
+template <typename TA, bool RA, typename TB, bool RB>
+__device__ void gemm(float* c, int ldc, Mat<TA, RA> a, Mat<TB, RB> b, int M, int N, int D,
+                     float alpha, bool acc) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int r = lane >> 2, cc = (lane & 3) * 2;
     const int tiles_n = (N + 31) / 32;
     for (int tile = warp; tile < (M / 16) * tiles_n; tile += NW) {
         const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 32;
-        float d[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) d[j][e] = 0.f;
+        float d[4][4] = {};
         for (int k0 = 0; k0 < D; k0 += 16) {
-            const u32 a0 = pair(a, m0 + r, k0 + cc, 0, 1);
-            const u32 a1 = pair(a, m0 + r + 8, k0 + cc, 0, 1);
-            const u32 a2 = pair(a, m0 + r, k0 + cc + 8, 0, 1);
-            const u32 a3 = pair(a, m0 + r + 8, k0 + cc + 8, 0, 1);
+            const u32 af[4] = {pair(a, m0 + r, k0 + cc, 0, 1), pair(a, m0 + r + 8, k0 + cc, 0, 1),
+                               pair(a, m0 + r, k0 + cc + 8, 0, 1),
+                               pair(a, m0 + r + 8, k0 + cc + 8, 0, 1)};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const int n = n0 + j * 8 + r;
                 if (n0 + j * 8 >= N) continue;
-                const u32 b0 = pair(b, k0 + cc, n, 1, 0);
-                const u32 b1 = pair(b, k0 + cc + 8, n, 1, 0);
-                asm volatile(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                    "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                    : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
-                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+                mma_bf16(d[j], af, pair(b, k0 + cc, n, 1, 0), pair(b, k0 + cc + 8, n, 1, 0));
             }
         }
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            if (n0 + j * 8 >= N) continue;
-            const int n = n0 + j * 8 + cc;
-            float* c0 = c + (m0 + r) * ldc + n;
-            float* c1 = c + (m0 + r + 8) * ldc + n;
-            c0[0] = alpha * d[j][0] + (acc ? c0[0] : 0.f);
-            c0[1] = alpha * d[j][1] + (acc ? c0[1] : 0.f);
-            c1[0] = alpha * d[j][2] + (acc ? c1[0] : 0.f);
-            c1[1] = alpha * d[j][3] + (acc ? c1[1] : 0.f);
-        }
+        store_tile(c, ldc, d, m0, n0, N, alpha, acc);
     }
 }
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// ldmatrix: four (x4) or two (x2) 8 x 8 bf16 matrices, lane l giving the address of row l % 8
+// of matrix l / 8; TRANS hands each thread the transposed fragment.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(u32 r[4], const bf16_t* p) {
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(p)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(p)));
+}
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x2(u32 r[4], const bf16_t* p) {
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(smem_u32(p)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(smem_u32(p)));
+}
+
+// The product with fragments from ldmatrix. A's fragment (rows m0.., inner k0..) is the
+// 8 x 8 matrices (m lo, k lo), (m hi, k lo), (m lo, k hi), (m hi, k hi); B's for two column
+// groups j, j + 1 are (j, k lo), (j, k hi), (j + 1, k lo), (j + 1, k hi). A tile stored with
+// the inner index contiguous loads them as they are, the other way round transposed.
+// Every row (column, for a column-major tile) must start on 16 bytes: the tile aligned, ld a
+// multiple of 8, as the padded tiles of the kernels are.
+template <bool RA, bool RB>
+__device__ void gemm(float* c, int ldc, Mat<bf16_t, RA> a, Mat<bf16_t, RB> b, int M, int N, int D,
+                     float alpha, bool acc) {
+    constexpr bool ACONT = RA, BCONT = !RB;  // the inner index contiguous in A, in B
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q = lane >> 3, i = lane & 7;
+    const int tiles_n = (N + 31) / 32;
+    for (int tile = warp; tile < (M / 16) * tiles_n; tile += NW) {
+        const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 32;
+        // This lane's row of A's matrix q, and of B's (two column groups per ldmatrix).
+        const bf16_t* pa = ACONT ? a.p + (m0 + i + (q & 1) * 8) * a.ld + (q >> 1) * 8
+                                 : a.p + (m0 + (q & 1) * 8) + ((q >> 1) * 8 + i) * a.ld;
+        const int nb = n0 + (q >> 1) * 8;
+        const bf16_t* pb = BCONT ? b.p + (q & 1) * 8 + (nb + i) * b.ld
+                                 : b.p + ((q & 1) * 8 + i) * b.ld + nb;
+        float d[4][4] = {};
+        for (int k0 = 0; k0 < D; k0 += 16) {
+            u32 af[4];
+            ldsm_x4<!ACONT>(af, pa + k0 * (ACONT ? 1 : a.ld));
+            const bf16_t* pk = pb + k0 * (BCONT ? 1 : b.ld);
+#pragma unroll
+            for (int j = 0; j < 4; j += 2) {
+                if (n0 + j * 8 >= N) continue;
+                const bf16_t* pj = pk + j * 8 * (BCONT ? b.ld : 1);
+                u32 bf[4];
+                if (n0 + j * 8 + 8 < N) {
+                    ldsm_x4<!BCONT>(bf, pj);
+                    mma_bf16(d[j], af, bf[0], bf[1]);
+                    mma_bf16(d[j + 1], af, bf[2], bf[3]);
+                } else {
+                    ldsm_x2<!BCONT>(bf, pj);
+                    mma_bf16(d[j], af, bf[0], bf[1]);
+                }
+            }
+        }
+        store_tile(c, ldc, d, m0, n0, N, alpha, acc);
+    }
+}
+
 #else
 // The f32 build: the same product with FMAs in f32, for checking.
-template <typename TA, typename TB>
-__device__ void gemm(float* c, int ldc, Mat<TA> a, Mat<TB> b, int M, int N, int D, float alpha,
-                     bool acc) {
+template <typename TA, bool RA, typename TB, bool RB>
+__device__ void gemm(float* c, int ldc, Mat<TA, RA> a, Mat<TB, RB> b, int M, int N, int D,
+                     float alpha, bool acc) {
     for (int idx = threadIdx.x; idx < M * N; idx += NT) {
         const int m = idx / N, n = idx % N;
         float s = 0.f;

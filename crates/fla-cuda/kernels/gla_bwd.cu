@@ -187,7 +187,7 @@ __device__ void value_side(Tiles t, bool first, bool fast_b) {
             t.v[at] = from_f(to_f(t.v[at]) * EXP(-t.B[idx]));
         }
         __syncthreads();
-        gemm(t.P, AS, mat(t.dO, VSS, 1), mat(t.v, 1, VSS), C, C, BVS, 1.f, !first);
+        gemm(t.P, AS, row_major(t.dO, VSS), col_major(t.v, VSS), C, C, BVS, 1.f, !first);
         __syncthreads();
         for (int idx = threadIdx.x; idx < C * BVS; idx += NT) {
             const int at = (idx / BVS) * VSS + idx % BVS;
@@ -211,7 +211,7 @@ __device__ void value_side(Tiles t, bool first, bool fast_b) {
         }
     }
 #else
-    gemm(t.P, AS, mat(t.dO, VSS, 1), mat(t.v, 1, VSS), C, C, BVS, 1.f, !first);
+    gemm(t.P, AS, row_major(t.dO, VSS), col_major(t.v, VSS), C, C, BVS, 1.f, !first);
 #endif
     __syncthreads();
 }
@@ -290,16 +290,16 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dq(
             const float span_b = load_values(t, v, d_o, gv, row0, rows, H, hh, vs);
             value_side(t, vs == 0, span_b <= SAFE_EXP);
             // X (+)= scale dÕ S^T, then S <- decay S + K̂^T V̂ on these columns.
-            gemm(t.X, XS, mat(t.dO, VSS, 1), mat(t.S + vs, 1, SS), C, BK, BVS, scale, vs > 0);
+            gemm(t.X, XS, row_major(t.dO, VSS), col_major(t.S + vs, SS), C, BK, BVS, scale, vs > 0);
             __syncthreads();
             decay_state(t, vs);
-            gemm(t.S + vs, SS, mat(t.t2, 1, KS), mat(t.v, VSS, 1), BK, BVS, C, 1.f, true);
+            gemm(t.S + vs, SS, col_major(t.t2, KS), row_major(t.v, VSS), BK, BVS, C, 1.f, true);
             __syncthreads();
         }
         mask_strict(t.P, scale);
 #if HAS_G
         if (fast_g) {
-            gemm(t.X, XS, mat(t.P, AS, 1), mat(t.t1, KS, 1), C, BK, C, 1.f, true);
+            gemm(t.X, XS, row_major(t.P, AS), row_major(t.t1, KS), C, BK, C, 1.f, true);
             __syncthreads();
             for (int idx = tid; idx < C * BK; idx += NT) {
                 const int i = idx / BK, kk = idx % BK;
@@ -316,7 +316,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dq(
             }
         }
 #else
-        gemm(t.X, XS, mat(t.P, AS, 1), mat(t.kr, KS, 1), C, BK, C, 1.f, true);
+        gemm(t.X, XS, row_major(t.P, AS), row_major(t.kr, KS), C, BK, C, 1.f, true);
 #endif
         __syncthreads();
         for (int idx = tid; idx < rows * BK; idx += NT) {
@@ -361,7 +361,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
         }
         __syncthreads();
         if (fast_g) {
-            gemm(t.A, AS, mat(t.t2, KS, 1), mat(t.t1, 1, KS), C, C, BK, scale, false);
+            gemm(t.A, AS, row_major(t.t2, KS), col_major(t.t1, KS), C, C, BK, scale, false);
         } else {
             for (int idx = tid; idx < C * C; idx += NT) {
                 const int i = idx / C, j = idx % C;
@@ -384,7 +384,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
             t.t2[at] = t.qr[at];
         }
         __syncthreads();
-        gemm(t.A, AS, mat(t.qr, KS, 1), mat(t.kr, 1, KS), C, C, BK, scale, false);
+        gemm(t.A, AS, row_major(t.qr, KS), col_major(t.kr, KS), C, C, BK, scale, false);
 #endif
         __syncthreads();
         for (int idx = tid; idx < C * C; idx += NT)
@@ -395,7 +395,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
             const bool fast_b = span_b <= SAFE_EXP;
             // Y = K̂ dS' on these columns, times e^Β (fast) or e^(Β-B) with the exact intra
             // terms (from the raw do, before value_side rescales it).
-            gemm(t.Y, YS, mat(t.t1, KS, 1), mat(t.S + vs, SS, 1), C, BVS, BK, 1.f, false);
+            gemm(t.Y, YS, row_major(t.t1, KS), row_major(t.S + vs, SS), C, BVS, BK, 1.f, false);
             __syncthreads();
             // The chunk boundary terms: w = rowsum(dS' ⊙ S ⊙ e^Β) for the key gate; for the
             // value gate this key tile's share of colsum(dS' ⊙ S') (see the top).
@@ -441,11 +441,11 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
 #endif
             value_side(t, vs == 0, fast_b);
             if (fast_b) {
-                gemm(t.Y, YS, mat(t.A, 1, AS), mat(t.dO, VSS, 1), C, BVS, C, 1.f, true);
+                gemm(t.Y, YS, col_major(t.A, AS), row_major(t.dO, VSS), C, BVS, C, 1.f, true);
                 __syncthreads();
             }
             // X (+)= V̂ dS'^T; dv's share out; then dS <- decay dS + scale Q̃^T dÕ.
-            gemm(t.X, XS, mat(t.v, VSS, 1), mat(t.S + vs, 1, SS), C, BK, BVS, 1.f, vs > 0);
+            gemm(t.X, XS, row_major(t.v, VSS), col_major(t.S + vs, SS), C, BK, BVS, 1.f, vs > 0);
             for (int idx = tid; idx < rows * BVS; idx += NT) {
                 const int j = idx / BVS, c = idx % BVS;
                 float y = t.Y[j * YS + c];
@@ -461,7 +461,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
             }
             __syncthreads();
             decay_state(t, vs);
-            gemm(t.S + vs, SS, mat(t.t2, 1, KS), mat(t.dO, VSS, 1), BK, BVS, C, scale, true);
+            gemm(t.S + vs, SS, col_major(t.t2, KS), row_major(t.dO, VSS), BK, BVS, C, scale, true);
             __syncthreads();
         }
         mask_strict(t.P, scale);
@@ -482,7 +482,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
                 t.X[j * XS + kk] *= EXP(t.G[(C - 1) * BK + kk]);
             }
             __syncthreads();
-            gemm(t.X, XS, mat(t.P, 1, AS), mat(t.t2, KS, 1), C, BK, C, 1.f, true);
+            gemm(t.X, XS, col_major(t.P, AS), row_major(t.t2, KS), C, BK, C, 1.f, true);
             __syncthreads();
             for (int idx = tid; idx < C * BK; idx += NT) {
                 const int j = idx / BK, kk = idx % BK;
@@ -499,7 +499,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_bwd_dkv(
             }
         }
 #else
-        gemm(t.X, XS, mat(t.P, 1, AS), mat(t.qr, KS, 1), C, BK, C, 1.f, true);
+        gemm(t.X, XS, col_major(t.P, AS), row_major(t.qr, KS), C, BK, C, 1.f, true);
 #endif
         __syncthreads();
 #if HAS_G

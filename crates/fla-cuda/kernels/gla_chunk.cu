@@ -40,7 +40,8 @@
 //   chunk_dqk       per (chunk, K tile): dq, dk and the gate's gradient
 //
 // Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK, BK, BV (the kernel's tiles), HAS_G, G_SCALAR,
-// HAS_H0, HAS_DHT.
+// HAS_H0, HAS_DHT, MIN_BLOCKS (the blocks per SM that the kernel's shared memory allows: its
+// registers are held to that occupancy).
 
 #define KD HEAD_K
 #define C CHUNK
@@ -195,7 +196,7 @@ __device__ __forceinline__ void chunk_part(const io_t* __restrict__ x, const io_
         load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
         cp_async_wait_all();
         __syncthreads();
-        gemm(sU, FV, mat(sx, 1, KS), mat(sy, VS, 1), BK, BV, C, alpha, false);
+        gemm(sU, FV, col_major(sx, KS), row_major(sy, VS), BK, BV, C, alpha, false);
         __syncthreads();
         for (int idx = tid; idx < BK * BV; idx += NT) {
             const int i = idx / BV, c = idx % BV;
@@ -206,7 +207,7 @@ __device__ __forceinline__ void chunk_part(const io_t* __restrict__ x, const io_
 #endif
 
 #if KERNEL == 0
-extern "C" __global__ void __launch_bounds__(NT) chunk_kv(
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_kv(
     const io_t* __restrict__ k, const io_t* __restrict__ v, const float* __restrict__ g,
     io_t* __restrict__ states, float* __restrict__ gam, const int* __restrict__ cu,
     const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H) {
@@ -215,7 +216,7 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_kv(
 #endif
 
 #if KERNEL == 4
-extern "C" __global__ void __launch_bounds__(NT) chunk_qdo(
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
     const io_t* __restrict__ q, const io_t* __restrict__ d_o, const float* __restrict__ g,
     io_t* __restrict__ dstates, const int* __restrict__ cu, const int* __restrict__ chunk_off,
     const int* __restrict__ chunk_seq, int H, float scale) {
@@ -224,53 +225,71 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_qdo(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// The scan over a sequence's chunks, in place, one thread per state element (k, v): grid
-// (sequences x H, KD * HEAD_V / NT rounded up). Forward (chunk_scan): slot i holds U_i and
-// becomes S_i, the state at chunk i's start: S_0 = h0 (or 0), S_{i+1} = e^Γ_i ⊙ S_i + U_i,
-// and ht = the state after the last chunk. Backward (chunk_scan_back): slot i holds W_i and
-// becomes dS'_i, the gradient of the state at chunk i's end: dS'_last = dht (or 0),
-// dS'_{i-1} = e^Γ_i ⊙ dS'_i + W_i, and dh0 = the gradient at the first chunk's start. Each
-// thread reads its slots before writing them, SCAN_AHEAD chunks at a time (loads in flight).
+// The scan over a sequence's chunks, in place, one thread per SV state elements (one 16-byte
+// vector of a key row): grid (sequences x H, KD * HEAD_V / (SV NT) rounded up). Forward
+// (chunk_scan): slot i holds U_i and becomes S_i, the state at chunk i's start: S_0 = h0
+// (or 0), S_{i+1} = e^Γ_i ⊙ S_i + U_i, and ht = the state after the last chunk. Backward
+// (chunk_scan_back): slot i holds W_i and becomes dS'_i, the gradient of the state at chunk
+// i's end: dS'_last = dht (or 0), dS'_{i-1} = e^Γ_i ⊙ dS'_i + W_i, and dh0 = the gradient at
+// the first chunk's start. Each thread reads its slots before writing them, SCAN_AHEAD
+// chunks at a time (loads in flight).
 #if KERNEL == 1 || KERNEL == 5
 #define SCAN_AHEAD 8
+#define SV (16 / (int)sizeof(io_t))
+union __align__(16) Vec16 {
+    u32 w[4];
+    io_t x[SV];
+};
 template <bool BACK>
 __device__ __forceinline__ void scan(io_t* __restrict__ slots, const float* __restrict__ gam,
                                      const float* __restrict__ init, float* __restrict__ fin,
                                      const int* __restrict__ chunk_off, int H, bool has_init,
                                      bool has_fin) {
-    const int e = blockIdx.y * NT + threadIdx.x;
+    const int e = (blockIdx.y * NT + threadIdx.x) * SV;
     if (e >= KD * HEAD_V) return;
     const int n = blockIdx.x / H, hh = blockIdx.x % H, key = e / HEAD_V;
     const int first = chunk_off[n], chunks = chunk_off[n + 1] - first;
     const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V + e;
     auto chunk = [&](int step) { return first + (BACK ? chunks - 1 - step : step); };
-    auto slot = [&](int step) { return slots + ((size_t)chunk(step) * H + hh) * KD * HEAD_V + e; };
+    auto slot = [&](int step) {
+        return (Vec16*)(slots + ((size_t)chunk(step) * H + hh) * KD * HEAD_V + e);
+    };
     auto decay = [&](int step) {
         return HAS_G ? EXP(gam[((size_t)chunk(step) * H + hh) * KD + key]) : 1.f;
     };
-    float s = has_init ? init[state_at] : 0.f;
+    float s[SV];
+#pragma unroll
+    for (int i = 0; i < SV; i++) s[i] = has_init ? init[state_at + i] : 0.f;
     // SCAN_AHEAD chunks' parts and decays are read before any of their slots is written.
     for (int s0 = 0; s0 < chunks; s0 += SCAN_AHEAD) {
-        float part[SCAN_AHEAD], dec[SCAN_AHEAD];
+        Vec16 part[SCAN_AHEAD];
+        float dec[SCAN_AHEAD];
 #pragma unroll
         for (int u = 0; u < SCAN_AHEAD; u++)
             if (s0 + u < chunks) {
-                part[u] = to_f(*slot(s0 + u));
+                part[u] = *slot(s0 + u);
                 dec[u] = decay(s0 + u);
             }
 #pragma unroll
         for (int u = 0; u < SCAN_AHEAD; u++)
             if (s0 + u < chunks) {
-                *slot(s0 + u) = from_f(s);
-                s = dec[u] * s + part[u];
+                Vec16 out;
+#pragma unroll
+                for (int i = 0; i < SV; i++) {
+                    out.x[i] = from_f(s[i]);
+                    s[i] = dec[u] * s[i] + to_f(part[u].x[i]);
+                }
+                *slot(s0 + u) = out;
             }
     }
-    if (has_fin) fin[state_at] = s;
+    if (has_fin)
+#pragma unroll
+        for (int i = 0; i < SV; i++) fin[state_at + i] = s[i];
 }
 #endif
 
 #if KERNEL == 1
-extern "C" __global__ void __launch_bounds__(NT) chunk_scan(
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_scan(
     io_t* __restrict__ states, const float* __restrict__ gam, const float* __restrict__ h0,
     float* __restrict__ ht, const int* __restrict__ chunk_off, int H) {
     scan<false>(states, gam, h0, ht, chunk_off, H, HAS_H0, true);
@@ -278,7 +297,7 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_scan(
 #endif
 
 #if KERNEL == 5
-extern "C" __global__ void __launch_bounds__(NT) chunk_scan_back(
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_scan_back(
     io_t* __restrict__ dstates, const float* __restrict__ gam, const float* __restrict__ dht,
     float* __restrict__ dh0, const int* __restrict__ chunk_off, int H) {
     scan<true>(dstates, gam, dht, dh0, chunk_off, H, HAS_DHT, HAS_H0);
@@ -286,11 +305,13 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_scan_back(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// A of every chunk: grid (chunks, H).
+// A of every chunk, and with a gate Q̃ = q ⊙ e^G for chunk_out ([tokens, H, KD]): grid
+// (chunks, H).
 #if KERNEL == 2
-extern "C" __global__ void __launch_bounds__(NT) chunk_attn(
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_attn(
     const io_t* __restrict__ q, const io_t* __restrict__ k, const float* __restrict__ g,
-    io_t* __restrict__ a, const int* __restrict__ cu, const int* __restrict__ chunk_off,
+    io_t* __restrict__ a, io_t* __restrict__ qg, const int* __restrict__ cu,
+    const int* __restrict__ chunk_off,
     const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
     io_t* sq = cv.take<io_t>(C * KS);
@@ -320,7 +341,17 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_attn(
             if (lane == 0) sd[i] += s;
         }
 #if HAS_G
-        if (cumsum_gates(sG, red) > SAFE_EXP) {
+        const bool strong = cumsum_gates(sG, red) > SAFE_EXP;
+        for (int idx = tid; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            const io_t x = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
+            if (i < at.rows) qg[((at.row0 + i) * H + hh) * KD + k0 + c] = x;
+            if (!strong) {
+                sq[i * KS + c] = x;
+                sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(-sG[idx]));
+            }
+        }
+        if (strong) {
             for (int idx = tid; idx < C * C; idx += NT) {
                 const int i = idx / C, j = idx % C;
                 float s = 0.f;
@@ -333,14 +364,9 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_attn(
             __syncthreads();
             continue;
         }
-        for (int idx = tid; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
-            sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(-sG[idx]));
-        }
 #endif
         __syncthreads();
-        gemm(sA, FA, mat(sq, KS, 1), mat(sk, 1, KS), C, C, BK, 1.f, !first);
+        gemm(sA, FA, row_major(sq, KS), col_major(sk, KS), C, C, BK, 1.f, !first);
         __syncthreads();
     }
     for (int idx = tid; idx < at.rows * C; idx += NT) {
@@ -352,21 +378,19 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_attn(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// o = scale Q̃ S + A v: grid (chunks, H, HEAD_V / BV).
+// o = scale Q̃ S + A v: grid (chunks, H, HEAD_V / BV). qg is Q̃ from chunk_attn (q itself
+// without a gate).
 #if KERNEL == 3
-extern "C" __global__ void __launch_bounds__(NT) chunk_out(
-    const io_t* __restrict__ q, const io_t* __restrict__ v, const float* __restrict__ g,
-    const io_t* __restrict__ states, const io_t* __restrict__ a, io_t* __restrict__ o,
-    const int* __restrict__ cu, const int* __restrict__ chunk_off,
-    const int* __restrict__ chunk_seq, int H, float scale) {
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
+    const io_t* __restrict__ qg, const io_t* __restrict__ v, const io_t* __restrict__ states,
+    const io_t* __restrict__ a, io_t* __restrict__ o, const int* __restrict__ cu,
+    const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
     io_t* sq = cv.take<io_t>(C * KS);
-    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
     io_t* sS = cv.take<io_t>(BK * VS);
     io_t* sA = cv.take<io_t>(C * AS);
     io_t* sv = cv.take<io_t>(C * VS);
     float* sO = cv.take<float>(C * FV);
-    float* red = cv.take<float>(RED);
     check_carve(cv);
     const int tid = threadIdx.x, hh = blockIdx.y, v0 = blockIdx.z * BV;
     const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
@@ -374,25 +398,14 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_out(
     load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
     load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
     for (int k0 = 0; k0 < KD; k0 += BK) {
-        load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
+        if (k0 > 0) __syncthreads();  // the last product has read sq and sS
+        load_tile(sq, KS, qg, at.row0, at.rows, C, H, hh, KD, k0, BK);
         load_mat(sS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
-#if HAS_G
-        load_gates(sG, g, at.row0, at.rows, H, hh, k0);
-#endif
         cp_async_wait_all();
         __syncthreads();
-#if HAS_G
-        cumsum_gates(sG, red);
-        for (int idx = tid; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
-        }
-        __syncthreads();
-#endif
-        gemm(sO, FV, mat(sq, KS, 1), mat(sS, VS, 1), C, BV, BK, scale, k0 > 0);
-        __syncthreads();
+        gemm(sO, FV, row_major(sq, KS), row_major(sS, VS), C, BV, BK, scale, k0 > 0);
     }
-    gemm(sO, FV, mat(sA, AS, 1), mat(sv, VS, 1), C, BV, C, 1.f, true);
+    gemm(sO, FV, row_major(sA, AS), row_major(sv, VS), C, BV, C, 1.f, true);
     __syncthreads();
     for (int idx = tid; idx < at.rows * BV; idx += NT) {
         const int i = idx / BV, c = idx % BV;
@@ -404,7 +417,7 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_out(
 // ---------------------------------------------------------------------------------------
 // dv = A^T do + K̂ dS': grid (chunks, H, HEAD_V / BV).
 #if KERNEL == 6
-extern "C" __global__ void __launch_bounds__(NT) chunk_dv(
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     const io_t* __restrict__ k, const float* __restrict__ g, const io_t* __restrict__ d_o,
     const io_t* __restrict__ a, const io_t* __restrict__ dstates, io_t* __restrict__ dv,
     const int* __restrict__ cu, const int* __restrict__ chunk_off,
@@ -439,10 +452,10 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_dv(
         }
         __syncthreads();
 #endif
-        gemm(sdv, FV, mat(sk, KS, 1), mat(sdS, VS, 1), C, BV, BK, 1.f, k0 > 0);
+        gemm(sdv, FV, row_major(sk, KS), row_major(sdS, VS), C, BV, BK, 1.f, k0 > 0);
         __syncthreads();
     }
-    gemm(sdv, FV, mat(sA, 1, AS), mat(sdo, VS, 1), C, BV, C, 1.f, true);
+    gemm(sdv, FV, col_major(sA, AS), row_major(sdo, VS), C, BV, C, 1.f, true);
     __syncthreads();
     for (int idx = tid; idx < at.rows * BV; idx += NT) {
         const int i = idx / BV, c = idx % BV;
@@ -456,15 +469,17 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_dv(
 // BV at a time. dgk [tokens, H, KD] (key gate) or dgs [tokens, H] (scalar gate, summed over
 // key tiles by atomics: zero it first).
 #if KERNEL == 7
-extern "C" __global__ void __launch_bounds__(NT) chunk_dqk(
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
     const float* __restrict__ g, const io_t* __restrict__ d_o, const io_t* __restrict__ states,
     const io_t* __restrict__ dstates, io_t* __restrict__ dq, io_t* __restrict__ dk,
     float* __restrict__ dgk, float* __restrict__ dgs, const int* __restrict__ cu,
     const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
-    io_t* sv = cv.take<io_t>(C * VS);
-    io_t* sdo = cv.take<io_t>(C * VS);
+    // v and do while the value columns are walked, then dA rounded for the products.
+    io_t* sv = cv.take<io_t>(max(2 * C * VS, C * AS));
+    io_t* sdo = sv + C * VS;
+    io_t* sdAb = sv;  // dA strictly lower
     io_t* sS = cv.take<io_t>(BK * VS);
     io_t* sdS = cv.take<io_t>(BK * VS);
     io_t* sq = cv.take<io_t>(C * KS);
@@ -501,17 +516,18 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_dqk(
             sb[i] += s;
         }
 #endif
-        gemm(sdA, FA, mat(sdo, VS, 1), mat(sv, 1, VS), C, C, BV, 1.f, !first);
-        gemm(sDQ, FK, mat(sdo, VS, 1), mat(sS, 1, VS), C, BK, BV, 1.f, !first);
-        gemm(sDK, FK, mat(sv, VS, 1), mat(sdS, 1, VS), C, BK, BV, 1.f, !first);
+        gemm(sdA, FA, row_major(sdo, VS), col_major(sv, VS), C, C, BV, 1.f, !first);
+        gemm(sDQ, FK, row_major(sdo, VS), col_major(sS, VS), C, BK, BV, 1.f, !first);
+        gemm(sDK, FK, row_major(sv, VS), col_major(sdS, VS), C, BK, BV, 1.f, !first);
         __syncthreads();
     }
     // The diagonal of dA aside (its terms, scale dA_ii k_i in dq and scale dA_ii q_i in dk,
     // are added exactly at the end and cancel in the gate's gradient), dA strictly lower.
-    for (int i = tid; i < C; i += NT) sdd[i] = sdA[i * FA + i];
-    __syncthreads();
-    for (int idx = tid; idx < C * C; idx += NT)
-        if (idx % C >= idx / C) sdA[(idx / C) * FA + idx % C] = 0.f;
+    for (int idx = tid; idx < C * C; idx += NT) {
+        const int i = idx / C, j = idx % C;
+        if (i == j) sdd[i] = sdA[i * FA + i];
+        sdAb[i * AS + j] = from_f(j < i ? sdA[i * FA + j] : 0.f);
+    }
     __syncthreads();
 #if HAS_G
     const float span = cumsum_gates(sG, red);
@@ -553,8 +569,8 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_dqk(
             sDK[i * FK + c] *= EXP(sG[idx]);
         }
         __syncthreads();
-        gemm(sDQ, FK, mat(sdA, FA, 1), mat(sk, KS, 1), C, BK, C, 1.f, true);
-        gemm(sDK, FK, mat(sdA, 1, FA), mat(sq, KS, 1), C, BK, C, scale, true);
+        gemm(sDQ, FK, row_major(sdAb, AS), row_major(sk, KS), C, BK, C, 1.f, true);
+        gemm(sDK, FK, col_major(sdAb, AS), row_major(sq, KS), C, BK, C, scale, true);
         __syncthreads();
         for (int idx = tid; idx < C * BK; idx += NT) {
             const int i = idx / BK, c = idx % BK;
@@ -564,8 +580,8 @@ extern "C" __global__ void __launch_bounds__(NT) chunk_dqk(
         __syncthreads();
     }
 #else
-    gemm(sDQ, FK, mat(sdA, FA, 1), mat(sk, KS, 1), C, BK, C, 1.f, true);
-    gemm(sDK, FK, mat(sdA, 1, FA), mat(sq, KS, 1), C, BK, C, scale, true);
+    gemm(sDQ, FK, row_major(sdAb, AS), row_major(sk, KS), C, BK, C, 1.f, true);
+    gemm(sDK, FK, col_major(sdAb, AS), row_major(sq, KS), C, BK, C, scale, true);
     __syncthreads();
 #endif
     // Write dq and dk with their diagonal terms; with a gate, X = q ⊙ dq - k ⊙ dk without them

@@ -155,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
         __syncthreads();
 #endif
         if (!HAS_G || fast_g) {
-            gemm(sA, AS, mat(sq, QS, 1), mat(sk, 1, QS), C, C, KD, scale, false);
+            gemm(sA, AS, row_major(sq, QS), col_major(sk, QS), C, C, KD, scale, false);
             __syncthreads();
         }
         for (int idx = tid; idx < C * C; idx += NT) {
@@ -170,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
             }
 #endif
         // Inter-chunk part: O = scale (q ⊙ e^Gq) S.
-        gemm(sO, OS, mat(sq, QS, 1), mat(sS, SS, 1), C, BV, KD, scale, false);
+        gemm(sO, OS, row_major(sq, QS), row_major(sS, SS), C, BV, KD, scale, false);
         __syncthreads();
 #if HAS_GV
         if (fast_b) {
@@ -179,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
                 sv[at] = from_f(to_f(sv[at]) * EXP(-sB[idx]));
             }
             __syncthreads();
-            gemm(sO, OS, mat(sA, AS, 1), mat(sv, VS, 1), C, BV, C, 1.f, true);
+            gemm(sO, OS, row_major(sA, AS), row_major(sv, VS), C, BV, C, 1.f, true);
             __syncthreads();
             for (int idx = tid; idx < C * BV; idx += NT) sO[(idx / BV) * OS + idx % BV] *= EXP(sB[idx]);
         } else {
@@ -192,7 +192,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
             }
         }
 #else
-        gemm(sO, OS, mat(sA, AS, 1), mat(sv, VS, 1), C, BV, C, 1.f, true);
+        gemm(sO, OS, row_major(sA, AS), row_major(sv, VS), C, BV, C, 1.f, true);
 #endif
         __syncthreads();
         for (int idx = tid; idx < rows * BV; idx += NT) {
@@ -227,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
             sS[(idx / BV) * SS + idx % BV] *= f;
         }
         __syncthreads();
-        gemm(sS, SS, mat(sk, 1, QS), mat(sv, VS, 1), KD, BV, C, 1.f, true);
+        gemm(sS, SS, col_major(sk, QS), row_major(sv, VS), KD, BV, C, 1.f, true);
         __syncthreads();
     }
 #if STORE_HT

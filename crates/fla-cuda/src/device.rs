@@ -45,6 +45,7 @@ pub struct Gpu {
     name: String,
     arch: String,
     max_smem: usize,
+    smem_per_sm: usize,
     sms: usize,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }
@@ -85,6 +86,9 @@ impl Gpu {
         let max_smem = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(device_err("no shared-memory limit"))? as usize;
+        let smem_per_sm = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(device_err("no shared-memory size"))? as usize;
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -99,6 +103,7 @@ impl Gpu {
             name,
             arch,
             max_smem,
+            smem_per_sm,
             sms,
             modules: Mutex::new(HashMap::new()),
         })
@@ -116,6 +121,12 @@ impl Gpu {
     /// The most dynamic shared memory one block may take.
     pub fn max_smem(&self) -> usize {
         self.max_smem
+    }
+
+    /// How many blocks of `smem` bytes of dynamic shared memory fit on one multiprocessor
+    /// (each block also takes 1 KB that the driver reserves), at least one.
+    pub fn blocks_per_sm(&self, smem: usize) -> usize {
+        (self.smem_per_sm / (smem + 1024)).max(1)
     }
 
     /// The number of streaming multiprocessors.

@@ -119,10 +119,10 @@ impl Shape {
             "chunk_kv" | "chunk_qdo" => vec![c * ks, gates, c * vs, bk * fv, red],
             "chunk_scan" | "chunk_scan_back" => vec![],
             "chunk_attn" => vec![c * ks, c * ks, gates, c * fa, c * 4, red],
-            "chunk_out" | "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, c * fv, red],
+            "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs, c * fv],
+            "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, c * fv, red],
             "chunk_dqk" => vec![
-                c * vs,
-                c * vs,
+                (2 * c * vs).max(c * a_s),
                 bk * vs,
                 bk * vs,
                 c * ks,
@@ -158,6 +158,7 @@ impl DeviceGla {
         kernel: &str,
         shape: &Shape,
         has_dht: bool,
+        min_blocks: usize,
     ) -> Vec<(&'static str, i64)> {
         let index = KERNELS
             .iter()
@@ -166,6 +167,7 @@ impl DeviceGla {
         let mut d = self.defines(CHUNK, NT);
         d.extend([
             ("KERNEL", index as i64),
+            ("MIN_BLOCKS", min_blocks as i64),
             ("BK", shape.bk as i64),
             ("BV", shape.bv as i64),
             ("HAS_DHT", i64::from(has_dht)),
@@ -173,20 +175,22 @@ impl DeviceGla {
         d
     }
 
-    /// The scans' grid: (sequences x heads, blocks of NT state elements).
+    /// The scans' grid: (sequences x heads, blocks of NT threads), each thread taking one
+    /// 16-byte vector of state elements.
     fn scan_grid(&self) -> (usize, usize, usize) {
+        let per_thread = 16 / self.dtype.bytes();
         (
             self.n_seqs * self.h,
-            (self.dk * self.dv).div_ceil(NT as usize),
+            (self.dk * self.dv / per_thread).div_ceil(NT as usize),
             1,
         )
     }
 
-    /// The V tile of chunk_kv, chunk_out, chunk_qdo and chunk_dv (FLA_CHUNK_BV forces one).
-    fn value_tile(&self) -> usize {
+    /// The V tile of a kernel, at most `max` wide (FLA_CHUNK_BV forces one).
+    fn value_tile(&self, max: usize) -> usize {
         forced_tile("FLA_CHUNK_BV")
             .filter(|&t| self.dv.is_multiple_of(t))
-            .unwrap_or(tile(self.dv, 64))
+            .unwrap_or(tile(self.dv, max))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -203,7 +207,10 @@ impl DeviceGla {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        let defines = self.two_level_defines(name, shape, has_dht);
+        // Registers held to the occupancy that shared memory allows, at most 3 blocks of NT
+        // threads (85 registers a thread).
+        let min_blocks = gpu.blocks_per_sm(shape.smem).min(3);
+        let defines = self.two_level_defines(name, shape, has_dht, min_blocks);
         let trace = std::env::var_os("FLA_TRACE_KERNELS").is_some();
         if trace {
             eprintln!("{name}: compiling or loading");
@@ -255,6 +262,15 @@ impl DeviceGla {
         )?;
         let attn = Buf::uninit(gpu, (self.b * self.t * self.h * CHUNK).max(1), self.dtype)?;
         let gam = crate::gla::uninit(gpu, (n_chunks * self.h * self.dk).max(1))?;
+        // Q̃ = q ⊙ e^G, from chunk_attn for chunk_out (q itself without a gate).
+        let mut qg = match self.gate {
+            GateKind::None => None,
+            _ => Some(Buf::uninit(
+                gpu,
+                (self.b * self.t * self.h * self.dk).max(1),
+                self.dtype,
+            )?),
+        };
         let mut tl = TwoLevel {
             chunks,
             states,
@@ -271,7 +287,7 @@ impl DeviceGla {
         let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
         let (dk, dv) = (self.dk, self.dv);
 
-        let kv = Shape::new("chunk_kv", self, tile(dk, 64), self.value_tile());
+        let kv = Shape::new("chunk_kv", self, tile(dk, 64), self.value_tile(64));
         self.launch_chunk_kernel(
             gpu,
             "chunk_kv",
@@ -291,6 +307,7 @@ impl DeviceGla {
             &[st, gam, h0, ht, off],
             false,
         )?;
+        let qg = qg.as_mut().map_or(0, |b| b.ptr_mut(gpu));
         let attn = Shape::new("chunk_attn", self, tile(dk, 64), 16);
         self.launch_chunk_kernel(
             gpu,
@@ -298,17 +315,17 @@ impl DeviceGla {
             &attn,
             false,
             (n_chunks, self.h, 1),
-            &[q, k, g, a, cu, off, seq],
+            &[q, k, g, a, qg, cu, off, seq],
             true,
         )?;
-        let out = Shape::new("chunk_out", self, tile(dk, 64), self.value_tile());
+        let out = Shape::new("chunk_out", self, tile(dk, 64), self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
             "chunk_out",
             &out,
             false,
             (n_chunks, self.h, dv / out.bv),
-            &[q, v, g, st, a, o, cu, off, seq],
+            &[if qg == 0 { q } else { qg }, v, st, a, o, cu, off, seq],
             true,
         )?;
         self.two_level = Some(tl);
@@ -355,7 +372,7 @@ impl DeviceGla {
         let (dgk, dgs) = (ptr_mut(&mut gr.dgk, gpu), ptr_mut(&mut gr.dg_scalar, gpu));
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
-        let qdo = Shape::new("chunk_qdo", self, tile(dk_, 64), self.value_tile());
+        let qdo = Shape::new("chunk_qdo", self, tile(dk_, 64), self.value_tile(64));
         self.launch_chunk_kernel(
             gpu,
             "chunk_qdo",
@@ -375,7 +392,7 @@ impl DeviceGla {
             &[dst, gam, dht, dh0, off],
             false,
         )?;
-        let dvs = Shape::new("chunk_dv", self, tile(dk_, 64), self.value_tile());
+        let dvs = Shape::new("chunk_dv", self, tile(dk_, 64), self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
             "chunk_dv",
