@@ -102,6 +102,23 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, size_t r
     }
 }
 
+// A warp's 16 x 32 tile of a product, as mma.m16n8k16 holds its accumulators: element e
+// (0..3) of column group j (0..3) is row m0 + frag_row(e), column n0 + frag_col(j, e); the
+// elements e and e + 1 (e even) are neighbours in a row.
+__device__ __forceinline__ int frag_row(int e) { return (threadIdx.x % 32) / 4 + (e >> 1) * 8; }
+__device__ __forceinline__ int frag_col(int j, int e) {
+    return j * 8 + (threadIdx.x % 4) * 2 + (e & 1);
+}
+
+// Two neighbouring elements into an io_t row.
+__device__ __forceinline__ void store_pair(io_t* p, float x, float y) {
+#if USE_BF16
+    *(u32*)p = (u32)f_to_bf16(x) | ((u32)f_to_bf16(y) << 16);
+#else
+    *(f32x2*)p = f32x2{x, y};
+#endif
+}
+
 #if USE_BF16
 __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     u32 r;
@@ -135,49 +152,24 @@ __device__ __forceinline__ void mma_bf16(float d[4], const u32 a[4], u32 b0, u32
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Stores a warp's 16 x 32 tile of C (fragments d[j] of mma.m16n8k16, columns past N skipped).
-__device__ __forceinline__ void store_tile(float* c, int ldc, const float d[4][4], int m0, int n0,
-                                           int N, float alpha, bool acc) {
-    const int lane = threadIdx.x % 32, r = lane >> 2, cc = (lane & 3) * 2;
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        if (n0 + j * 8 >= N) continue;
-        const int n = n0 + j * 8 + cc;
-        float* c0 = c + (m0 + r) * ldc + n;
-        float* c1 = c + (m0 + r + 8) * ldc + n;
-        c0[0] = alpha * d[j][0] + (acc ? c0[0] : 0.f);
-        c0[1] = alpha * d[j][1] + (acc ? c0[1] : 0.f);
-        c1[0] = alpha * d[j][2] + (acc ? c1[0] : 0.f);
-        c1[1] = alpha * d[j][3] + (acc ? c1[1] : 0.f);
-    }
-}
-
-// C (M x N, f32, row stride ldc) = alpha * A B (+ C when acc). M and the inner size D are
-// multiples of 16, N of 8. Every thread of the block calls it; the caller synchronises
-// before (operands written) and after (C read). Each warp takes 16 x 32 tiles of C and
-// issues mma.m16n8k16 (bf16 operands rounded from the tiles, f32 accumulation). This
-// version builds fragments from pairs of elements; the bf16 tiles below take ldmatrix.
+// d += A[m0.., 0..D) B[0..D), n0..) for a warp's 16 x 32 tile (column groups from N on left
+// alone), on tensor cores: bf16 operands rounded from the tiles, f32 accumulation. D is a
+// multiple of 16, N of 8. This version builds fragments from pairs of elements; bf16 tiles
+// take ldmatrix (below).
 template <typename TA, bool RA, typename TB, bool RB>
-__device__ void gemm(float* c, int ldc, Mat<TA, RA> a, Mat<TB, RB> b, int M, int N, int D,
-                     float alpha, bool acc) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int r = lane >> 2, cc = (lane & 3) * 2;
-    const int tiles_n = (N + 31) / 32;
-    for (int tile = warp; tile < (M / 16) * tiles_n; tile += NW) {
-        const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 32;
-        float d[4][4] = {};
-        for (int k0 = 0; k0 < D; k0 += 16) {
-            const u32 af[4] = {pair(a, m0 + r, k0 + cc, 0, 1), pair(a, m0 + r + 8, k0 + cc, 0, 1),
-                               pair(a, m0 + r, k0 + cc + 8, 0, 1),
-                               pair(a, m0 + r + 8, k0 + cc + 8, 0, 1)};
+__device__ __forceinline__ void warp_mma(float d[4][4], Mat<TA, RA> a, Mat<TB, RB> b, int m0,
+                                         int n0, int N, int D) {
+    const int lane = threadIdx.x % 32, r = lane >> 2, cc = (lane & 3) * 2;
+    for (int k0 = 0; k0 < D; k0 += 16) {
+        const u32 af[4] = {pair(a, m0 + r, k0 + cc, 0, 1), pair(a, m0 + r + 8, k0 + cc, 0, 1),
+                           pair(a, m0 + r, k0 + cc + 8, 0, 1),
+                           pair(a, m0 + r + 8, k0 + cc + 8, 0, 1)};
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int n = n0 + j * 8 + r;
-                if (n0 + j * 8 >= N) continue;
-                mma_bf16(d[j], af, pair(b, k0 + cc, n, 1, 0), pair(b, k0 + cc + 8, n, 1, 0));
-            }
+        for (int j = 0; j < 4; j++) {
+            const int n = n0 + j * 8 + r;
+            if (n0 + j * 8 >= N) continue;
+            mma_bf16(d[j], af, pair(b, k0 + cc, n, 1, 0), pair(b, k0 + cc + 8, n, 1, 0));
         }
-        store_tile(c, ldc, d, m0, n0, N, alpha, acc);
     }
 }
 
@@ -212,53 +204,88 @@ __device__ __forceinline__ void ldsm_x2(u32 r[4], const bf16_t* p) {
                      : "r"(smem_u32(p)));
 }
 
-// The product with fragments from ldmatrix. A's fragment (rows m0.., inner k0..) is the
-// 8 x 8 matrices (m lo, k lo), (m hi, k lo), (m lo, k hi), (m hi, k hi); B's for two column
-// groups j, j + 1 are (j, k lo), (j, k hi), (j + 1, k lo), (j + 1, k hi). A tile stored with
-// the inner index contiguous loads them as they are, the other way round transposed.
-// Every row (column, for a column-major tile) must start on 16 bytes: the tile aligned, ld a
-// multiple of 8, as the padded tiles of the kernels are.
+// The same with fragments from ldmatrix. A's fragment (rows m0.., inner k0..) is the 8 x 8
+// matrices (m lo, k lo), (m hi, k lo), (m lo, k hi), (m hi, k hi); B's for two column groups
+// j, j + 1 are (j, k lo), (j, k hi), (j + 1, k lo), (j + 1, k hi). A tile stored with the
+// inner index contiguous loads them as they are, the other way round transposed. Every row
+// (column, for a column-major tile) must start on 16 bytes: the tile aligned, ld a multiple
+// of 8, as the padded tiles of the kernels are.
 template <bool RA, bool RB>
-__device__ void gemm(float* c, int ldc, Mat<bf16_t, RA> a, Mat<bf16_t, RB> b, int M, int N, int D,
-                     float alpha, bool acc) {
+__device__ __forceinline__ void warp_mma(float d[4][4], Mat<bf16_t, RA> a, Mat<bf16_t, RB> b,
+                                         int m0, int n0, int N, int D) {
     constexpr bool ACONT = RA, BCONT = !RB;  // the inner index contiguous in A, in B
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int q = lane >> 3, i = lane & 7;
-    const int tiles_n = (N + 31) / 32;
-    for (int tile = warp; tile < (M / 16) * tiles_n; tile += NW) {
-        const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 32;
-        // This lane's row of A's matrix q, and of B's (two column groups per ldmatrix).
-        const bf16_t* pa = ACONT ? a.p + (m0 + i + (q & 1) * 8) * a.ld + (q >> 1) * 8
-                                 : a.p + (m0 + (q & 1) * 8) + ((q >> 1) * 8 + i) * a.ld;
-        const int nb = n0 + (q >> 1) * 8;
-        const bf16_t* pb = BCONT ? b.p + (q & 1) * 8 + (nb + i) * b.ld
-                                 : b.p + ((q & 1) * 8 + i) * b.ld + nb;
-        float d[4][4] = {};
-        for (int k0 = 0; k0 < D; k0 += 16) {
-            u32 af[4];
-            ldsm_x4<!ACONT>(af, pa + k0 * (ACONT ? 1 : a.ld));
-            const bf16_t* pk = pb + k0 * (BCONT ? 1 : b.ld);
+    const int lane = threadIdx.x % 32, q = lane >> 3, i = lane & 7;
+    // This lane's row of A's matrix q, and of B's (two column groups per ldmatrix).
+    const bf16_t* pa = ACONT ? a.p + (m0 + i + (q & 1) * 8) * a.ld + (q >> 1) * 8
+                             : a.p + (m0 + (q & 1) * 8) + ((q >> 1) * 8 + i) * a.ld;
+    const int nb = n0 + (q >> 1) * 8;
+    const bf16_t* pb = BCONT ? b.p + (q & 1) * 8 + (nb + i) * b.ld
+                             : b.p + ((q & 1) * 8 + i) * b.ld + nb;
+    for (int k0 = 0; k0 < D; k0 += 16) {
+        u32 af[4];
+        ldsm_x4<!ACONT>(af, pa + k0 * (ACONT ? 1 : a.ld));
+        const bf16_t* pk = pb + k0 * (BCONT ? 1 : b.ld);
 #pragma unroll
-            for (int j = 0; j < 4; j += 2) {
-                if (n0 + j * 8 >= N) continue;
-                const bf16_t* pj = pk + j * 8 * (BCONT ? b.ld : 1);
-                u32 bf[4];
-                if (n0 + j * 8 + 8 < N) {
-                    ldsm_x4<!BCONT>(bf, pj);
-                    mma_bf16(d[j], af, bf[0], bf[1]);
-                    mma_bf16(d[j + 1], af, bf[2], bf[3]);
-                } else {
-                    ldsm_x2<!BCONT>(bf, pj);
-                    mma_bf16(d[j], af, bf[0], bf[1]);
-                }
+        for (int j = 0; j < 4; j += 2) {
+            if (n0 + j * 8 >= N) continue;
+            const bf16_t* pj = pk + j * 8 * (BCONT ? b.ld : 1);
+            u32 bf[4];
+            if (n0 + j * 8 + 8 < N) {
+                ldsm_x4<!BCONT>(bf, pj);
+                mma_bf16(d[j], af, bf[0], bf[1]);
+                mma_bf16(d[j + 1], af, bf[2], bf[3]);
+            } else {
+                ldsm_x2<!BCONT>(bf, pj);
+                mma_bf16(d[j], af, bf[0], bf[1]);
             }
         }
-        store_tile(c, ldc, d, m0, n0, N, alpha, acc);
+    }
+}
+// C (M x N, f32, row stride ldc) = alpha * A B (+ C when acc). M and the inner size D are
+// multiples of 16, N of 8. Every thread of the block calls it; the caller synchronises
+// before (operands written) and after (C read). Each warp takes 16 x 32 tiles of C.
+template <typename TA, bool RA, typename TB, bool RB>
+__device__ void gemm(float* c, int ldc, Mat<TA, RA> a, Mat<TB, RB> b, int M, int N, int D,
+                     float alpha, bool acc) {
+    const int tiles_n = (N + 31) / 32;
+    for (int tile = threadIdx.x / 32; tile < (M / 16) * tiles_n; tile += NW) {
+        const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 32;
+        float d[4][4] = {};
+        warp_mma(d, a, b, m0, n0, N, D);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (n0 + j * 8 >= N) continue;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float* out = c + (m0 + frag_row(e)) * ldc + n0 + frag_col(j, e);
+                *out = alpha * d[j][e] + (acc ? *out : 0.f);
+            }
+        }
+    }
+}
+#else
+// The f32 build: the same tile with FMAs in f32, for checking.
+template <typename TA, bool RA, typename TB, bool RB>
+__device__ __forceinline__ void warp_mma(float d[4][4], Mat<TA, RA> a, Mat<TB, RB> b, int m0,
+                                         int n0, int N, int D) {
+    const int r = m0 + frag_row(0), c = n0 + frag_col(0, 0);
+#pragma unroll 1
+    for (int k = 0; k < D; k++) {
+        const float a0 = a.at(r, k), a1 = a.at(r + 8, k);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (n0 + j * 8 >= N) continue;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const float x = b.at(k, c + j * 8 + h);
+                d[j][h] = fmaf(a0, x, d[j][h]);
+                d[j][2 + h] = fmaf(a1, x, d[j][2 + h]);
+            }
+        }
     }
 }
 
-#else
-// The f32 build: the same product with FMAs in f32, for checking.
+// C = alpha * A B (+ C when acc) as above, one element per thread at a time.
 template <typename TA, bool RA, typename TB, bool RB>
 __device__ void gemm(float* c, int ldc, Mat<TA, RA> a, Mat<TB, RB> b, int M, int N, int D,
                      float alpha, bool acc) {

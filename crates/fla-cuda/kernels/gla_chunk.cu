@@ -50,7 +50,6 @@
 #define KS (BK + PADE)  // io_t tiles of BK columns
 #define VS (BV + PADE)  // io_t tiles of BV columns
 #define AS (C + PADE)   // io_t C x C
-#define FK (BK + 4)     // f32 tiles of BK columns
 #define FV (BV + 4)     // f32 tiles of BV columns
 #define FA (C + 4)      // f32 C x C
 
@@ -168,7 +167,6 @@ __device__ __forceinline__ void chunk_part(const io_t* __restrict__ x, const io_
     io_t* sx = cv.take<io_t>(C * KS);
     float* sG = cv.take<float>(HAS_G ? C * BK : 0);
     io_t* sy = cv.take<io_t>(C * VS);
-    float* sU = cv.take<float>(BK * FV);
     float* red = cv.take<float>(RED);
     check_carve(cv);
     const int tid = threadIdx.x, hh = blockIdx.y, k0 = blockIdx.z * BK;
@@ -177,6 +175,7 @@ __device__ __forceinline__ void chunk_part(const io_t* __restrict__ x, const io_
 #if HAS_G
     load_gates(sG, g, at.row0, at.rows, H, hh, k0);
 #endif
+    load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, 0, BV);
     cp_async_wait_all();
     __syncthreads();
 #if HAS_G
@@ -189,18 +188,29 @@ __device__ __forceinline__ void chunk_part(const io_t* __restrict__ x, const io_
     if (FWD)
         for (int c = tid; c < BK; c += NT)
             gam[((size_t)blockIdx.x * H + hh) * KD + k0 + c] = sG[(C - 1) * BK + c];
+    __syncthreads();
 #endif
+    // Each warp's 16 x 32 tiles of the part, written from the accumulators.
     io_t* dst = out + (((size_t)blockIdx.x * H + hh) * KD + k0) * HEAD_V;
+    constexpr int tiles_n = (BV + 31) / 32;
     for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
-        __syncthreads();  // sx scaled; sy and sU free again
-        load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-        cp_async_wait_all();
-        __syncthreads();
-        gemm(sU, FV, col_major(sx, KS), row_major(sy, VS), BK, BV, C, alpha, false);
-        __syncthreads();
-        for (int idx = tid; idx < BK * BV; idx += NT) {
-            const int i = idx / BV, c = idx % BV;
-            dst[(size_t)i * HEAD_V + v0 + c] = from_f(sU[i * FV + c]);
+        if (v0 > 0) {
+            __syncthreads();  // sy read
+            load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            cp_async_wait_all();
+            __syncthreads();
+        }
+        for (int tile = tid / 32; tile < (BK / 16) * tiles_n; tile += NW) {
+            const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 32;
+            float d[4][4] = {};
+            warp_mma(d, col_major(sx, KS), row_major(sy, VS), m0, n0, BV, C);
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (n0 + j * 8 < BV)
+#pragma unroll
+                    for (int e = 0; e < 4; e += 2)
+                        store_pair(dst + (size_t)(m0 + frag_row(e)) * HEAD_V + v0 + n0 + frag_col(j, e),
+                                   alpha * d[j][e], alpha * d[j][e + 1]);
         }
     }
 }
@@ -467,8 +477,51 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
 // ---------------------------------------------------------------------------------------
 // dq, dk and the gate's gradient: grid (chunks, H, KD / BK); the value columns are walked
 // BV at a time. dgk [tokens, H, KD] (key gate) or dgs [tokens, H] (scalar gate, summed over
-// key tiles by atomics: zero it first).
+// key tiles by atomics: zero it first). Each warp keeps one 16 x 32 tile of dA and one of dq
+// and dk in registers from the walk to the end (C = 64 and 8 warps: dA's 8 tiles, and at
+// most 8 of a 64-column K tile).
 #if KERNEL == 7
+#if C != 64 || NW != 8
+#error "chunk_dqk gives each of 8 warps one 16 x 32 tile of a 64 x 64 dA"
+#endif
+// Suffix sums down the columns of x (C x BK, f32, in place), each column starting from
+// start[c]: thread (part, col) sums rows [part RPT, (part + 1) RPT) in registers, then adds
+// the totals of the parts below it (as cumsum_gates, the other way round).
+__device__ __forceinline__ void suffix_sums(float* x, const float* start, float* totals) {
+    const int col = threadIdx.x % BK, part = threadIdx.x / BK;
+    const bool mine = threadIdx.x < TPC * BK;
+    float v[RPT];
+    if (mine) {
+#pragma unroll
+        for (int i = 0; i < RPT; i++) v[i] = x[(part * RPT + i) * BK + col];
+#pragma unroll
+        for (int i = RPT - 2; i >= 0; i--) v[i] += v[i + 1];
+        totals[part * BK + col] = v[0];
+    }
+    __syncthreads();
+    if (mine) {
+        float after = start[col];
+        for (int p = part + 1; p < TPC; p++) after += totals[p * BK + col];
+#pragma unroll
+        for (int i = 0; i < RPT; i++) x[(part * RPT + i) * BK + col] = v[i] + after;
+    }
+    __syncthreads();
+}
+
+// The intra-chunk sums of dq and dk at (i, c) term by term with exact exponents (for strong
+// gates): Σ_{j<i} dA_ij k_jc e^(G_ic-G_jc) and Σ_{j>i} dA_ji q_jc e^(G_jc-G_ic). Not inlined:
+// the kernel calls it for each of its 16 fragment elements.
+__device__ __noinline__ f32x2 strong_terms(const io_t* sdA, const io_t* sq, const io_t* sk,
+                                           const float* sG, int i, int c) {
+    const float gi = sG[i * BK + c];
+    f32x2 t{0.f, 0.f};
+    for (int j = 0; j < i; j++)
+        t.x += to_f(sdA[i * AS + j]) * to_f(sk[j * KS + c]) * EXP(gi - sG[j * BK + c]);
+    for (int j = i + 1; j < C; j++)
+        t.y += to_f(sdA[j * AS + i]) * to_f(sq[j * KS + c]) * EXP(sG[j * BK + c] - gi);
+    return t;
+}
+
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
     const float* __restrict__ g, const io_t* __restrict__ d_o, const io_t* __restrict__ states,
@@ -476,33 +529,37 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     float* __restrict__ dgk, float* __restrict__ dgs, const int* __restrict__ cu,
     const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
-    // v and do while the value columns are walked, then dA rounded for the products.
+    // v and do while the value columns are walked, then dA (strictly lower) for the products.
     io_t* sv = cv.take<io_t>(max(2 * C * VS, C * AS));
     io_t* sdo = sv + C * VS;
-    io_t* sdAb = sv;  // dA strictly lower
+    io_t* sdA = sv;
     io_t* sS = cv.take<io_t>(BK * VS);
     io_t* sdS = cv.take<io_t>(BK * VS);
     io_t* sq = cv.take<io_t>(C * KS);
     io_t* sk = cv.take<io_t>(C * KS);
-    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
-    float* sdA = cv.take<float>(C * FA);
-    float* sDQ = cv.take<float>(C * FK);
-    float* sDK = cv.take<float>(C * FK);
-    float* sb = cv.take<float>(BK);  // rowsum(dS' ⊙ S), then the gate sums' start
-    float* sdd = cv.take<float>(C);  // the diagonal of dA
+    float* sG = cv.take<float>(HAS_G ? C * BK : 0);  // the gates, then q⊙dq - k⊙dk and dg
+    float* sb = cv.take<float>(BK);                  // rowsum(dS' ⊙ S), then the sums' start
+    float* sdd = cv.take<float>(C);                  // the diagonal of dA
+    float* sy = cv.take<float>(C / 16 * BK);         // Σ k ⊙ dk[state] per 16 rows
     float* red = cv.take<float>(RED);
     check_carve(cv);
-    const int tid = threadIdx.x, hh = blockIdx.y, k0 = blockIdx.z * BK;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int hh = blockIdx.y, k0 = blockIdx.z * BK;
     const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
     const size_t st_at = ((size_t)blockIdx.x * H + hh) * KD * HEAD_V + (size_t)k0 * HEAD_V;
+    // This warp's tiles: of dA (am0, an0), and of dq and dk (m0, n0) if `own`.
+    constexpr int tn = (BK + 31) / 32;
+    const bool own = warp < C / 16 * tn;
+    const int m0 = warp / tn * 16, n0 = warp % tn * 32;
+    const int am0 = warp / 2 * 16, an0 = warp % 2 * 32;
     load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
     load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
 #if HAS_G
     load_gates(sG, g, at.row0, at.rows, H, hh, k0);
 #endif
     for (int i = tid; i < BK; i += NT) sb[i] = 0.f;
+    float dA[4][4] = {}, dqf[4][4] = {}, dkf[4][4] = {};
     for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
-        const bool first = v0 == 0;
         load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
         load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
         load_mat(sS, VS, states + st_at, HEAD_V, BK, v0, BV);
@@ -516,115 +573,151 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
             sb[i] += s;
         }
 #endif
-        gemm(sdA, FA, row_major(sdo, VS), col_major(sv, VS), C, C, BV, 1.f, !first);
-        gemm(sDQ, FK, row_major(sdo, VS), col_major(sS, VS), C, BK, BV, 1.f, !first);
-        gemm(sDK, FK, row_major(sv, VS), col_major(sdS, VS), C, BK, BV, 1.f, !first);
+        warp_mma(dA, row_major(sdo, VS), col_major(sv, VS), am0, an0, C, BV);
+        if (own) {
+            warp_mma(dqf, row_major(sdo, VS), col_major(sS, VS), m0, n0, BK, BV);
+            warp_mma(dkf, row_major(sv, VS), col_major(sdS, VS), m0, n0, BK, BV);
+        }
         __syncthreads();
     }
     // The diagonal of dA aside (its terms, scale dA_ii k_i in dq and scale dA_ii q_i in dk,
     // are added exactly at the end and cancel in the gate's gradient), dA strictly lower.
-    for (int idx = tid; idx < C * C; idx += NT) {
-        const int i = idx / C, j = idx % C;
-        if (i == j) sdd[i] = sdA[i * FA + i];
-        sdAb[i * AS + j] = from_f(j < i ? sdA[i * FA + j] : 0.f);
-    }
-    __syncthreads();
-#if HAS_G
-    const float span = cumsum_gates(sG, red);
-    // The state part's sum over the chunk, Σ_j k_j ⊙ dk_j[state], into the start of the
-    // gate sums (with e^Γ ⊙ rowsum(dS' ⊙ S)); then dk's state part in sDK.
-    for (int c = tid; c < BK; c += NT) {
-        const float gl = sG[(C - 1) * BK + c];
-        float y = 0.f;
-        for (int j = 0; j < C; j++) {
-            const float d = sDK[j * FK + c] * EXP(gl - sG[j * BK + c]);
-            y += to_f(sk[j * KS + c]) * d;
-            sDK[j * FK + c] = d;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int i = am0 + frag_row(e), c = an0 + frag_col(j, e);
+            if (i == c) sdd[i] = dA[j][e];
+            sdA[i * AS + c] = from_f(c < i ? dA[j][e] : 0.f);
         }
-        sb[c] = EXP(gl) * sb[c] + y;
+#if HAS_G
+    const float span = cumsum_gates(sG, red);  // its barriers also publish sdA and sdd
+    // dk's state part, (v dS'^T) ⊙ e^(Γ-G), and its sum Σ_j k_j ⊙ dk_j[state] over the chunk,
+    // which with e^Γ ⊙ rowsum(dS' ⊙ S) starts the gate sums.
+    if (own) {
+        float y[4][2] = {};
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
+                if (c >= BK) continue;
+                dkf[j][e] *= EXP(sG[(C - 1) * BK + c] - sG[i * BK + c]);
+                y[j][e & 1] += to_f(sk[i * KS + c]) * dkf[j][e];
+            }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float x = y[j][h];
+                for (int o = 4; o < 32; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+                const int c = n0 + j * 8 + lane * 2 + h;
+                if (lane < 4 && c < BK) sy[m0 / 16 * BK + c] = x;
+            }
     }
     __syncthreads();
+    for (int c = tid; c < BK; c += NT) {
+        float y = 0.f;
+        for (int r = 0; r < C / 16; r++) y += sy[r * BK + c];
+        sb[c] = EXP(sG[(C - 1) * BK + c]) * sb[c] + y;
+    }
     if (span > SAFE_EXP) {
         // Term by term: dq = scale (do S^T ⊙ e^G + Σ_j dA_ij k_j e^(G_i-G_j)),
         // dk += scale Σ_i dA_ij q_i e^(G_i-G_j).
-        for (int idx = tid; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            const float gi = sG[idx];
-            float sq_ = sDQ[i * FK + c] * EXP(gi), sk_ = 0.f;
-            for (int j = 0; j < i; j++)
-                sq_ += sdA[i * FA + j] * to_f(sk[j * KS + c]) * EXP(gi - sG[j * BK + c]);
-            for (int j = i + 1; j < C; j++)
-                sk_ += sdA[j * FA + i] * to_f(sq[j * KS + c]) * EXP(sG[j * BK + c] - gi);
-            sDQ[i * FK + c] = scale * sq_;
-            sDK[i * FK + c] += scale * sk_;
-        }
-        __syncthreads();
+        if (own)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
+                    if (c >= BK) continue;
+                    const f32x2 t = strong_terms(sdA, sq, sk, sG, i, c);
+                    dqf[j][e] = scale * (dqf[j][e] * EXP(sG[i * BK + c]) + t.x);
+                    dkf[j][e] += scale * t.y;
+                }
     } else {
         // Scaled copies in place of q and k: raw values are read again from global memory.
         for (int idx = tid; idx < C * BK; idx += NT) {
             const int i = idx / BK, c = idx % BK;
             sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
             sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(-sG[idx]));
-            // dk's state part over e^-G, to take the intra part's e^-G with it.
-            sDK[i * FK + c] *= EXP(sG[idx]);
         }
         __syncthreads();
-        gemm(sDQ, FK, row_major(sdAb, AS), row_major(sk, KS), C, BK, C, 1.f, true);
-        gemm(sDK, FK, col_major(sdAb, AS), row_major(sq, KS), C, BK, C, scale, true);
-        __syncthreads();
-        for (int idx = tid; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            sDQ[i * FK + c] *= scale * EXP(sG[idx]);
-            sDK[i * FK + c] *= EXP(-sG[idx]);
+        if (own) {
+            float t[4][4] = {};
+            warp_mma(dqf, row_major(sdA, AS), row_major(sk, KS), m0, n0, BK, C);
+            warp_mma(t, col_major(sdA, AS), row_major(sq, KS), m0, n0, BK, C);
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
+                    if (c >= BK) continue;
+                    const float gi = sG[i * BK + c];
+                    dqf[j][e] *= scale * EXP(gi);
+                    dkf[j][e] += scale * t[j][e] * EXP(-gi);
+                }
         }
-        __syncthreads();
     }
+    __syncthreads();  // every read of sG done: it takes q ⊙ dq - k ⊙ dk next
 #else
-    gemm(sDQ, FK, row_major(sdAb, AS), row_major(sk, KS), C, BK, C, 1.f, true);
-    gemm(sDK, FK, col_major(sdAb, AS), row_major(sq, KS), C, BK, C, scale, true);
-    __syncthreads();
+    __syncthreads();  // sdA and sdd written
+    if (own) {
+        float t[4][4] = {};
+        warp_mma(dqf, row_major(sdA, AS), row_major(sk, KS), m0, n0, BK, C);
+        warp_mma(t, col_major(sdA, AS), row_major(sq, KS), m0, n0, BK, C);
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                dqf[j][e] *= scale;
+                dkf[j][e] += scale * t[j][e];
+            }
+    }
 #endif
     // Write dq and dk with their diagonal terms; with a gate, X = q ⊙ dq - k ⊙ dk without them
-    // into sDQ (dk's state part included: the sums' start takes it back out).
-    for (int idx = tid; idx < C * BK; idx += NT) {
-        const int i = idx / BK, c = idx % BK;
-        const size_t gat = ((at.row0 + i) * H + hh) * KD + k0 + c;
-        const bool ok = i < at.rows;
-        const float dqv = HAS_G ? sDQ[i * FK + c] : scale * sDQ[i * FK + c];
-        const float dkv = sDK[i * FK + c];
-        const float qv = ok ? to_f(q[gat]) : 0.f, kv = ok ? to_f(k[gat]) : 0.f;
-        if (ok) {
-            dq[gat] = from_f(dqv + scale * sdd[i] * kv);
-            dk[gat] = from_f(dkv + scale * sdd[i] * qv);
-        }
+    // into sG's place (dk's state part included: the sums' start takes it back out).
+    if (own)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e += 2) {
+                const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
+                if (c >= BK) continue;
+                const size_t gat = ((at.row0 + i) * H + hh) * KD + k0 + c;
+                const bool ok = i < at.rows;
+                float qv[2] = {0.f, 0.f}, kv[2] = {0.f, 0.f};
+                if (ok)
+                    for (int h = 0; h < 2; h++) {
+                        qv[h] = to_f(q[gat + h]);
+                        kv[h] = to_f(k[gat + h]);
+                    }
+                const float dd = scale * sdd[i];
+                if (ok) {
+                    store_pair(dq + gat, dqf[j][e] + dd * kv[0], dqf[j][e + 1] + dd * kv[1]);
+                    store_pair(dk + gat, dkf[j][e] + dd * qv[0], dkf[j][e + 1] + dd * qv[1]);
+                }
 #if HAS_G
-        sDQ[i * FK + c] = qv * dqv - kv * dkv;
+                for (int h = 0; h < 2; h++)
+                    sG[i * BK + c + h] = qv[h] * dqf[j][e + h] - kv[h] * dkf[j][e + h];
 #endif
-    }
+            }
 #if HAS_G
     __syncthreads();
     // dg_t = Σ_{i≥t} (q⊙dq - k⊙dk)_i + Σ_j k_j⊙dk_j[state] + e^Γ ⊙ rowsum(dS' ⊙ S): the
     // state part of k⊙dk in the first sum cancels rows j ≥ t of the second, leaving j < t.
-    for (int c = tid; c < BK; c += NT) {
-        float s = sb[c];
-        for (int i = C - 1; i >= 0; i--) {
-            s += sDQ[i * FK + c];
-            sDK[i * FK + c] = s;
-        }
-    }
-    __syncthreads();
+    suffix_sums(sG, sb, red + 4);
 #if G_SCALAR
-    const int warp = tid / 32, lane = tid % 32;
     for (int i = warp; i < at.rows; i += NW) {
         float s = 0.f;
-        for (int c = lane; c < BK; c += 32) s += sDK[i * FK + c];
+        for (int c = lane; c < BK; c += 32) s += sG[i * BK + c];
         s = warp_sum(s);
         if (lane == 0) atomicAdd(&dgs[(at.row0 + i) * H + hh], s);
     }
 #else
     for (int idx = tid; idx < at.rows * BK; idx += NT) {
         const int i = idx / BK, c = idx % BK;
-        dgk[((at.row0 + i) * H + hh) * KD + k0 + c] = sDK[i * FK + c];
+        dgk[((at.row0 + i) * H + hh) * KD + k0 + c] = sG[idx];
     }
 #endif
 #endif

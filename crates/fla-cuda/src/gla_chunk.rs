@@ -103,7 +103,7 @@ impl Shape {
         let pad = 16 / io;
         let c = CHUNK;
         let (ks, vs, a_s) = ((bk + pad) * io, (bv + pad) * io, (c + pad) * io);
-        let (fk, fv, fa) = ((bk + 4) * 4, (bv + 4) * 4, (c + 4) * 4);
+        let (fv, fa) = ((bv + 4) * 4, (c + 4) * 4);
         // The scratch RED of the kernel: 4 floats and cumsum_gates' TPC x BK part totals.
         let tpc = [16, 8, 4, 2, 1]
             .into_iter()
@@ -116,7 +116,7 @@ impl Shape {
             c * bk * 4
         };
         let regions: Vec<usize> = match kernel {
-            "chunk_kv" | "chunk_qdo" => vec![c * ks, gates, c * vs, bk * fv, red],
+            "chunk_kv" | "chunk_qdo" => vec![c * ks, gates, c * vs, red],
             "chunk_scan" | "chunk_scan_back" => vec![],
             "chunk_attn" => vec![c * ks, c * ks, gates, c * fa, c * 4, red],
             "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs, c * fv],
@@ -128,11 +128,9 @@ impl Shape {
                 c * ks,
                 c * ks,
                 gates,
-                c * fa,
-                c * fk,
-                c * fk,
                 bk * 4,
                 c * 4,
+                c / 16 * bk * 4,
                 red,
             ],
             _ => unreachable!("no kernel {kernel}"),
@@ -287,7 +285,7 @@ impl DeviceGla {
         let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
         let (dk, dv) = (self.dk, self.dv);
 
-        let kv = Shape::new("chunk_kv", self, tile(dk, 64), self.value_tile(64));
+        let kv = Shape::new("chunk_kv", self, tile(dk, 64), self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
             "chunk_kv",
@@ -372,7 +370,7 @@ impl DeviceGla {
         let (dgk, dgs) = (ptr_mut(&mut gr.dgk, gpu), ptr_mut(&mut gr.dg_scalar, gpu));
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
-        let qdo = Shape::new("chunk_qdo", self, tile(dk_, 64), self.value_tile(64));
+        let qdo = Shape::new("chunk_qdo", self, tile(dk_, 64), self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
             "chunk_qdo",

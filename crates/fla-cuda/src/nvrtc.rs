@@ -51,7 +51,15 @@ pub fn compile(source: &str, arch: &str, options: &[String]) -> Result<Vec<u8>> 
     if let Some(Ok(bytes)) = cached.as_ref().map(std::fs::read) {
         return Ok(bytes);
     }
+    let started = std::time::Instant::now();
     let cubin = compile_uncached(source, arch, options)?;
+    if std::env::var_os("FLA_TRACE_KERNELS").is_some() {
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        eprintln!(
+            "nvrtc: {ms:.0} ms to compile for {arch} with {}",
+            options.join(" ")
+        );
+    }
     if let Some(path) = cached {
         store(&path, &cubin);
     }
