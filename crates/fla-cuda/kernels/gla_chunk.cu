@@ -27,12 +27,12 @@
 //   dg_t = Σ_{i≥t} X_i + Σ_{j<t} Y_j + e^Γ ⊙ rowsum(dS' ⊙ S)
 // (the state enters through e^Γ ⊙ S and through K̂, the rows j < t through e^(Γ-G_j)).
 //
-// Kernels, in the order they run (KERNEL 0-7, one per module, so that a configuration
+// Kernels, in the order they run (KERNEL 0-6, one per module, so that a configuration
 // compiles only what it runs):
-//   chunk_kv        per (chunk, K tile): U into the chunk's state slot (io_t), and Γ (f32)
+//   chunk_local     per chunk: A (io_t, [tokens, H, C]), Q̃, Γ (f32) and U into the chunk's
+//                   state slot (io_t)
 //   chunk_scan      per (sequence, head, state elements): the slots become S at every chunk
 //                   start, in place; the final state
-//   chunk_attn      per chunk: A (io_t, [tokens, H, C])
 //   chunk_out       per (chunk, V tile): o
 //   chunk_qdo       per (chunk, K tile): W into the chunk's slot of dS'
 //   chunk_scan_back the scan backwards: dS' at every chunk end, in place; dh0
@@ -50,8 +50,6 @@
 #define KS (BK + PADE)  // io_t tiles of BK columns
 #define VS (BV + PADE)  // io_t tiles of BV columns
 #define AS (C + PADE)   // io_t C x C
-#define FV (BV + 4)     // f32 tiles of BV columns
-#define FA (C + 4)      // f32 C x C
 
 // Regions of dynamic shared memory, each rounded up to 16 bytes; the host's sizes (gla_chunk.rs)
 // follow the same order.
@@ -152,85 +150,127 @@ __device__ __forceinline__ ChunkAt chunk_at(int cg, const int* cu, const int* ch
 }
 
 // ---------------------------------------------------------------------------------------
-// A chunk's own part of the state, U = K̂^T v with K̂ = k ⊙ e^(Γ-G) (chunk_kv, which also
-// writes Γ), or of its gradient, W = scale Q̃^T do with Q̃ = q ⊙ e^G (chunk_qdo), into the
-// chunk's slot [KD, HEAD_V] of `out`: grid (chunks, H, KD / BK), the value columns walked BV
-// at a time. Both exponents are of non-positive numbers.
-#if KERNEL == 0 || KERNEL == 4
-template <bool FWD>
-__device__ __forceinline__ void chunk_part(const io_t* __restrict__ x, const io_t* __restrict__ y,
-                                           const float* __restrict__ g, io_t* __restrict__ out,
-                                           float* __restrict__ gam, const int* __restrict__ cu,
-                                           const int* __restrict__ chunk_off,
-                                           const int* __restrict__ chunk_seq, int H, float alpha) {
+// What every chunk gives on its own, one block per (chunk, head), walking the key columns BK
+// at a time: A = scale tril(Q̃ K̃^T) with the diagonal from the raw q·k ([tokens, H, C]);
+// with a gate Q̃ = q ⊙ e^G for chunk_out ([tokens, H, KD]) and Γ ([chunks, H, KD]); and the
+// chunk's own part of the state, U = K̂^T v with K̂ = k ⊙ e^(Γ-G), into its slot [KD, HEAD_V]
+// of `states` (the value columns walked BV at a time, after the key columns). Each warp keeps
+// one 16 x 32 tile of A in registers across the key tiles (C = 64, 8 warps).
+#if KERNEL == 0
+#if C != 64 || NW != 8
+#error "chunk_local gives each of 8 warps one 16 x 32 tile of a 64 x 64 A"
+#endif
+#define KHS (KD + PADE)  // io_t tiles of all KD columns
+// A_ij of one key tile term by term with exact exponents (for strong gates); not inlined:
+// the kernel calls it for each of its 16 fragment elements.
+__device__ __noinline__ float strong_attn(const io_t* sq, const io_t* sk, const float* sG, int i,
+                                          int j) {
+    float s = 0.f;
+    for (int c = 0; c < BK; c++)
+        s += to_f(sq[i * KS + c]) * to_f(sk[j * KS + c]) * EXP(sG[i * BK + c] - sG[j * BK + c]);
+    return s;
+}
+
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
+    const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
+    const float* __restrict__ g, io_t* __restrict__ a, io_t* __restrict__ qg,
+    io_t* __restrict__ states, float* __restrict__ gam, const int* __restrict__ cu,
+    const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
-    io_t* sx = cv.take<io_t>(C * KS);
+    io_t* sq = cv.take<io_t>(C * KS);                // q's key tile, then Q̃'s
+    io_t* skt = cv.take<io_t>(HAS_G ? C * KS : 0);  // K̃'s key tile (raw k for strong gates)
+    io_t* skh = cv.take<io_t>(C * KHS);              // k, all key columns, then K̂
     float* sG = cv.take<float>(HAS_G ? C * BK : 0);
-    io_t* sy = cv.take<io_t>(C * VS);
+    io_t* sv = cv.take<io_t>(C * VS);
+    float* sd = cv.take<float>(C);  // the diagonal q_i·k_i
     float* red = cv.take<float>(RED);
     check_carve(cv);
-    const int tid = threadIdx.x, hh = blockIdx.y, k0 = blockIdx.z * BK;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, hh = blockIdx.y;
     const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
-    load_tile(sx, KS, x, at.row0, at.rows, C, H, hh, KD, k0, BK);
+    const int am0 = warp / 2 * 16, an0 = warp % 2 * 32;  // this warp's tile of A
+    float acc[4][4] = {};
+    load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, 0, BV);
+    for (int k0 = 0; k0 < KD; k0 += BK) {
+        if (k0 > 0) __syncthreads();  // the last key tile read
+        load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
+        load_tile(skh + k0, KHS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
 #if HAS_G
-    load_gates(sG, g, at.row0, at.rows, H, hh, k0);
+        load_gates(sG, g, at.row0, at.rows, H, hh, k0);
 #endif
-    load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, 0, BV);
-    cp_async_wait_all();
-    __syncthreads();
+        cp_async_wait_all();
+        __syncthreads();
+        for (int i = warp; i < C; i += NW) {
+            float s = 0.f;
+            for (int c = lane; c < BK; c += 32)
+                s += to_f(sq[i * KS + c]) * to_f(skh[i * KHS + k0 + c]);
+            s = warp_sum(s);
+            if (lane == 0) sd[i] = s + (k0 > 0 ? sd[i] : 0.f);
+        }
 #if HAS_G
-    cumsum_gates(sG, red);  // rows past the chunk's end hold zero gates: Γ is the last row
-    for (int idx = tid; idx < C * BK; idx += NT) {
-        const int i = idx / BK, c = idx % BK;
-        const float e = FWD ? sG[(C - 1) * BK + c] - sG[idx] : sG[idx];
-        sx[i * KS + c] = from_f(to_f(sx[i * KS + c]) * EXP(e));
-    }
-    if (FWD)
+        const bool strong = cumsum_gates(sG, red) > SAFE_EXP;
+        for (int idx = tid; idx < C * BK; idx += NT) {
+            const int i = idx / BK, c = idx % BK;
+            const float gi = sG[idx], kv = to_f(skh[i * KHS + k0 + c]);
+            const io_t x = from_f(to_f(sq[i * KS + c]) * EXP(gi));
+            if (i < at.rows) qg[((at.row0 + i) * H + hh) * KD + k0 + c] = x;
+            if (!strong) sq[i * KS + c] = x;
+            skt[i * KS + c] = strong ? skh[i * KHS + k0 + c] : from_f(kv * EXP(-gi));
+            skh[i * KHS + k0 + c] = from_f(kv * EXP(sG[(C - 1) * BK + c] - gi));
+        }
         for (int c = tid; c < BK; c += NT)
             gam[((size_t)blockIdx.x * H + hh) * KD + k0 + c] = sG[(C - 1) * BK + c];
-    __syncthreads();
+        __syncthreads();
+        if (strong) {
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = am0 + frag_row(e), jj = an0 + frag_col(j, e);
+                    if (jj < i) acc[j][e] += strong_attn(sq, skt, sG, i, jj);
+                }
+        } else {
+            warp_mma(acc, row_major(sq, KS), col_major(skt, KS), am0, an0, C, BK);
+        }
+#else
+        warp_mma(acc, row_major(sq, KS), col_major(skh + k0, KHS), am0, an0, C, BK);
 #endif
-    // Each warp's 16 x 32 tiles of the part, written from the accumulators.
-    io_t* dst = out + (((size_t)blockIdx.x * H + hh) * KD + k0) * HEAD_V;
+    }
+    __syncthreads();  // sd and K̂ complete
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            const int i = am0 + frag_row(e), jj = an0 + frag_col(j, e);
+            if (i >= at.rows) continue;
+            float x[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                x[h] = jj + h < i ? acc[j][e + h] : jj + h == i ? sd[i] : 0.f;
+            store_pair(a + ((at.row0 + i) * H + hh) * C + jj, scale * x[0], scale * x[1]);
+        }
+    // U, each warp's 16 x 32 tiles written from the accumulators.
+    io_t* dst = states + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
     constexpr int tiles_n = (BV + 31) / 32;
     for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
         if (v0 > 0) {
-            __syncthreads();  // sy read
-            load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            __syncthreads();  // sv read
+            load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
             cp_async_wait_all();
             __syncthreads();
         }
-        for (int tile = tid / 32; tile < (BK / 16) * tiles_n; tile += NW) {
-            const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 32;
+        for (int tile = warp; tile < KD / 16 * tiles_n; tile += NW) {
+            const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 32;
             float d[4][4] = {};
-            warp_mma(d, col_major(sx, KS), row_major(sy, VS), m0, n0, BV, C);
+            warp_mma(d, col_major(skh, KHS), row_major(sv, VS), m0, n0, BV, C);
 #pragma unroll
             for (int j = 0; j < 4; j++)
                 if (n0 + j * 8 < BV)
 #pragma unroll
                     for (int e = 0; e < 4; e += 2)
                         store_pair(dst + (size_t)(m0 + frag_row(e)) * HEAD_V + v0 + n0 + frag_col(j, e),
-                                   alpha * d[j][e], alpha * d[j][e + 1]);
+                                   d[j][e], d[j][e + 1]);
         }
     }
-}
-#endif
-
-#if KERNEL == 0
-extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_kv(
-    const io_t* __restrict__ k, const io_t* __restrict__ v, const float* __restrict__ g,
-    io_t* __restrict__ states, float* __restrict__ gam, const int* __restrict__ cu,
-    const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H) {
-    chunk_part<true>(k, v, g, states, gam, cu, chunk_off, chunk_seq, H, 1.f);
-}
-#endif
-
-#if KERNEL == 4
-extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
-    const io_t* __restrict__ q, const io_t* __restrict__ d_o, const float* __restrict__ g,
-    io_t* __restrict__ dstates, const int* __restrict__ cu, const int* __restrict__ chunk_off,
-    const int* __restrict__ chunk_seq, int H, float scale) {
-    chunk_part<false>(q, d_o, g, dstates, nullptr, cu, chunk_off, chunk_seq, H, scale);
 }
 #endif
 
@@ -243,7 +283,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
 // i's end: dS'_last = dht (or 0), dS'_{i-1} = e^Γ_i ⊙ dS'_i + W_i, and dh0 = the gradient at
 // the first chunk's start. Each thread reads its slots before writing them, SCAN_AHEAD
 // chunks at a time (loads in flight).
-#if KERNEL == 1 || KERNEL == 5
+#if KERNEL == 1 || KERNEL == 4
 #define SCAN_AHEAD 8
 #define SV (16 / (int)sizeof(io_t))
 union __align__(16) Vec16 {
@@ -306,7 +346,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_scan(
 }
 #endif
 
-#if KERNEL == 5
+#if KERNEL == 4
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_scan_back(
     io_t* __restrict__ dstates, const float* __restrict__ gam, const float* __restrict__ dht,
     float* __restrict__ dh0, const int* __restrict__ chunk_off, int H) {
@@ -315,82 +355,43 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_scan_back(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// A of every chunk, and with a gate Q̃ = q ⊙ e^G for chunk_out ([tokens, H, KD]): grid
-// (chunks, H).
-#if KERNEL == 2
-extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_attn(
-    const io_t* __restrict__ q, const io_t* __restrict__ k, const float* __restrict__ g,
-    io_t* __restrict__ a, io_t* __restrict__ qg, const int* __restrict__ cu,
-    const int* __restrict__ chunk_off,
-    const int* __restrict__ chunk_seq, int H, float scale) {
-    Carve cv{smem};
-    io_t* sq = cv.take<io_t>(C * KS);
-    io_t* sk = cv.take<io_t>(C * KS);
-    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
-    float* sA = cv.take<float>(C * FA);
-    float* sd = cv.take<float>(C);
-    float* red = cv.take<float>(RED);
-    check_carve(cv);
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, hh = blockIdx.y;
-    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
-    for (int i = tid; i < C; i += NT) sd[i] = 0.f;
-    for (int k0 = 0; k0 < KD; k0 += BK) {
-        const bool first = k0 == 0;
-        load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
-        load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
-#if HAS_G
-        load_gates(sG, g, at.row0, at.rows, H, hh, k0);
-#endif
-        cp_async_wait_all();
-        __syncthreads();
-        // The diagonal from the raw q and k.
-        for (int i = warp; i < C; i += NW) {
-            float s = 0.f;
-            for (int c = lane; c < BK; c += 32) s += to_f(sq[i * KS + c]) * to_f(sk[i * KS + c]);
-            s = warp_sum(s);
-            if (lane == 0) sd[i] += s;
+// The C x BV outputs of chunk_out and chunk_dv: each warp keeps TPW of its 16 x 32 tiles in
+// registers; FOR_OUT_TILES(t, m0, n0) runs a statement for each (t its slot, m0 and n0 the
+// tile's first row and column).
+#if KERNEL == 2 || KERNEL == 5
+#define OUT_TN ((BV + 31) / 32)
+#define OUT_TILES (C / 16 * OUT_TN)
+#define TPW ((OUT_TILES + NW - 1) / NW)
+#define FOR_OUT_TILES(t, m0, n0)                                                      \
+    _Pragma("unroll") for (int t = 0, tile_ = threadIdx.x / 32; t < TPW; t++, tile_ += NW) \
+        if (const int m0 = tile_ / OUT_TN * 16, n0 = tile_ % OUT_TN * 32; tile_ < OUT_TILES)
+
+__device__ __forceinline__ void scale_tile(float d[4][4], float s) {
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) d[j][e] *= s;
+}
+
+// Rows m0.. (those in the chunk) and columns c0.. (the first `width`) of a [tokens, H,
+// HEAD_V] tensor from a warp's tile.
+__device__ __forceinline__ void store_out_tile(io_t* out, const float d[4][4], ChunkAt at, int H,
+                                               int hh, int m0, int c0, int width) {
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            const int i = m0 + frag_row(e), c = frag_col(j, e);
+            if (c < width && i < at.rows)
+                store_pair(out + ((at.row0 + i) * H + hh) * HEAD_V + c0 + c, d[j][e], d[j][e + 1]);
         }
-#if HAS_G
-        const bool strong = cumsum_gates(sG, red) > SAFE_EXP;
-        for (int idx = tid; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            const io_t x = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
-            if (i < at.rows) qg[((at.row0 + i) * H + hh) * KD + k0 + c] = x;
-            if (!strong) {
-                sq[i * KS + c] = x;
-                sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(-sG[idx]));
-            }
-        }
-        if (strong) {
-            for (int idx = tid; idx < C * C; idx += NT) {
-                const int i = idx / C, j = idx % C;
-                float s = 0.f;
-                if (j < i)
-                    for (int c = 0; c < BK; c++)
-                        s += to_f(sq[i * KS + c]) * to_f(sk[j * KS + c]) *
-                             EXP(sG[i * BK + c] - sG[j * BK + c]);
-                sA[i * FA + j] = s + (first ? 0.f : sA[i * FA + j]);
-            }
-            __syncthreads();
-            continue;
-        }
-#endif
-        __syncthreads();
-        gemm(sA, FA, row_major(sq, KS), col_major(sk, KS), C, C, BK, 1.f, !first);
-        __syncthreads();
-    }
-    for (int idx = tid; idx < at.rows * C; idx += NT) {
-        const int i = idx / C, j = idx % C;
-        const float x = j < i ? sA[i * FA + j] : j == i ? sd[i] : 0.f;
-        a[((at.row0 + i) * H + hh) * C + j] = from_f(scale * x);
-    }
 }
 #endif
 
 // ---------------------------------------------------------------------------------------
-// o = scale Q̃ S + A v: grid (chunks, H, HEAD_V / BV). qg is Q̃ from chunk_attn (q itself
+// o = scale Q̃ S + A v: grid (chunks, H, HEAD_V / BV). qg is Q̃ from chunk_local (q itself
 // without a gate).
-#if KERNEL == 3
+#if KERNEL == 2
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
     const io_t* __restrict__ qg, const io_t* __restrict__ v, const io_t* __restrict__ states,
     const io_t* __restrict__ a, io_t* __restrict__ o, const int* __restrict__ cu,
@@ -400,33 +401,90 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
     io_t* sS = cv.take<io_t>(BK * VS);
     io_t* sA = cv.take<io_t>(C * AS);
     io_t* sv = cv.take<io_t>(C * VS);
-    float* sO = cv.take<float>(C * FV);
     check_carve(cv);
-    const int tid = threadIdx.x, hh = blockIdx.y, v0 = blockIdx.z * BV;
+    const int hh = blockIdx.y, v0 = blockIdx.z * BV;
     const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
     const io_t* st = states + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
     load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
     load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+    float acc[TPW][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last product has read sq and sS
         load_tile(sq, KS, qg, at.row0, at.rows, C, H, hh, KD, k0, BK);
         load_mat(sS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
         cp_async_wait_all();
         __syncthreads();
-        gemm(sO, FV, row_major(sq, KS), row_major(sS, VS), C, BV, BK, scale, k0 > 0);
+        FOR_OUT_TILES(t, m0, n0) warp_mma(acc[t], row_major(sq, KS), row_major(sS, VS), m0, n0, BV, BK);
     }
-    gemm(sO, FV, row_major(sA, AS), row_major(sv, VS), C, BV, C, 1.f, true);
+    FOR_OUT_TILES(t, m0, n0) {
+        scale_tile(acc[t], scale);
+        warp_mma(acc[t], row_major(sA, AS), row_major(sv, VS), m0, n0, BV, C);
+        store_out_tile(o, acc[t], at, H, hh, m0, v0 + n0, BV - n0);
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// A chunk's own part of the state's gradient, W = scale Q̃^T do with Q̃ = q ⊙ e^G, into the
+// chunk's slot [KD, HEAD_V] of dstates: grid (chunks, H, KD / BK), the value columns walked
+// BV at a time.
+#if KERNEL == 3
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
+    const io_t* __restrict__ q, const io_t* __restrict__ d_o, const float* __restrict__ g,
+    io_t* __restrict__ dstates, const int* __restrict__ cu, const int* __restrict__ chunk_off,
+    const int* __restrict__ chunk_seq, int H, float scale) {
+    Carve cv{smem};
+    io_t* sq = cv.take<io_t>(C * KS);
+    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    io_t* sdo = cv.take<io_t>(C * VS);
+    float* red = cv.take<float>(RED);
+    check_carve(cv);
+    const int tid = threadIdx.x, hh = blockIdx.y, k0 = blockIdx.z * BK;
+    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
+    load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
+#if HAS_G
+    load_gates(sG, g, at.row0, at.rows, H, hh, k0);
+#endif
+    load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, 0, BV);
+    cp_async_wait_all();
     __syncthreads();
-    for (int idx = tid; idx < at.rows * BV; idx += NT) {
-        const int i = idx / BV, c = idx % BV;
-        o[((at.row0 + i) * H + hh) * HEAD_V + v0 + c] = from_f(sO[i * FV + c]);
+#if HAS_G
+    cumsum_gates(sG, red);
+    for (int idx = tid; idx < C * BK; idx += NT) {
+        const int i = idx / BK, c = idx % BK;
+        sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
+    }
+    __syncthreads();
+#endif
+    // Each warp's 16 x 32 tiles of W, written from the accumulators.
+    io_t* dst = dstates + (((size_t)blockIdx.x * H + hh) * KD + k0) * HEAD_V;
+    constexpr int tiles_n = (BV + 31) / 32;
+    for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
+        if (v0 > 0) {
+            __syncthreads();  // sdo read
+            load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            cp_async_wait_all();
+            __syncthreads();
+        }
+        for (int tile = tid / 32; tile < BK / 16 * tiles_n; tile += NW) {
+            const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 32;
+            float d[4][4] = {};
+            warp_mma(d, col_major(sq, KS), row_major(sdo, VS), m0, n0, BV, C);
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (n0 + j * 8 < BV)
+#pragma unroll
+                    for (int e = 0; e < 4; e += 2)
+                        store_pair(dst + (size_t)(m0 + frag_row(e)) * HEAD_V + v0 + n0 + frag_col(j, e),
+                                   scale * d[j][e], scale * d[j][e + 1]);
+        }
     }
 }
 #endif
 
 // ---------------------------------------------------------------------------------------
 // dv = A^T do + K̂ dS': grid (chunks, H, HEAD_V / BV).
-#if KERNEL == 6
+#if KERNEL == 5
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     const io_t* __restrict__ k, const float* __restrict__ g, const io_t* __restrict__ d_o,
     const io_t* __restrict__ a, const io_t* __restrict__ dstates, io_t* __restrict__ dv,
@@ -438,7 +496,6 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     io_t* sdS = cv.take<io_t>(BK * VS);
     io_t* sA = cv.take<io_t>(C * AS);
     io_t* sdo = cv.take<io_t>(C * VS);
-    float* sdv = cv.take<float>(C * FV);
     float* red = cv.take<float>(RED);
     check_carve(cv);
     const int tid = threadIdx.x, hh = blockIdx.y, v0 = blockIdx.z * BV;
@@ -446,7 +503,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     const io_t* st = dstates + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
     load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
     load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+    float acc[TPW][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
+        if (k0 > 0) __syncthreads();  // the last product has read sk and sdS
         load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
         load_mat(sdS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
 #if HAS_G
@@ -462,14 +521,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
         }
         __syncthreads();
 #endif
-        gemm(sdv, FV, row_major(sk, KS), row_major(sdS, VS), C, BV, BK, 1.f, k0 > 0);
-        __syncthreads();
+        FOR_OUT_TILES(t, m0, n0) warp_mma(acc[t], row_major(sk, KS), row_major(sdS, VS), m0, n0, BV, BK);
     }
-    gemm(sdv, FV, col_major(sA, AS), row_major(sdo, VS), C, BV, C, 1.f, true);
-    __syncthreads();
-    for (int idx = tid; idx < at.rows * BV; idx += NT) {
-        const int i = idx / BV, c = idx % BV;
-        dv[((at.row0 + i) * H + hh) * HEAD_V + v0 + c] = from_f(sdv[i * FV + c]);
+    FOR_OUT_TILES(t, m0, n0) {
+        warp_mma(acc[t], col_major(sA, AS), row_major(sdo, VS), m0, n0, BV, C);
+        store_out_tile(dv, acc[t], at, H, hh, m0, v0 + n0, BV - n0);
     }
 }
 #endif
@@ -480,7 +536,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
 // key tiles by atomics: zero it first). Each warp keeps one 16 x 32 tile of dA and one of dq
 // and dk in registers from the walk to the end (C = 64 and 8 warps: dA's 8 tiles, and at
 // most 8 of a 64-column K tile).
-#if KERNEL == 7
+#if KERNEL == 6
 #if C != 64 || NW != 8
 #error "chunk_dqk gives each of 8 warps one 16 x 32 tile of a 64 x 64 dA"
 #endif
@@ -610,6 +666,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 float x = y[j][h];
+#pragma unroll
                 for (int o = 4; o < 32; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
                 const int c = n0 + j * 8 + lane * 2 + h;
                 if (lane < 4 && c < BK) sy[m0 / 16 * BK + c] = x;
@@ -688,6 +745,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
                 const bool ok = i < at.rows;
                 float qv[2] = {0.f, 0.f}, kv[2] = {0.f, 0.f};
                 if (ok)
+#pragma unroll
                     for (int h = 0; h < 2; h++) {
                         qv[h] = to_f(q[gat + h]);
                         kv[h] = to_f(k[gat + h]);
@@ -698,6 +756,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
                     store_pair(dk + gat, dkf[j][e] + dd * qv[0], dkf[j][e + 1] + dd * qv[1]);
                 }
 #if HAS_G
+#pragma unroll
                 for (int h = 0; h < 2; h++)
                     sG[i * BK + c + h] = qv[h] * dqf[j][e + h] - kv[h] * dkf[j][e + h];
 #endif

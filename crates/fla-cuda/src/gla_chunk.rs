@@ -79,10 +79,9 @@ fn carve(regions: &[usize]) -> usize {
 }
 
 /// The kernels of gla_chunk.cu, in the order of their KERNEL numbers.
-const KERNELS: [&str; 8] = [
-    "chunk_kv",
+const KERNELS: [&str; 7] = [
+    "chunk_local",
     "chunk_scan",
-    "chunk_attn",
     "chunk_out",
     "chunk_qdo",
     "chunk_scan_back",
@@ -103,7 +102,6 @@ impl Shape {
         let pad = 16 / io;
         let c = CHUNK;
         let (ks, vs, a_s) = ((bk + pad) * io, (bv + pad) * io, (c + pad) * io);
-        let (fv, fa) = ((bv + 4) * 4, (c + 4) * 4);
         // The scratch RED of the kernel: 4 floats and cumsum_gates' TPC x BK part totals.
         let tpc = [16, 8, 4, 2, 1]
             .into_iter()
@@ -116,11 +114,15 @@ impl Shape {
             c * bk * 4
         };
         let regions: Vec<usize> = match kernel {
-            "chunk_kv" | "chunk_qdo" => vec![c * ks, gates, c * vs, red],
+            "chunk_local" => {
+                let all_keys = c * (d.dk + pad) * io;
+                let k_tile = if d.gate == GateKind::None { 0 } else { c * ks };
+                vec![c * ks, k_tile, all_keys, gates, c * vs, c * 4, red]
+            }
+            "chunk_qdo" => vec![c * ks, gates, c * vs, red],
             "chunk_scan" | "chunk_scan_back" => vec![],
-            "chunk_attn" => vec![c * ks, c * ks, gates, c * fa, c * 4, red],
-            "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs, c * fv],
-            "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, c * fv, red],
+            "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs],
+            "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, red],
             "chunk_dqk" => vec![
                 (2 * c * vs).max(c * a_s),
                 bk * vs,
@@ -252,7 +254,7 @@ impl DeviceGla {
     pub(crate) fn forward_two_level(&mut self, gpu: &Gpu) -> Result<()> {
         let chunks = Chunks::new(gpu, &self.lens, CHUNK)?;
         let n_chunks = chunks.count;
-        // chunk_kv and chunk_attn write every element.
+        // chunk_local writes every element of these.
         let states = Buf::uninit(
             gpu,
             (n_chunks * self.h * self.dk * self.dv).max(1),
@@ -260,7 +262,7 @@ impl DeviceGla {
         )?;
         let attn = Buf::uninit(gpu, (self.b * self.t * self.h * CHUNK).max(1), self.dtype)?;
         let gam = crate::gla::uninit(gpu, (n_chunks * self.h * self.dk).max(1))?;
-        // Q̃ = q ⊙ e^G, from chunk_attn for chunk_out (q itself without a gate).
+        // Q̃ = q ⊙ e^G, from chunk_local for chunk_out (q itself without a gate).
         let mut qg = match self.gate {
             GateKind::None => None,
             _ => Some(Buf::uninit(
@@ -285,15 +287,16 @@ impl DeviceGla {
         let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
         let (dk, dv) = (self.dk, self.dv);
 
-        let kv = Shape::new("chunk_kv", self, tile(dk, 64), self.value_tile(128));
+        let qg = qg.as_mut().map_or(0, |b| b.ptr_mut(gpu));
+        let local = Shape::new("chunk_local", self, tile(dk, 64), self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
-            "chunk_kv",
-            &kv,
+            "chunk_local",
+            &local,
             false,
-            (n_chunks, self.h, dk / kv.bk),
-            &[k, v, g, st, gam, cu, off, seq],
-            false,
+            (n_chunks, self.h, 1),
+            &[q, k, v, g, a, qg, st, gam, cu, off, seq],
+            true,
         )?;
         let scan = Shape::new("chunk_scan", self, dk, dv);
         self.launch_chunk_kernel(
@@ -304,17 +307,6 @@ impl DeviceGla {
             self.scan_grid(),
             &[st, gam, h0, ht, off],
             false,
-        )?;
-        let qg = qg.as_mut().map_or(0, |b| b.ptr_mut(gpu));
-        let attn = Shape::new("chunk_attn", self, tile(dk, 64), 16);
-        self.launch_chunk_kernel(
-            gpu,
-            "chunk_attn",
-            &attn,
-            false,
-            (n_chunks, self.h, 1),
-            &[q, k, g, a, qg, cu, off, seq],
-            true,
         )?;
         let out = Shape::new("chunk_out", self, tile(dk, 64), self.value_tile(128));
         self.launch_chunk_kernel(
