@@ -11,12 +11,11 @@ struct __align__(8) f32x2 {
 
 __device__ __forceinline__ float bf16_to_f(bf16_t x) { return __uint_as_float(((u32)x) << 16); }
 
-// Round to nearest even, NaN kept a NaN.
+// Round to nearest even (one instruction on sm_80+; a NaN stays a NaN).
 __device__ __forceinline__ bf16_t f_to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
+    bf16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
 }
 
 #if USE_BF16
@@ -110,22 +109,32 @@ __device__ __forceinline__ int frag_col(int j, int e) {
     return j * 8 + (threadIdx.x % 4) * 2 + (e & 1);
 }
 
-// Two neighbouring elements into an io_t row.
-__device__ __forceinline__ void store_pair(io_t* p, float x, float y) {
-#if USE_BF16
-    *(u32*)p = (u32)f_to_bf16(x) | ((u32)f_to_bf16(y) << 16);
-#else
-    *(f32x2*)p = f32x2{x, y};
-#endif
-}
-
-#if USE_BF16
+// Two floats as a bf16 pair, lo in the low half, rounded to nearest even.
 __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
 
+// Two neighbouring elements of an io_t row (p 4-byte aligned in the bf16 build, 8 in f32):
+// stored, and loaded as floats.
+__device__ __forceinline__ void store_pair(io_t* p, float x, float y) {
+#if USE_BF16
+    *(u32*)p = pack_bf16x2(x, y);
+#else
+    *(f32x2*)p = f32x2{x, y};
+#endif
+}
+__device__ __forceinline__ f32x2 load_pair(const io_t* p) {
+#if USE_BF16
+    const u32 u = *(const u32*)p;
+    return f32x2{__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u)};
+#else
+    return *(const f32x2*)p;
+#endif
+}
+
+#if USE_BF16
 // Elements (r, c) and (r + dr, c + dc) as a bf16 pair, the first in the low half: one 32-bit
 // load when they are adjacent bf16 in memory, else two loads and a conversion.
 template <bool ROW>

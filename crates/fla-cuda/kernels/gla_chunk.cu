@@ -743,13 +743,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
                 if (c >= BK) continue;
                 const size_t gat = ((at.row0 + i) * H + hh) * KD + k0 + c;
                 const bool ok = i < at.rows;
-                float qv[2] = {0.f, 0.f}, kv[2] = {0.f, 0.f};
-                if (ok)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        qv[h] = to_f(q[gat + h]);
-                        kv[h] = to_f(k[gat + h]);
-                    }
+                const f32x2 q2 = ok ? load_pair(q + gat) : f32x2{0.f, 0.f};
+                const f32x2 k2 = ok ? load_pair(k + gat) : f32x2{0.f, 0.f};
+                const float qv[2] = {q2.x, q2.y}, kv[2] = {k2.x, k2.y};
                 const float dd = scale * sdd[i];
                 if (ok) {
                     store_pair(dq + gat, dqf[j][e] + dd * kv[0], dqf[j][e + 1] + dd * kv[1]);
