@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod generate;
 pub mod gpu;
 pub mod layout;
