@@ -150,6 +150,40 @@ __device__ __forceinline__ ChunkAt chunk_at(int cg, const int* cu, const int* ch
 }
 
 // ---------------------------------------------------------------------------------------
+// A chunk's part of a state or of its gradient, alpha X^T Y into `dst` (ROWS x HEAD_V, row
+// stride HEAD_V): X the chunk's C x ROWS tile in shared memory (row stride ldx), Y its value
+// rows, walked BV columns at a time (the first tile already in sy, the others loaded into
+// it). Each warp's 16 x 32 tiles are written from the accumulators.
+#if KERNEL == 0 || KERNEL == 3
+template <int ROWS>
+__device__ __forceinline__ void write_part(io_t* dst, const io_t* sx, int ldx, io_t* sy,
+                                           const io_t* y, ChunkAt at, int H, int hh,
+                                           float alpha) {
+    constexpr int tiles_n = (BV + 31) / 32;
+    for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
+        if (v0 > 0) {
+            __syncthreads();  // sy read
+            load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            cp_async_wait_all();
+            __syncthreads();
+        }
+        for (int tile = threadIdx.x / 32; tile < ROWS / 16 * tiles_n; tile += NW) {
+            const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 32;
+            float d[4][4] = {};
+            warp_mma(d, col_major(sx, ldx), row_major(sy, VS), m0, n0, BV, C);
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (n0 + j * 8 < BV)
+#pragma unroll
+                    for (int e = 0; e < 4; e += 2)
+                        store_pair(dst + (size_t)(m0 + frag_row(e)) * HEAD_V + v0 + n0 + frag_col(j, e),
+                                   alpha * d[j][e], alpha * d[j][e + 1]);
+        }
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
 // What every chunk gives on its own, one block per (chunk, head), walking the key columns BK
 // at a time: A = scale tril(Q̃ K̃^T) with the diagonal from the raw q·k ([tokens, H, C]);
 // with a gate Q̃ = q ⊙ e^G for chunk_out ([tokens, H, KD]) and Γ ([chunks, H, KD]); and the
@@ -248,29 +282,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
                 x[h] = jj + h < i ? acc[j][e + h] : jj + h == i ? sd[i] : 0.f;
             store_pair(a + ((at.row0 + i) * H + hh) * C + jj, scale * x[0], scale * x[1]);
         }
-    // U, each warp's 16 x 32 tiles written from the accumulators.
-    io_t* dst = states + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
-    constexpr int tiles_n = (BV + 31) / 32;
-    for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
-        if (v0 > 0) {
-            __syncthreads();  // sv read
-            load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-            cp_async_wait_all();
-            __syncthreads();
-        }
-        for (int tile = warp; tile < KD / 16 * tiles_n; tile += NW) {
-            const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 32;
-            float d[4][4] = {};
-            warp_mma(d, col_major(skh, KHS), row_major(sv, VS), m0, n0, BV, C);
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                if (n0 + j * 8 < BV)
-#pragma unroll
-                    for (int e = 0; e < 4; e += 2)
-                        store_pair(dst + (size_t)(m0 + frag_row(e)) * HEAD_V + v0 + n0 + frag_col(j, e),
-                                   d[j][e], d[j][e + 1]);
-        }
-    }
+    write_part<KD>(states + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V, skh, KHS, sv, v, at, H,
+                   hh, 1.f);
 }
 #endif
 
@@ -456,29 +469,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
     }
     __syncthreads();
 #endif
-    // Each warp's 16 x 32 tiles of W, written from the accumulators.
-    io_t* dst = dstates + (((size_t)blockIdx.x * H + hh) * KD + k0) * HEAD_V;
-    constexpr int tiles_n = (BV + 31) / 32;
-    for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
-        if (v0 > 0) {
-            __syncthreads();  // sdo read
-            load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-            cp_async_wait_all();
-            __syncthreads();
-        }
-        for (int tile = tid / 32; tile < BK / 16 * tiles_n; tile += NW) {
-            const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 32;
-            float d[4][4] = {};
-            warp_mma(d, col_major(sq, KS), row_major(sdo, VS), m0, n0, BV, C);
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                if (n0 + j * 8 < BV)
-#pragma unroll
-                    for (int e = 0; e < 4; e += 2)
-                        store_pair(dst + (size_t)(m0 + frag_row(e)) * HEAD_V + v0 + n0 + frag_col(j, e),
-                                   scale * d[j][e], scale * d[j][e + 1]);
-        }
-    }
+    write_part<BK>(dstates + (((size_t)blockIdx.x * H + hh) * KD + k0) * HEAD_V, sq, KS, sdo, d_o,
+                   at, H, hh, scale);
 }
 #endif
 
@@ -576,6 +568,26 @@ __device__ __noinline__ f32x2 strong_terms(const io_t* sdA, const io_t* sq, cons
     for (int j = i + 1; j < C; j++)
         t.y += to_f(sdA[j * AS + i]) * to_f(sq[j * KS + c]) * EXP(sG[j * BK + c] - gi);
     return t;
+}
+
+// A warp's tiles of dq and dk finished with the intra-chunk products (sq, sk holding Q̃ and
+// K̃, or q and k without a gate): dq = scale (dq + dA K̃) ⊙ e^G, dk += scale (dA^T Q̃) ⊙ e^-G.
+__device__ __forceinline__ void intra_products(float dqf[4][4], float dkf[4][4], const io_t* sdA,
+                                               const io_t* sq, const io_t* sk, const float* sG,
+                                               int m0, int n0, float scale) {
+    float t[4][4] = {};
+    warp_mma(dqf, row_major(sdA, AS), row_major(sk, KS), m0, n0, BK, C);
+    warp_mma(t, col_major(sdA, AS), row_major(sq, KS), m0, n0, BK, C);
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
+            if (c >= BK) continue;
+            const float gi = HAS_G ? sG[i * BK + c] : 0.f;
+            dqf[j][e] *= scale * (HAS_G ? EXP(gi) : 1.f);
+            dkf[j][e] += scale * t[j][e] * (HAS_G ? EXP(-gi) : 1.f);
+        }
 }
 
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
@@ -700,37 +712,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
             sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(-sG[idx]));
         }
         __syncthreads();
-        if (own) {
-            float t[4][4] = {};
-            warp_mma(dqf, row_major(sdA, AS), row_major(sk, KS), m0, n0, BK, C);
-            warp_mma(t, col_major(sdA, AS), row_major(sq, KS), m0, n0, BK, C);
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
-                    if (c >= BK) continue;
-                    const float gi = sG[i * BK + c];
-                    dqf[j][e] *= scale * EXP(gi);
-                    dkf[j][e] += scale * t[j][e] * EXP(-gi);
-                }
-        }
+        if (own) intra_products(dqf, dkf, sdA, sq, sk, sG, m0, n0, scale);
     }
     __syncthreads();  // every read of sG done: it takes q ⊙ dq - k ⊙ dk next
 #else
     __syncthreads();  // sdA and sdd written
-    if (own) {
-        float t[4][4] = {};
-        warp_mma(dqf, row_major(sdA, AS), row_major(sk, KS), m0, n0, BK, C);
-        warp_mma(t, col_major(sdA, AS), row_major(sq, KS), m0, n0, BK, C);
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                dqf[j][e] *= scale;
-                dkf[j][e] += scale * t[j][e];
-            }
-    }
+    if (own) intra_products(dqf, dkf, sdA, sq, sk, sG, m0, n0, scale);
 #endif
     // Write dq and dk with their diagonal terms; with a gate, X = q ⊙ dq - k ⊙ dk without them
     // into sG's place (dk's state part included: the sums' start takes it back out).
