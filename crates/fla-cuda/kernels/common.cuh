@@ -80,9 +80,10 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // Closes the group of copies started since the last commit.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
-// Waits for all committed groups but the newest.
-__device__ __forceinline__ void cp_async_wait_prior() {
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
+// Waits until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // Starts copying a tile of `tile_rows` rows x `width` columns into dst (row stride ld) from

@@ -41,7 +41,7 @@
 //
 // Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK, BK, BV (the kernel's tiles), HAS_G, G_SCALAR,
 // HAS_H0, HAS_DHT, MIN_BLOCKS (the blocks per SM that the kernel's shared memory allows: its
-// registers are held to that occupancy).
+// registers are held to that occupancy), STAGES (chunk_dqk: value tiles in flight).
 
 #define KD HEAD_K
 #define C CHUNK
@@ -66,6 +66,37 @@ struct Carve {
 extern __shared__ __align__(16) unsigned char smem[];
 
 __device__ __forceinline__ void check_carve(const Carve& c) { check_smem((u32)(c.p - smem)); }
+
+// SV io_t values in one 16-byte vector (8 in the bf16 build, 4 in f32): the element-wise
+// loops and the scans move one at a time.
+#define SV (16 / (int)sizeof(io_t))
+union __align__(16) Vec16 {
+    u32 w[4];
+    io_t x[SV];
+};
+struct __align__(16) F4 {
+    float x[4];
+};
+__device__ __forceinline__ Vec16 ld16(const io_t* p) { return *(const Vec16*)p; }
+__device__ __forceinline__ void st16(io_t* p, const Vec16& v) { *(Vec16*)p = v; }
+// SV gates (f32, 16-byte aligned) into registers.
+__device__ __forceinline__ void ld_gates(float g[SV], const float* p) {
+#pragma unroll
+    for (int e = 0; e < SV; e += 4) *(F4*)(g + e) = *(const F4*)(p + e);
+}
+// x ⊙ e^d, element by element, rounded to io_t.
+__device__ __forceinline__ Vec16 times_exp(const Vec16& x, const float d[SV]) {
+    Vec16 r;
+#pragma unroll
+    for (int e = 0; e < SV; e++) r.x[e] = from_f(to_f(x.x[e]) * EXP(d[e]));
+    return r;
+}
+// Calls f(i, c) for every vector (row i, columns c..c + SV) of a C x BK tile, the threads of
+// the block taking consecutive vectors.
+template <typename F>
+__device__ __forceinline__ void for_vectors(F f) {
+    for (int idx = threadIdx.x; idx < C * BK / SV; idx += NT) f(idx / (BK / SV), idx % (BK / SV) * SV);
+}
 
 // Starts copying rows [r0, r0 + BKxx) of a row-major matrix (row stride `stride`) from
 // column c0, `width` columns, into dst (row stride ld).
@@ -242,15 +273,22 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
         }
 #if HAS_G
         const bool strong = cumsum_gates(sG, red) > SAFE_EXP;
-        for (int idx = tid; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            const float gi = sG[idx], kv = to_f(skh[i * KHS + k0 + c]);
-            const io_t x = from_f(to_f(sq[i * KS + c]) * EXP(gi));
-            if (i < at.rows) qg[((at.row0 + i) * H + hh) * KD + k0 + c] = x;
-            if (!strong) sq[i * KS + c] = x;
-            skt[i * KS + c] = strong ? skh[i * KHS + k0 + c] : from_f(kv * EXP(-gi));
-            skh[i * KHS + k0 + c] = from_f(kv * EXP(sG[(C - 1) * BK + c] - gi));
-        }
+        for_vectors([&](int i, int c) {
+            float gi[SV], up[SV], down[SV], rest[SV];
+            ld_gates(gi, sG + i * BK + c);
+            ld_gates(rest, sG + (C - 1) * BK + c);
+#pragma unroll
+            for (int e = 0; e < SV; e++) {
+                up[e] = gi[e];
+                down[e] = -gi[e];
+                rest[e] -= gi[e];
+            }
+            const Vec16 kv = ld16(skh + i * KHS + k0 + c), x = times_exp(ld16(sq + i * KS + c), up);
+            if (i < at.rows) st16(qg + ((at.row0 + i) * H + hh) * KD + k0 + c, x);
+            if (!strong) st16(sq + i * KS + c, x);
+            st16(skt + i * KS + c, strong ? kv : times_exp(kv, down));
+            st16(skh + i * KHS + k0 + c, times_exp(kv, rest));
+        });
         for (int c = tid; c < BK; c += NT)
             gam[((size_t)blockIdx.x * H + hh) * KD + k0 + c] = sG[(C - 1) * BK + c];
         __syncthreads();
@@ -298,11 +336,6 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
 // chunks at a time (loads in flight).
 #if KERNEL == 1 || KERNEL == 4
 #define SCAN_AHEAD 8
-#define SV (16 / (int)sizeof(io_t))
-union __align__(16) Vec16 {
-    u32 w[4];
-    io_t x[SV];
-};
 template <bool BACK>
 __device__ __forceinline__ void scan(io_t* __restrict__ slots, const float* __restrict__ gam,
                                      const float* __restrict__ init, float* __restrict__ fin,
@@ -452,7 +485,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
     io_t* sdo = cv.take<io_t>(C * VS);
     float* red = cv.take<float>(RED);
     check_carve(cv);
-    const int tid = threadIdx.x, hh = blockIdx.y, k0 = blockIdx.z * BK;
+    const int hh = blockIdx.y, k0 = blockIdx.z * BK;
     const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
     load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
 #if HAS_G
@@ -463,10 +496,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
     __syncthreads();
 #if HAS_G
     cumsum_gates(sG, red);
-    for (int idx = tid; idx < C * BK; idx += NT) {
-        const int i = idx / BK, c = idx % BK;
-        sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
-    }
+    for_vectors([&](int i, int c) {
+        float gi[SV];
+        ld_gates(gi, sG + i * BK + c);
+        st16(sq + i * KS + c, times_exp(ld16(sq + i * KS + c), gi));
+    });
     __syncthreads();
 #endif
     write_part<BK>(dstates + (((size_t)blockIdx.x * H + hh) * KD + k0) * HEAD_V, sq, KS, sdo, d_o,
@@ -490,7 +524,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     io_t* sdo = cv.take<io_t>(C * VS);
     float* red = cv.take<float>(RED);
     check_carve(cv);
-    const int tid = threadIdx.x, hh = blockIdx.y, v0 = blockIdx.z * BV;
+    const int hh = blockIdx.y, v0 = blockIdx.z * BV;
     const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
     const io_t* st = dstates + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
     load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
@@ -507,10 +541,14 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
         __syncthreads();
 #if HAS_G
         cumsum_gates(sG, red);
-        for (int idx = tid; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(sG[(C - 1) * BK + c] - sG[idx]));
-        }
+        for_vectors([&](int i, int c) {
+            float gi[SV], rest[SV];
+            ld_gates(gi, sG + i * BK + c);
+            ld_gates(rest, sG + (C - 1) * BK + c);
+#pragma unroll
+            for (int e = 0; e < SV; e++) rest[e] -= gi[e];
+            st16(sk + i * KS + c, times_exp(ld16(sk + i * KS + c), rest));
+        });
         __syncthreads();
 #endif
         FOR_OUT_TILES(t, m0, n0) warp_mma(acc[t], row_major(sk, KS), row_major(sdS, VS), m0, n0, BV, BK);
@@ -531,6 +569,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
 #if KERNEL == 6
 #if C != 64 || NW != 8
 #error "chunk_dqk gives each of 8 warps one 16 x 32 tile of a 64 x 64 dA"
+#endif
+#if 4 * BK > NT || STAGES < 2
+#error "chunk_dqk sums rowsum(dS' ⊙ S) with 4 threads per key row, over a ring of 2 or more slots"
 #endif
 // Suffix sums down the columns of x (C x BK, f32, in place), each column starting from
 // start[c]: thread (part, col) sums rows [part RPT, (part + 1) RPT) in registers, then adds
@@ -597,12 +638,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     float* __restrict__ dgk, float* __restrict__ dgs, const int* __restrict__ cu,
     const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
-    // v and do while the value columns are walked, then dA (strictly lower) for the products.
-    io_t* sv = cv.take<io_t>(max(2 * C * VS, C * AS));
-    io_t* sdo = sv + C * VS;
-    io_t* sdA = sv;
-    io_t* sS = cv.take<io_t>(BK * VS);
-    io_t* sdS = cv.take<io_t>(BK * VS);
+    // The value walk's ring: STAGES slots of v, do (C x BV) and S, dS' (BK x BV), loads running
+    // STAGES - 1 slots ahead of the products; after the walk, dA (strictly lower).
+    constexpr int STAGE = 2 * C * VS + 2 * BK * VS, STEPS = HEAD_V / BV;
+    io_t* ring = cv.take<io_t>(max(STAGES * STAGE, C * AS));
+    io_t* sdA = ring;
     io_t* sq = cv.take<io_t>(C * KS);
     io_t* sk = cv.take<io_t>(C * KS);
     float* sG = cv.take<float>(HAS_G ? C * BK : 0);  // the gates, then q⊙dq - k⊙dk and dg
@@ -620,34 +660,49 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     const bool own = warp < C / 16 * tn;
     const int m0 = warp / tn * 16, n0 = warp % tn * 32;
     const int am0 = warp / 2 * 16, an0 = warp % 2 * 32;
+    // Starts the loads of walk step `step` into its slot, as one group (empty past the end).
+    auto load_step = [&](int step) {
+        if (step < STEPS) {
+            io_t* slot = ring + step % STAGES * STAGE;
+            const int v0 = step * BV;
+            load_tile(slot, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            load_tile(slot + C * VS, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            load_mat(slot + 2 * C * VS, VS, states + st_at, HEAD_V, BK, v0, BV);
+            load_mat(slot + 2 * C * VS + BK * VS, VS, dstates + st_at, HEAD_V, BK, v0, BV);
+        }
+        cp_async_commit();
+    };
     load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
     load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
 #if HAS_G
     load_gates(sG, g, at.row0, at.rows, H, hh, k0);
 #endif
-    for (int i = tid; i < BK; i += NT) sb[i] = 0.f;
+#pragma unroll
+    for (int step = 0; step < STAGES - 1; step++) load_step(step);
+    // Thread t sums every 4th column of key row t / 4 of dS' ⊙ S.
+    float sb_part = 0.f;
     float dA[4][4] = {}, dqf[4][4] = {}, dkf[4][4] = {};
-    for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
-        load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-        load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-        load_mat(sS, VS, states + st_at, HEAD_V, BK, v0, BV);
-        load_mat(sdS, VS, dstates + st_at, HEAD_V, BK, v0, BV);
-        cp_async_wait_all();
-        __syncthreads();
+    for (int step = 0; step < STEPS; step++) {
+        cp_async_wait_group<STAGES - 2>();
+        __syncthreads();  // this step's slot filled; every thread past the last step's products
+        load_step(step + STAGES - 1);  // into the last step's slot
+        const io_t* sv = ring + step % STAGES * STAGE;
+        const io_t *sdo = sv + C * VS, *sS = sv + 2 * C * VS, *sdS = sS + BK * VS;
 #if HAS_G
-        for (int i = tid; i < BK; i += NT) {
-            float s = 0.f;
-            for (int c = 0; c < BV; c++) s += to_f(sS[i * VS + c]) * to_f(sdS[i * VS + c]);
-            sb[i] += s;
-        }
+        if (tid < 4 * BK)
+            for (int c = tid % 4; c < BV; c += 4)
+                sb_part += to_f(sS[tid / 4 * VS + c]) * to_f(sdS[tid / 4 * VS + c]);
 #endif
         warp_mma(dA, row_major(sdo, VS), col_major(sv, VS), am0, an0, C, BV);
         if (own) {
             warp_mma(dqf, row_major(sdo, VS), col_major(sS, VS), m0, n0, BK, BV);
             warp_mma(dkf, row_major(sv, VS), col_major(sdS, VS), m0, n0, BK, BV);
         }
-        __syncthreads();
     }
+    sb_part += __shfl_xor_sync(0xffffffffu, sb_part, 1);
+    sb_part += __shfl_xor_sync(0xffffffffu, sb_part, 2);
+    if (tid < 4 * BK && tid % 4 == 0) sb[tid / 4] = sb_part;
+    __syncthreads();  // the ring read: dA takes its place
     // The diagonal of dA aside (its terms, scale dA_ii k_i in dq and scale dA_ii q_i in dk,
     // are added exactly at the end and cancel in the gate's gradient), dA strictly lower.
 #pragma unroll
@@ -706,11 +761,14 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
                 }
     } else {
         // Scaled copies in place of q and k: raw values are read again from global memory.
-        for (int idx = tid; idx < C * BK; idx += NT) {
-            const int i = idx / BK, c = idx % BK;
-            sq[i * KS + c] = from_f(to_f(sq[i * KS + c]) * EXP(sG[idx]));
-            sk[i * KS + c] = from_f(to_f(sk[i * KS + c]) * EXP(-sG[idx]));
-        }
+        for_vectors([&](int i, int c) {
+            float up[SV], down[SV];
+            ld_gates(up, sG + i * BK + c);
+#pragma unroll
+            for (int e = 0; e < SV; e++) down[e] = -up[e];
+            st16(sq + i * KS + c, times_exp(ld16(sq + i * KS + c), up));
+            st16(sk + i * KS + c, times_exp(ld16(sk + i * KS + c), down));
+        });
         __syncthreads();
         if (own) intra_products(dqf, dkf, sdA, sq, sk, sG, m0, n0, scale);
     }

@@ -237,7 +237,8 @@ pub(crate) fn threads(var: &str) -> u32 {
 
 /// A tile width (16, 32, 64 or 128) forced by the environment variable `var` instead of the
 /// chosen one, for tuning: FLA_GLA_BV (fused forward V tile), FLA_GLA_BK and FLA_GLA_BVS (fused
-/// backward K tile and V step) and FLA_CHUNK_BV (two-level form: the V tile of its kernels). The
+/// backward K tile and V step), FLA_CHUNK_BK and FLA_CHUNK_BV (two-level form: the K and V
+/// tiles of its kernels) and FLA_DQK_BV (two-level form: chunk_dqk's V step). The
 /// caller checks that it divides the head size and fits.
 pub(crate) fn forced_tile(var: &str) -> Option<usize> {
     let x = std::env::var(var).ok()?.parse().ok()?;

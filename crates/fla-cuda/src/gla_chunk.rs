@@ -8,7 +8,7 @@ use fla_ops::GateKind;
 use fla_tensor::{Error, Result};
 
 use crate::device::{device_err, Gpu};
-use crate::gla::{forced_tile, opt_ptr, Buf, DType, DeviceGla};
+use crate::gla::{forced_tile, opt_ptr, Buf, DeviceGla};
 use crate::gla_bwd::{ptr_mut, DeviceGrads, DeviceUpstream, Work};
 
 const SRC: &str = concat!(
@@ -89,15 +89,53 @@ const KERNELS: [&str; 7] = [
     "chunk_dqk",
 ];
 
-/// The tiles of one kernel and its shared memory.
+/// The tiles of one kernel, the value tiles it keeps in flight (chunk_dqk) and its shared
+/// memory.
 struct Shape {
     bk: usize,
     bv: usize,
+    stages: usize,
     smem: usize,
 }
 
 impl Shape {
     fn new(kernel: &str, d: &DeviceGla, bk: usize, bv: usize) -> Shape {
+        Shape::staged(kernel, d, bk, bv, 1)
+    }
+
+    /// `kernel` with the widest K tile up to `max_bk` (FLA_CHUNK_BK forces one) whose shared
+    /// memory fits a block.
+    fn key_tiled(gpu: &Gpu, kernel: &str, d: &DeviceGla, max_bk: usize, bv: usize) -> Shape {
+        let mut bk = forced_tile("FLA_CHUNK_BK")
+            .filter(|&t| d.dk.is_multiple_of(t))
+            .unwrap_or(tile(d.dk, max_bk));
+        loop {
+            let shape = Shape::new(kernel, d, bk, bv);
+            if shape.smem <= gpu.max_smem() || bk == 16 {
+                return shape;
+            }
+            bk = tile(d.dk, bk / 2);
+        }
+    }
+
+    /// chunk_dqk with 3 value steps of `bv` in flight, or 2 where 3 do not fit a block or 2 fit
+    /// more blocks on an SM; narrower steps where even 2 do not fit.
+    fn dqk(gpu: &Gpu, d: &DeviceGla, bk: usize, mut bv: usize) -> Shape {
+        loop {
+            let three = Shape::staged("chunk_dqk", d, bk, bv, 3);
+            let two = Shape::staged("chunk_dqk", d, bk, bv, 2);
+            let fits = |s: &Shape| s.smem <= gpu.max_smem();
+            if fits(&three) && gpu.blocks_per_sm(three.smem) >= gpu.blocks_per_sm(two.smem) {
+                return three;
+            }
+            if fits(&two) || bv == 16 {
+                return two;
+            }
+            bv = tile(d.dv, bv / 2);
+        }
+    }
+
+    fn staged(kernel: &str, d: &DeviceGla, bk: usize, bv: usize, stages: usize) -> Shape {
         let io = d.dtype.bytes();
         let pad = 16 / io;
         let c = CHUNK;
@@ -124,9 +162,7 @@ impl Shape {
             "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs],
             "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, red],
             "chunk_dqk" => vec![
-                (2 * c * vs).max(c * a_s),
-                bk * vs,
-                bk * vs,
+                (stages * (2 * c * vs + 2 * bk * vs)).max(c * a_s),
                 c * ks,
                 c * ks,
                 gates,
@@ -140,6 +176,7 @@ impl Shape {
         Shape {
             bk,
             bv,
+            stages,
             smem: carve(&regions),
         }
     }
@@ -170,6 +207,7 @@ impl DeviceGla {
             ("MIN_BLOCKS", min_blocks as i64),
             ("BK", shape.bk as i64),
             ("BV", shape.bv as i64),
+            ("STAGES", shape.stages as i64),
             ("HAS_DHT", i64::from(has_dht)),
         ]);
         d
@@ -288,7 +326,10 @@ impl DeviceGla {
         let (dk, dv) = (self.dk, self.dv);
 
         let qg = qg.as_mut().map_or(0, |b| b.ptr_mut(gpu));
-        let local = Shape::new("chunk_local", self, tile(dk, 64), self.value_tile(128));
+        // One key tile up to 128 keys; past that, tiles of 64 (at 128 the larger shared memory
+        // costs chunk_local a block on an SM and more time than it saves).
+        let local_bk = if dk <= 128 { 128 } else { 64 };
+        let local = Shape::key_tiled(gpu, "chunk_local", self, local_bk, self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
             "chunk_local",
@@ -308,7 +349,7 @@ impl DeviceGla {
             &[st, gam, h0, ht, off],
             false,
         )?;
-        let out = Shape::new("chunk_out", self, tile(dk, 64), self.value_tile(128));
+        let out = Shape::key_tiled(gpu, "chunk_out", self, 128, self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
             "chunk_out",
@@ -362,7 +403,7 @@ impl DeviceGla {
         let (dgk, dgs) = (ptr_mut(&mut gr.dgk, gpu), ptr_mut(&mut gr.dg_scalar, gpu));
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
-        let qdo = Shape::new("chunk_qdo", self, tile(dk_, 64), self.value_tile(128));
+        let qdo = Shape::key_tiled(gpu, "chunk_qdo", self, 128, self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
             "chunk_qdo",
@@ -382,7 +423,7 @@ impl DeviceGla {
             &[dst, gam, dht, dh0, off],
             false,
         )?;
-        let dvs = Shape::new("chunk_dv", self, tile(dk_, 64), self.value_tile(128));
+        let dvs = Shape::key_tiled(gpu, "chunk_dv", self, 128, self.value_tile(128));
         self.launch_chunk_kernel(
             gpu,
             "chunk_dv",
@@ -392,8 +433,12 @@ impl DeviceGla {
             &[k, g, d_o, a, dst, dv, cu, off, seq],
             false,
         )?;
-        let max_bv = if self.dtype == DType::Bf16 { 32 } else { 64 };
-        let dqk = Shape::new("chunk_dqk", self, tile(dk_, 64), tile(dv_, max_bv));
+        // Value steps of up to 64 (FLA_DQK_BV forces one), 2 or 3 in flight at 2 blocks an SM
+        // (bf16, 64-key tiles): fewer, longer steps beat a third block with steps of 16.
+        let dqk_bv = forced_tile("FLA_DQK_BV")
+            .filter(|&t| dv_.is_multiple_of(t))
+            .unwrap_or(tile(dv_, 64));
+        let dqk = Shape::dqk(gpu, self, tile(dk_, 64), dqk_bv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_dqk",

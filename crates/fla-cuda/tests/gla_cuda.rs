@@ -277,27 +277,29 @@ fn forward_varlen_matches_reference() {
 }
 
 /// Gates near -20 per step: every chunk takes the term-by-term path; the mild case with a
-/// total decay near the switch point takes both paths within one sequence.
+/// total decay near the switch point takes both paths within one sequence. Key tiles of 64
+/// and of 128 (K = 128 takes one tile in the two-level form's chunk_local).
 #[test]
 fn forward_strong_gates_long_sequence() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(13);
-    for (gate, t, strength) in [
-        (GateKind::Key, 16384, 20.0),
-        (GateKind::Both, 2048, 20.0),
-        (GateKind::KeyBonus, 2048, 20.0),
-        (GateKind::Key, 4096, 0.9),
-        (GateKind::Both, 4096, 0.9),
+    for (gate, t, strength, k) in [
+        (GateKind::Key, 16384, 20.0, 64),
+        (GateKind::Both, 2048, 20.0, 64),
+        (GateKind::KeyBonus, 2048, 20.0, 64),
+        (GateKind::Scalar, 2048, 20.0, 128),
+        (GateKind::Key, 4096, 0.9, 128),
+        (GateKind::Both, 4096, 0.9, 64),
     ] {
         let s = Shape {
             b: 1,
             t,
             h: 1,
-            k: 64,
+            k,
             v: 64,
         };
         let x = inputs(&mut rng, gate, &s, true, strength);
-        check_forward(&gpu, gate, &x, &format!("strength {strength} T={t}"));
+        check_forward(&gpu, gate, &x, &format!("strength {strength} T={t} K={k}"));
     }
 }
 
@@ -381,24 +383,25 @@ fn backward_varlen_matches_reference() {
     }
 }
 
-/// Gates near -20 per step (term-by-term paths) and mild gates near the switch point.
+/// Gates near -20 per step (term-by-term paths) and mild gates near the switch point; key
+/// tiles of 64 and of 128 (K = 128 takes one tile in the two-level form's chunk_local).
 #[test]
 fn backward_strong_gates_long_sequence() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(23);
-    for (gate, t, strength) in [
-        (GateKind::Key, 16384, 20.0),
-        (GateKind::Both, 2048, 20.0),
-        (GateKind::KeyBonus, 2048, 20.0),
-        (GateKind::Scalar, 2048, 20.0),
-        (GateKind::Key, 4096, 0.9),
-        (GateKind::Both, 4096, 0.9),
+    for (gate, t, strength, k) in [
+        (GateKind::Key, 16384, 20.0, 64),
+        (GateKind::Both, 2048, 20.0, 64),
+        (GateKind::KeyBonus, 2048, 20.0, 64),
+        (GateKind::Scalar, 2048, 20.0, 128),
+        (GateKind::Key, 4096, 0.9, 128),
+        (GateKind::Both, 4096, 0.9, 64),
     ] {
         let s = Shape {
             b: 1,
             t,
             h: 1,
-            k: 64,
+            k,
             v: 64,
         };
         let x = inputs(&mut rng, gate, &s, true, strength);
@@ -408,7 +411,7 @@ fn backward_strong_gates_long_sequence() {
             &x,
             &mut rng,
             true,
-            &format!("strength {strength} T={t}"),
+            &format!("strength {strength} T={t} K={k}"),
         );
     }
 }
