@@ -50,6 +50,7 @@
 #define KS (BK + PADE)  // io_t tiles of BK columns
 #define VS (BV + PADE)  // io_t tiles of BV columns
 #define AS (C + PADE)   // io_t C x C
+#define GS (BK + 8)     // f32 gate tiles: rows 8 banks apart, for reads in fragment order
 
 // Regions of dynamic shared memory, each rounded up to 16 bytes; the host's sizes (gla_chunk.rs)
 // follow the same order.
@@ -110,17 +111,20 @@ __device__ __forceinline__ void load_mat(T* dst, int ld, const T* src, int strid
     }
 }
 
-// Starts loading the gate tile (C x BK, f32, row stride BK) of key columns k0..: the key
-// gate's columns, or the scalar gate broadcast; rows past `rows` are zeros.
+// Starts loading the gate tile (C x BK, f32, row stride GS) of key columns k0..: the key
+// gate's columns, or the scalar gate broadcast (each row's one value read by the NT / C
+// threads that fill its columns); rows past `rows` are zeros.
 __device__ __forceinline__ void load_gates(float* sG, const float* g, size_t row0, int rows,
                                            int H, int hh, int k0) {
 #if G_SCALAR
-    for (int idx = threadIdx.x; idx < C * BK; idx += NT) {
-        const int i = idx / BK;
-        sG[idx] = i < rows ? g[(row0 + i) * H + hh] : 0.f;
-    }
+    static_assert(NT % C == 0 && BK % (4 * (NT / C)) == 0, "whole 16-byte stores per thread");
+    constexpr int per_row = NT / C, width = BK / per_row;
+    const int i = threadIdx.x / per_row, c0 = threadIdx.x % per_row * width;
+    const float x = i < rows ? g[(row0 + i) * H + hh] : 0.f;
+#pragma unroll
+    for (int c = 0; c < width; c += 4) *(F4*)(sG + i * GS + c0 + c) = F4{{x, x, x, x}};
 #else
-    load_tile(sG, BK, g, row0, rows, C, H, hh, KD, k0, BK);
+    load_tile(sG, GS, g, row0, rows, C, H, hh, KD, k0, BK);
 #endif
 }
 
@@ -145,7 +149,7 @@ __device__ __forceinline__ float cumsum_gates(float* sG, float* red) {
     if (threadIdx.x == 0) *red = 0.f;
     if (mine) {
 #pragma unroll
-        for (int i = 0; i < RPT; i++) x[i] = sG[(part * RPT + i) * BK + col];
+        for (int i = 0; i < RPT; i++) x[i] = sG[(part * RPT + i) * GS + col];
 #pragma unroll
         for (int i = 1; i < RPT; i++) x[i] += x[i - 1];
         totals[part * BK + col] = x[RPT - 1];
@@ -156,7 +160,7 @@ __device__ __forceinline__ float cumsum_gates(float* sG, float* red) {
         float before = 0.f;
         for (int p = 0; p < part; p++) before += totals[p * BK + col];
 #pragma unroll
-        for (int i = 0; i < RPT; i++) sG[(part * RPT + i) * BK + col] = x[i] + before;
+        for (int i = 0; i < RPT; i++) sG[(part * RPT + i) * GS + col] = x[i] + before;
         if (part == TPC - 1) span = -(before + x[RPT - 1]);
     }
     span = warp_max(fmaxf(span, 0.f));
@@ -232,7 +236,7 @@ __device__ __noinline__ float strong_attn(const io_t* sq, const io_t* sk, const 
                                           int j) {
     float s = 0.f;
     for (int c = 0; c < BK; c++)
-        s += to_f(sq[i * KS + c]) * to_f(sk[j * KS + c]) * EXP(sG[i * BK + c] - sG[j * BK + c]);
+        s += to_f(sq[i * KS + c]) * to_f(sk[j * KS + c]) * EXP(sG[i * GS + c] - sG[j * GS + c]);
     return s;
 }
 
@@ -245,7 +249,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
     io_t* sq = cv.take<io_t>(C * KS);                // q's key tile, then Q̃'s
     io_t* skt = cv.take<io_t>(HAS_G ? C * KS : 0);  // K̃'s key tile (raw k for strong gates)
     io_t* skh = cv.take<io_t>(C * KHS);              // k, all key columns, then K̂
-    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    float* sG = cv.take<float>(HAS_G ? C * GS : 0);
     io_t* sv = cv.take<io_t>(C * VS);
     float* sd = cv.take<float>(C);  // the diagonal q_i·k_i
     float* red = cv.take<float>(RED);
@@ -275,8 +279,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
         const bool strong = cumsum_gates(sG, red) > SAFE_EXP;
         for_vectors([&](int i, int c) {
             float gi[SV], up[SV], down[SV], rest[SV];
-            ld_gates(gi, sG + i * BK + c);
-            ld_gates(rest, sG + (C - 1) * BK + c);
+            ld_gates(gi, sG + i * GS + c);
+            ld_gates(rest, sG + (C - 1) * GS + c);
 #pragma unroll
             for (int e = 0; e < SV; e++) {
                 up[e] = gi[e];
@@ -290,7 +294,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
             st16(skh + i * KHS + k0 + c, times_exp(kv, rest));
         });
         for (int c = tid; c < BK; c += NT)
-            gam[((size_t)blockIdx.x * H + hh) * KD + k0 + c] = sG[(C - 1) * BK + c];
+            gam[((size_t)blockIdx.x * H + hh) * KD + k0 + c] = sG[(C - 1) * GS + c];
         __syncthreads();
         if (strong) {
 #pragma unroll
@@ -481,7 +485,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
     const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
     io_t* sq = cv.take<io_t>(C * KS);
-    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    float* sG = cv.take<float>(HAS_G ? C * GS : 0);
     io_t* sdo = cv.take<io_t>(C * VS);
     float* red = cv.take<float>(RED);
     check_carve(cv);
@@ -498,7 +502,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
     cumsum_gates(sG, red);
     for_vectors([&](int i, int c) {
         float gi[SV];
-        ld_gates(gi, sG + i * BK + c);
+        ld_gates(gi, sG + i * GS + c);
         st16(sq + i * KS + c, times_exp(ld16(sq + i * KS + c), gi));
     });
     __syncthreads();
@@ -518,7 +522,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     const int* __restrict__ chunk_seq, int H) {
     Carve cv{smem};
     io_t* sk = cv.take<io_t>(C * KS);
-    float* sG = cv.take<float>(HAS_G ? C * BK : 0);
+    float* sG = cv.take<float>(HAS_G ? C * GS : 0);
     io_t* sdS = cv.take<io_t>(BK * VS);
     io_t* sA = cv.take<io_t>(C * AS);
     io_t* sdo = cv.take<io_t>(C * VS);
@@ -543,8 +547,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
         cumsum_gates(sG, red);
         for_vectors([&](int i, int c) {
             float gi[SV], rest[SV];
-            ld_gates(gi, sG + i * BK + c);
-            ld_gates(rest, sG + (C - 1) * BK + c);
+            ld_gates(gi, sG + i * GS + c);
+            ld_gates(rest, sG + (C - 1) * GS + c);
 #pragma unroll
             for (int e = 0; e < SV; e++) rest[e] -= gi[e];
             st16(sk + i * KS + c, times_exp(ld16(sk + i * KS + c), rest));
@@ -573,7 +577,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
 #if 4 * BK > NT || STAGES < 2
 #error "chunk_dqk sums rowsum(dS' ⊙ S) with 4 threads per key row, over a ring of 2 or more slots"
 #endif
-// Suffix sums down the columns of x (C x BK, f32, in place), each column starting from
+// Suffix sums down the columns of x (C x BK, f32, row stride GS, in place), each column starting from
 // start[c]: thread (part, col) sums rows [part RPT, (part + 1) RPT) in registers, then adds
 // the totals of the parts below it (as cumsum_gates, the other way round).
 __device__ __forceinline__ void suffix_sums(float* x, const float* start, float* totals) {
@@ -582,7 +586,7 @@ __device__ __forceinline__ void suffix_sums(float* x, const float* start, float*
     float v[RPT];
     if (mine) {
 #pragma unroll
-        for (int i = 0; i < RPT; i++) v[i] = x[(part * RPT + i) * BK + col];
+        for (int i = 0; i < RPT; i++) v[i] = x[(part * RPT + i) * GS + col];
 #pragma unroll
         for (int i = RPT - 2; i >= 0; i--) v[i] += v[i + 1];
         totals[part * BK + col] = v[0];
@@ -592,7 +596,7 @@ __device__ __forceinline__ void suffix_sums(float* x, const float* start, float*
         float after = start[col];
         for (int p = part + 1; p < TPC; p++) after += totals[p * BK + col];
 #pragma unroll
-        for (int i = 0; i < RPT; i++) x[(part * RPT + i) * BK + col] = v[i] + after;
+        for (int i = 0; i < RPT; i++) x[(part * RPT + i) * GS + col] = v[i] + after;
     }
     __syncthreads();
 }
@@ -602,12 +606,12 @@ __device__ __forceinline__ void suffix_sums(float* x, const float* start, float*
 // the kernel calls it for each of its 16 fragment elements.
 __device__ __noinline__ f32x2 strong_terms(const io_t* sdA, const io_t* sq, const io_t* sk,
                                            const float* sG, int i, int c) {
-    const float gi = sG[i * BK + c];
+    const float gi = sG[i * GS + c];
     f32x2 t{0.f, 0.f};
     for (int j = 0; j < i; j++)
-        t.x += to_f(sdA[i * AS + j]) * to_f(sk[j * KS + c]) * EXP(gi - sG[j * BK + c]);
+        t.x += to_f(sdA[i * AS + j]) * to_f(sk[j * KS + c]) * EXP(gi - sG[j * GS + c]);
     for (int j = i + 1; j < C; j++)
-        t.y += to_f(sdA[j * AS + i]) * to_f(sq[j * KS + c]) * EXP(sG[j * BK + c] - gi);
+        t.y += to_f(sdA[j * AS + i]) * to_f(sq[j * KS + c]) * EXP(sG[j * GS + c] - gi);
     return t;
 }
 
@@ -625,7 +629,7 @@ __device__ __forceinline__ void intra_products(float dqf[4][4], float dkf[4][4],
         for (int e = 0; e < 4; e++) {
             const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
             if (c >= BK) continue;
-            const float gi = HAS_G ? sG[i * BK + c] : 0.f;
+            const float gi = HAS_G ? sG[i * GS + c] : 0.f;
             dqf[j][e] *= scale * (HAS_G ? EXP(gi) : 1.f);
             dkf[j][e] += scale * t[j][e] * (HAS_G ? EXP(-gi) : 1.f);
         }
@@ -645,7 +649,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     io_t* sdA = ring;
     io_t* sq = cv.take<io_t>(C * KS);
     io_t* sk = cv.take<io_t>(C * KS);
-    float* sG = cv.take<float>(HAS_G ? C * BK : 0);  // the gates, then q⊙dq - k⊙dk and dg
+    float* sG = cv.take<float>(HAS_G ? C * GS : 0);  // the gates, then q⊙dq - k⊙dk and dg
     float* sb = cv.take<float>(BK);                  // rowsum(dS' ⊙ S), then the sums' start
     float* sdd = cv.take<float>(C);                  // the diagonal of dA
     float* sy = cv.take<float>(C / 16 * BK);         // Σ k ⊙ dk[state] per 16 rows
@@ -725,7 +729,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
             for (int e = 0; e < 4; e++) {
                 const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
                 if (c >= BK) continue;
-                dkf[j][e] *= EXP(sG[(C - 1) * BK + c] - sG[i * BK + c]);
+                dkf[j][e] *= EXP(sG[(C - 1) * GS + c] - sG[i * GS + c]);
                 y[j][e & 1] += to_f(sk[i * KS + c]) * dkf[j][e];
             }
 #pragma unroll
@@ -743,7 +747,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     for (int c = tid; c < BK; c += NT) {
         float y = 0.f;
         for (int r = 0; r < C / 16; r++) y += sy[r * BK + c];
-        sb[c] = EXP(sG[(C - 1) * BK + c]) * sb[c] + y;
+        sb[c] = EXP(sG[(C - 1) * GS + c]) * sb[c] + y;
     }
     if (span > SAFE_EXP) {
         // Term by term: dq = scale (do S^T ⊙ e^G + Σ_j dA_ij k_j e^(G_i-G_j)),
@@ -756,14 +760,14 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
                     const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
                     if (c >= BK) continue;
                     const f32x2 t = strong_terms(sdA, sq, sk, sG, i, c);
-                    dqf[j][e] = scale * (dqf[j][e] * EXP(sG[i * BK + c]) + t.x);
+                    dqf[j][e] = scale * (dqf[j][e] * EXP(sG[i * GS + c]) + t.x);
                     dkf[j][e] += scale * t.y;
                 }
     } else {
         // Scaled copies in place of q and k: raw values are read again from global memory.
         for_vectors([&](int i, int c) {
             float up[SV], down[SV];
-            ld_gates(up, sG + i * BK + c);
+            ld_gates(up, sG + i * GS + c);
 #pragma unroll
             for (int e = 0; e < SV; e++) down[e] = -up[e];
             st16(sq + i * KS + c, times_exp(ld16(sq + i * KS + c), up));
@@ -799,7 +803,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
 #if HAS_G
 #pragma unroll
                 for (int h = 0; h < 2; h++)
-                    sG[i * BK + c + h] = qv[h] * dqf[j][e + h] - kv[h] * dkf[j][e + h];
+                    sG[i * GS + c + h] = qv[h] * dqf[j][e + h] - kv[h] * dkf[j][e + h];
 #endif
             }
 #if HAS_G
@@ -810,14 +814,14 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
 #if G_SCALAR
     for (int i = warp; i < at.rows; i += NW) {
         float s = 0.f;
-        for (int c = lane; c < BK; c += 32) s += sG[i * BK + c];
+        for (int c = lane; c < BK; c += 32) s += sG[i * GS + c];
         s = warp_sum(s);
         if (lane == 0) atomicAdd(&dgs[(at.row0 + i) * H + hh], s);
     }
 #else
     for (int idx = tid; idx < at.rows * BK; idx += NT) {
         const int i = idx / BK, c = idx % BK;
-        dgk[((at.row0 + i) * H + hh) * KD + k0 + c] = sG[idx];
+        dgk[((at.row0 + i) * H + hh) * KD + k0 + c] = sG[i * GS + c];
     }
 #endif
 #endif

@@ -146,10 +146,11 @@ impl Shape {
             .find(|&t| t <= NT as usize / bk)
             .unwrap_or(1);
         let red = (4 + tpc * bk) * 4;
+        // f32 gate tiles, rows padded by 8 (GS in the kernels).
         let gates = if d.gate == GateKind::None {
             0
         } else {
-            c * bk * 4
+            c * (bk + 8) * 4
         };
         let regions: Vec<usize> = match kernel {
             "chunk_local" => {
@@ -254,6 +255,16 @@ impl DeviceGla {
             eprintln!("{name}: compiling or loading");
         }
         let f = gpu.function(SRC, name, &defines, shape.smem)?;
+        if trace {
+            // Registers, and local memory (spills) per thread, as the compiler left them.
+            let (regs, local) = (f.num_regs(), f.local_size_bytes());
+            eprintln!(
+                "{name}: {} registers, {} bytes of local memory, {} bytes of shared memory",
+                regs.unwrap_or(-1),
+                local.unwrap_or(-1),
+                shape.smem
+            );
+        }
         let cfg = LaunchConfig {
             grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
             block_dim: (NT, 1, 1),
