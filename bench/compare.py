@@ -190,14 +190,15 @@ def main():
         json.dump(out, f, indent=1)
     key = lambda r: (r["op"], r["B"], r["T"], r["H"], r["K"], r["V"])
     fla = {key(r): r for r in rows if r["impl"] == "fla"}
-    print(f"\n{'op':<17} {'impl':<10} {'B':>3} {'T':>5} {'H':>3} {'K':>4} {'V':>4} {'fwd ms':>8} {'floor':>7} {'fwd+bwd':>8} {'floor':>7} {'fla/ours fwd':>12}")
+    print(f"\n{'op':<17} {'impl':<10} {'B':>3} {'T':>5} {'H':>3} {'K':>4} {'V':>4} {'fwd ms':>8} {'floor':>7} {'fwd+bwd':>8} {'floor':>7} {'fla/ours fwd':>12} {'fwd+bwd':>8}")
     for r in sorted(rows, key=lambda r: (r["op"], r["H"], r["B"], r["T"], r["impl"])):
         fb = r.get("fwdbwd_ms")
         ref = fla.get(key(r))
         ratio = f"{ref['fwd_ms'] / r['fwd_ms']:.2f}x" if ref and r["impl"] == "ours" else ""
+        ratio_fb = f"{ref['fwdbwd_ms'] / fb:.2f}x" if ref and fb and r["impl"] == "ours" else ""
         fbs = f"{fb:8.3f}" if fb else f"{'-':>8}"
         print(f"{r['op']:<17} {r['impl']:<10} {r['B']:>3} {r['T']:>5} {r['H']:>3} {r['K']:>4} {r['V']:>4} {r['fwd_ms']:8.4f} "
-              f"{r.get('floor_fwd_ms', math.nan):7.3f} {fbs} {r.get('floor_fwdbwd_ms', math.nan):7.3f} {ratio:>12}")
+              f"{r.get('floor_fwd_ms', math.nan):7.3f} {fbs} {r.get('floor_fwdbwd_ms', math.nan):7.3f} {ratio:>12} {ratio_fb:>8}")
     print(f"wrote {path}")
 
 
