@@ -218,6 +218,16 @@ __device__ __forceinline__ void write_part(io_t* dst, const io_t* sx, int ldx, i
 }
 #endif
 
+// The chunk and tile of a block of a tiled kernel: grid (chunks x tiles, H), the tiles of one
+// chunk and head neighbours, so that what they all read (v and do, say) is still in L2 when
+// the next one reads it.
+struct TileAt {
+    int chunk, tile;
+};
+__device__ __forceinline__ TileAt tile_at(int tiles) {
+    return TileAt{(int)blockIdx.x / tiles, (int)blockIdx.x % tiles};
+}
+
 // ---------------------------------------------------------------------------------------
 // What every chunk gives on its own, one block per (chunk, head), walking the key columns BK
 // at a time: A = scale tril(Q̃ K̃^T) with the diagonal from the raw q·k ([tokens, H, C]);
@@ -439,7 +449,7 @@ __device__ __forceinline__ void store_out_tile(io_t* out, const float d[4][4], C
 #endif
 
 // ---------------------------------------------------------------------------------------
-// o = scale Q̃ S + A v: grid (chunks, H, HEAD_V / BV). qg is Q̃ from chunk_local (q itself
+// o = scale Q̃ S + A v: grid (chunks x HEAD_V / BV, H). qg is Q̃ from chunk_local (q itself
 // without a gate).
 #if KERNEL == 2
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
@@ -452,9 +462,10 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
     io_t* sA = cv.take<io_t>(C * AS);
     io_t* sv = cv.take<io_t>(C * VS);
     check_carve(cv);
-    const int hh = blockIdx.y, v0 = blockIdx.z * BV;
-    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
-    const io_t* st = states + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
+    const TileAt b = tile_at(HEAD_V / BV);
+    const int hh = blockIdx.y, v0 = b.tile * BV;
+    const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
+    const io_t* st = states + ((size_t)b.chunk * H + hh) * KD * HEAD_V;
     load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
     load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
     float acc[TPW][4][4] = {};
@@ -476,7 +487,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
 
 // ---------------------------------------------------------------------------------------
 // A chunk's own part of the state's gradient, W = scale Q̃^T do with Q̃ = q ⊙ e^G, into the
-// chunk's slot [KD, HEAD_V] of dstates: grid (chunks, H, KD / BK), the value columns walked
+// chunk's slot [KD, HEAD_V] of dstates: grid (chunks x KD / BK, H), the value columns walked
 // BV at a time.
 #if KERNEL == 3
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
@@ -489,8 +500,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
     io_t* sdo = cv.take<io_t>(C * VS);
     float* red = cv.take<float>(RED);
     check_carve(cv);
-    const int hh = blockIdx.y, k0 = blockIdx.z * BK;
-    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
+    const TileAt b = tile_at(KD / BK);
+    const int hh = blockIdx.y, k0 = b.tile * BK;
+    const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
     load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
 #if HAS_G
     load_gates(sG, g, at.row0, at.rows, H, hh, k0);
@@ -507,13 +519,13 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
     });
     __syncthreads();
 #endif
-    write_part<BK>(dstates + (((size_t)blockIdx.x * H + hh) * KD + k0) * HEAD_V, sq, KS, sdo, d_o,
+    write_part<BK>(dstates + (((size_t)b.chunk * H + hh) * KD + k0) * HEAD_V, sq, KS, sdo, d_o,
                    at, H, hh, scale);
 }
 #endif
 
 // ---------------------------------------------------------------------------------------
-// dv = A^T do + K̂ dS': grid (chunks, H, HEAD_V / BV).
+// dv = A^T do + K̂ dS': grid (chunks x HEAD_V / BV, H).
 #if KERNEL == 5
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     const io_t* __restrict__ k, const float* __restrict__ g, const io_t* __restrict__ d_o,
@@ -528,9 +540,10 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     io_t* sdo = cv.take<io_t>(C * VS);
     float* red = cv.take<float>(RED);
     check_carve(cv);
-    const int hh = blockIdx.y, v0 = blockIdx.z * BV;
-    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
-    const io_t* st = dstates + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V;
+    const TileAt b = tile_at(HEAD_V / BV);
+    const int hh = blockIdx.y, v0 = b.tile * BV;
+    const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
+    const io_t* st = dstates + ((size_t)b.chunk * H + hh) * KD * HEAD_V;
     load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
     load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
     float acc[TPW][4][4] = {};
@@ -565,7 +578,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// dq, dk and the gate's gradient: grid (chunks, H, KD / BK); the value columns are walked
+// dq, dk and the gate's gradient: grid (chunks x KD / BK, H); the value columns are walked
 // BV at a time. dgk [tokens, H, KD] (key gate) or dgs [tokens, H] (scalar gate, summed over
 // key tiles by atomics: zero it first). Each warp keeps one 16 x 32 tile of dA and one of dq
 // and dk in registers from the walk to the end (C = 64 and 8 warps: dA's 8 tiles, and at
@@ -643,10 +656,13 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
     // The value walk's ring: STAGES slots of v, do (C x BV) and S, dS' (BK x BV), loads running
-    // STAGES - 1 slots ahead of the products; after the walk, dA (strictly lower).
+    // STAGES - 1 slots ahead of the products; after the walk, dA (strictly lower) and, with a
+    // gate, Q̃ and K̃ (the raw q and k stay for the end).
     constexpr int STAGE = 2 * C * VS + 2 * BK * VS, STEPS = HEAD_V / BV;
-    io_t* ring = cv.take<io_t>(max(STAGES * STAGE, C * AS));
+    io_t* ring = cv.take<io_t>(max(STAGES * STAGE, C * AS + 2 * C * KS));
     io_t* sdA = ring;
+    io_t* sqg = ring + C * AS;
+    io_t* skg = sqg + C * KS;
     io_t* sq = cv.take<io_t>(C * KS);
     io_t* sk = cv.take<io_t>(C * KS);
     float* sG = cv.take<float>(HAS_G ? C * GS : 0);  // the gates, then q⊙dq - k⊙dk and dg
@@ -656,9 +672,10 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     float* red = cv.take<float>(RED);
     check_carve(cv);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int hh = blockIdx.y, k0 = blockIdx.z * BK;
-    const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
-    const size_t st_at = ((size_t)blockIdx.x * H + hh) * KD * HEAD_V + (size_t)k0 * HEAD_V;
+    const TileAt b = tile_at(KD / BK);
+    const int hh = blockIdx.y, k0 = b.tile * BK;
+    const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
+    const size_t st_at = ((size_t)b.chunk * H + hh) * KD * HEAD_V + (size_t)k0 * HEAD_V;
     // This warp's tiles: of dA (am0, an0), and of dq and dk (m0, n0) if `own`.
     constexpr int tn = (BK + 31) / 32;
     const bool own = warp < C / 16 * tn;
@@ -764,17 +781,16 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
                     dkf[j][e] += scale * t.y;
                 }
     } else {
-        // Scaled copies in place of q and k: raw values are read again from global memory.
         for_vectors([&](int i, int c) {
             float up[SV], down[SV];
             ld_gates(up, sG + i * GS + c);
 #pragma unroll
             for (int e = 0; e < SV; e++) down[e] = -up[e];
-            st16(sq + i * KS + c, times_exp(ld16(sq + i * KS + c), up));
-            st16(sk + i * KS + c, times_exp(ld16(sk + i * KS + c), down));
+            st16(sqg + i * KS + c, times_exp(ld16(sq + i * KS + c), up));
+            st16(skg + i * KS + c, times_exp(ld16(sk + i * KS + c), down));
         });
         __syncthreads();
-        if (own) intra_products(dqf, dkf, sdA, sq, sk, sG, m0, n0, scale);
+        if (own) intra_products(dqf, dkf, sdA, sqg, skg, sG, m0, n0, scale);
     }
     __syncthreads();  // every read of sG done: it takes q ⊙ dq - k ⊙ dk next
 #else
@@ -791,12 +807,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
                 const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
                 if (c >= BK) continue;
                 const size_t gat = ((at.row0 + i) * H + hh) * KD + k0 + c;
-                const bool ok = i < at.rows;
-                const f32x2 q2 = ok ? load_pair(q + gat) : f32x2{0.f, 0.f};
-                const f32x2 k2 = ok ? load_pair(k + gat) : f32x2{0.f, 0.f};
+                // Rows past the chunk's end are zeros in sq and sk.
+                const f32x2 q2 = load_pair(sq + i * KS + c), k2 = load_pair(sk + i * KS + c);
                 const float qv[2] = {q2.x, q2.y}, kv[2] = {k2.x, k2.y};
                 const float dd = scale * sdd[i];
-                if (ok) {
+                if (i < at.rows) {
                     store_pair(dq + gat, dqf[j][e] + dd * kv[0], dqf[j][e + 1] + dd * kv[1]);
                     store_pair(dk + gat, dkf[j][e] + dd * qv[0], dkf[j][e + 1] + dd * qv[1]);
                 }
@@ -819,9 +834,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
         if (lane == 0) atomicAdd(&dgs[(at.row0 + i) * H + hh], s);
     }
 #else
-    for (int idx = tid; idx < at.rows * BK; idx += NT) {
-        const int i = idx / BK, c = idx % BK;
-        dgk[((at.row0 + i) * H + hh) * KD + k0 + c] = sG[i * GS + c];
+    for (int idx = tid; idx < at.rows * BK / 4; idx += NT) {
+        const int i = idx / (BK / 4), c = idx % (BK / 4) * 4;
+        *(F4*)(dgk + ((at.row0 + i) * H + hh) * KD + k0 + c) = *(const F4*)(sG + i * GS + c);
     }
 #endif
 #endif

@@ -163,7 +163,7 @@ impl Shape {
             "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs],
             "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, red],
             "chunk_dqk" => vec![
-                (stages * (2 * c * vs + 2 * bk * vs)).max(c * a_s),
+                (stages * (2 * c * vs + 2 * bk * vs)).max(c * a_s + 2 * c * ks),
                 c * ks,
                 c * ks,
                 gates,
@@ -366,7 +366,7 @@ impl DeviceGla {
             "chunk_out",
             &out,
             false,
-            (n_chunks, self.h, dv / out.bv),
+            (n_chunks * (dv / out.bv), self.h, 1),
             &[if qg == 0 { q } else { qg }, v, st, a, o, cu, off, seq],
             true,
         )?;
@@ -420,7 +420,7 @@ impl DeviceGla {
             "chunk_qdo",
             &qdo,
             false,
-            (n_chunks, self.h, dk_ / qdo.bk),
+            (n_chunks * (dk_ / qdo.bk), self.h, 1),
             &[q, d_o, g, dst, cu, off, seq],
             true,
         )?;
@@ -440,7 +440,7 @@ impl DeviceGla {
             "chunk_dv",
             &dvs,
             has_dht,
-            (n_chunks, self.h, dv_ / dvs.bv),
+            (n_chunks * (dv_ / dvs.bv), self.h, 1),
             &[k, g, d_o, a, dst, dv, cu, off, seq],
             false,
         )?;
@@ -455,7 +455,7 @@ impl DeviceGla {
             "chunk_dqk",
             &dqk,
             has_dht,
-            (n_chunks, self.h, dk_ / dqk.bk),
+            (n_chunks * (dk_ / dqk.bk), self.h, 1),
             &[q, k, v, g, d_o, st, dst, dq, dk, dgk, dgs, cu, off, seq],
             true,
         )?;
