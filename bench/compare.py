@@ -165,7 +165,7 @@ def main():
     p.add_argument("--fla-configs", default="16x128x128,4x256x512", help="HxKxV for fla")
     p.add_argument("--decode-batches", default="1,64", help="B of fla's decode rows (empty: none)")
     args = p.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",") if x]
     gpu = torch.cuda.get_device_name()
     bandwidth, rate = ceilings()
     print(f"{gpu}: copy {bandwidth / 1e12:.2f} TB/s (read+write), bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
