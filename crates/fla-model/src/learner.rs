@@ -95,6 +95,15 @@ impl CpuLearner {
         let grads = model.layout.zeros();
         CpuLearner { model, opt, grads }
     }
+
+    /// The accumulated gradients, in layout order.
+    pub fn grads(&self) -> &[Tensor<f32>] {
+        &self.grads
+    }
+
+    pub fn grads_mut(&mut self) -> &mut [Tensor<f32>] {
+        &mut self.grads
+    }
 }
 
 impl Learner for CpuLearner {

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data_parallel;
 pub mod dist;
 pub mod generate;
 pub mod gpu;
