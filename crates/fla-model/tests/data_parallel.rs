@@ -49,6 +49,21 @@ fn run(learner: &mut dyn Learner, batches: &[Batch]) -> (Vec<f64>, Vec<Vec<f32>>
     (losses, params.iter().map(|p| p.data().to_vec()).collect())
 }
 
+/// `f` on every rank of a new group of `world` threads; the results in rank order.
+fn on_ranks<T: Send + 'static>(
+    world: usize,
+    f: impl Fn(ThreadGroup) -> T + Send + Clone + 'static,
+) -> Vec<T> {
+    let ranks: Vec<_> = ThreadGroup::new(world)
+        .into_iter()
+        .map(|comm| {
+            let f = f.clone();
+            thread::spawn(move || f(comm))
+        })
+        .collect();
+    ranks.into_iter().map(|r| r.join().unwrap()).collect()
+}
+
 #[test]
 fn averaged_gradients_are_one_learners_on_the_whole_batch() {
     let batch = batches().remove(0);
@@ -58,26 +73,20 @@ fn averaged_gradients_are_one_learners_on_the_whole_batch() {
     let want: Vec<f32> = one.grads().iter().flat_map(|g| g.data().to_vec()).collect();
     let largest = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     for world in [1, 2, 3] {
-        let ranks: Vec<_> = ThreadGroup::new(world)
-            .into_iter()
-            .map(|comm| {
-                let batch = batch.clone();
-                thread::spawn(move || {
-                    let rank = comm.rank();
-                    // Small buckets, so that the average takes several all-reduces.
-                    let mut dp = DataParallel::new(learner(), comm, 16 << 10);
-                    dp.zero_grads().unwrap();
-                    dp.accumulate(&share(&batch, world, rank).unwrap(), 1.0)
-                        .unwrap();
-                    dp.average_grads().unwrap();
-                    dp.grads()
-                        .iter()
-                        .flat_map(|g| g.data().to_vec())
-                        .collect::<Vec<f32>>()
-                })
-            })
-            .collect();
-        let got: Vec<Vec<f32>> = ranks.into_iter().map(|r| r.join().unwrap()).collect();
+        let batch = batch.clone();
+        let got = on_ranks(world, move |comm| {
+            let rank = comm.rank();
+            // Small buckets, so that the average takes several all-reduces.
+            let mut dp = DataParallel::new(learner(), comm, 16 << 10);
+            dp.zero_grads().unwrap();
+            dp.accumulate(&share(&batch, world, rank).unwrap(), 1.0)
+                .unwrap();
+            dp.average_grads().unwrap();
+            dp.grads()
+                .iter()
+                .flat_map(|g| g.data().to_vec())
+                .collect::<Vec<f32>>()
+        });
         for (rank, g) in got.iter().enumerate() {
             assert_eq!(g, &got[0], "rank {rank} of {world} differs from rank 0");
         }
@@ -100,22 +109,16 @@ fn ranks_step_together_and_report_the_whole_batchs_loss() {
     let batches = batches();
     let (want_losses, _) = run(&mut learner(), &batches);
     for world in [2, 3] {
-        let ranks: Vec<_> = ThreadGroup::new(world)
-            .into_iter()
-            .map(|comm| {
-                let batches = batches.clone();
-                thread::spawn(move || {
-                    let rank = comm.rank();
-                    let mut dp = DataParallel::new(learner(), comm, 16 << 10);
-                    let mine: Vec<Batch> = batches
-                        .iter()
-                        .map(|b| share(b, world, rank).unwrap())
-                        .collect();
-                    run(&mut dp, &mine)
-                })
-            })
-            .collect();
-        let got: Vec<_> = ranks.into_iter().map(|r| r.join().unwrap()).collect();
+        let batches = batches.clone();
+        let got = on_ranks(world, move |comm| {
+            let rank = comm.rank();
+            let mut dp = DataParallel::new(learner(), comm, 16 << 10);
+            let mine: Vec<Batch> = batches
+                .iter()
+                .map(|b| share(b, world, rank).unwrap())
+                .collect();
+            run(&mut dp, &mine)
+        });
         for (rank, (losses, params)) in got.iter().enumerate() {
             assert_eq!(
                 params, &got[0].1,
@@ -140,17 +143,11 @@ fn uneven_shares_and_mismatched_buffers_are_named() {
         "{err}"
     );
 
-    let ranks: Vec<_> = ThreadGroup::new(2)
-        .into_iter()
-        .map(|mut comm| {
-            thread::spawn(move || {
-                let mut buf = vec![1.0; 3 + comm.rank()];
-                comm.all_reduce_sum(&mut buf).map(|_| buf)
-            })
-        })
-        .collect();
-    for r in ranks {
-        let err = r.join().unwrap().unwrap_err().to_string();
+    for result in on_ranks(2, |mut comm| {
+        let mut buf = vec![1.0; 3 + comm.rank()];
+        comm.all_reduce_sum(&mut buf).map(|_| buf)
+    }) {
+        let err = result.unwrap_err().to_string();
         assert!(
             err.contains("of 3 on rank 0") || err.contains("of 4 on rank 1"),
             "{err}"
