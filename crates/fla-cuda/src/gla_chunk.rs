@@ -72,6 +72,14 @@ fn tile(size: usize, max: usize) -> usize {
         .expect("head sizes are multiples of 16")
 }
 
+/// `tile(size, max)`, unless the environment variable `var` forces a tile that divides `size`
+/// (tuning; see `forced_tile`).
+fn tuned_tile(var: &str, size: usize, max: usize) -> usize {
+    forced_tile(var)
+        .filter(|&t| size.is_multiple_of(t))
+        .unwrap_or(tile(size, max))
+}
+
 /// Bytes of one kernel's shared memory: its regions in the kernel's order, each rounded up
 /// to 16 bytes as `Carve::take` does.
 fn carve(regions: &[usize]) -> usize {
@@ -106,9 +114,7 @@ impl Shape {
     /// `kernel` with the widest K tile up to `max_bk` (FLA_CHUNK_BK forces one) whose shared
     /// memory fits a block.
     fn key_tiled(gpu: &Gpu, kernel: &str, d: &DeviceGla, max_bk: usize, bv: usize) -> Shape {
-        let mut bk = forced_tile("FLA_CHUNK_BK")
-            .filter(|&t| d.dk.is_multiple_of(t))
-            .unwrap_or(tile(d.dk, max_bk));
+        let mut bk = tuned_tile("FLA_CHUNK_BK", d.dk, max_bk);
         loop {
             let shape = Shape::new(kernel, d, bk, bv);
             if shape.smem <= gpu.max_smem() || bk == 16 {
@@ -225,13 +231,6 @@ impl DeviceGla {
         )
     }
 
-    /// The V tile of a kernel, at most `max` wide (FLA_CHUNK_BV forces one).
-    fn value_tile(&self, max: usize) -> usize {
-        forced_tile("FLA_CHUNK_BV")
-            .filter(|&t| self.dv.is_multiple_of(t))
-            .unwrap_or(tile(self.dv, max))
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn launch_chunk_kernel(
         &self,
@@ -340,7 +339,8 @@ impl DeviceGla {
         // One key tile up to 128 keys; past that, tiles of 64 (at 128 the larger shared memory
         // costs chunk_local a block on an SM and more time than it saves).
         let local_bk = if dk <= 128 { 128 } else { 64 };
-        let local = Shape::key_tiled(gpu, "chunk_local", self, local_bk, self.value_tile(128));
+        let bv = tuned_tile("FLA_CHUNK_BV", dv, 128);
+        let local = Shape::key_tiled(gpu, "chunk_local", self, local_bk, bv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_local",
@@ -360,7 +360,7 @@ impl DeviceGla {
             &[st, gam, h0, ht, off],
             false,
         )?;
-        let out = Shape::key_tiled(gpu, "chunk_out", self, 128, self.value_tile(128));
+        let out = Shape::key_tiled(gpu, "chunk_out", self, 128, bv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_out",
@@ -414,7 +414,8 @@ impl DeviceGla {
         let (dgk, dgs) = (ptr_mut(&mut gr.dgk, gpu), ptr_mut(&mut gr.dg_scalar, gpu));
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
-        let qdo = Shape::key_tiled(gpu, "chunk_qdo", self, 128, self.value_tile(128));
+        let bv = tuned_tile("FLA_CHUNK_BV", dv_, 128);
+        let qdo = Shape::key_tiled(gpu, "chunk_qdo", self, 128, bv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_qdo",
@@ -434,7 +435,7 @@ impl DeviceGla {
             &[dst, gam, dht, dh0, off],
             false,
         )?;
-        let dvs = Shape::key_tiled(gpu, "chunk_dv", self, 128, self.value_tile(128));
+        let dvs = Shape::key_tiled(gpu, "chunk_dv", self, 128, bv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_dv",
@@ -446,9 +447,7 @@ impl DeviceGla {
         )?;
         // Value steps of up to 64 (FLA_DQK_BV forces one), 2 or 3 in flight at 2 blocks an SM
         // (bf16, 64-key tiles): fewer, longer steps beat a third block with steps of 16.
-        let dqk_bv = forced_tile("FLA_DQK_BV")
-            .filter(|&t| dv_.is_multiple_of(t))
-            .unwrap_or(tile(dv_, 64));
+        let dqk_bv = tuned_tile("FLA_DQK_BV", dv_, 64);
         let dqk = Shape::dqk(gpu, self, tile(dk_, 64), dqk_bv);
         self.launch_chunk_kernel(
             gpu,

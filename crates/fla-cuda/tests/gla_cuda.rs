@@ -276,6 +276,17 @@ fn forward_varlen_matches_reference() {
     }
 }
 
+/// The strong-gate cases, (gate, T, strength, K): gates near -20 per step, and mild gates
+/// near the switch point between the paths; key tiles of 64 and of 128.
+const STRONG_CASES: [(GateKind, usize, f64, usize); 6] = [
+    (GateKind::Key, 16384, 20.0, 64),
+    (GateKind::Both, 2048, 20.0, 64),
+    (GateKind::KeyBonus, 2048, 20.0, 64),
+    (GateKind::Scalar, 2048, 20.0, 128),
+    (GateKind::Key, 4096, 0.9, 128),
+    (GateKind::Both, 4096, 0.9, 64),
+];
+
 /// Gates near -20 per step: every chunk takes the term-by-term path; the mild case with a
 /// total decay near the switch point takes both paths within one sequence. Key tiles of 64
 /// and of 128 (K = 128 takes one tile in the two-level form's chunk_local).
@@ -283,14 +294,7 @@ fn forward_varlen_matches_reference() {
 fn forward_strong_gates_long_sequence() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(13);
-    for (gate, t, strength, k) in [
-        (GateKind::Key, 16384, 20.0, 64),
-        (GateKind::Both, 2048, 20.0, 64),
-        (GateKind::KeyBonus, 2048, 20.0, 64),
-        (GateKind::Scalar, 2048, 20.0, 128),
-        (GateKind::Key, 4096, 0.9, 128),
-        (GateKind::Both, 4096, 0.9, 64),
-    ] {
+    for (gate, t, strength, k) in STRONG_CASES {
         let s = Shape {
             b: 1,
             t,
@@ -389,14 +393,7 @@ fn backward_varlen_matches_reference() {
 fn backward_strong_gates_long_sequence() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(23);
-    for (gate, t, strength, k) in [
-        (GateKind::Key, 16384, 20.0, 64),
-        (GateKind::Both, 2048, 20.0, 64),
-        (GateKind::KeyBonus, 2048, 20.0, 64),
-        (GateKind::Scalar, 2048, 20.0, 128),
-        (GateKind::Key, 4096, 0.9, 128),
-        (GateKind::Both, 4096, 0.9, 64),
-    ] {
+    for (gate, t, strength, k) in STRONG_CASES {
         let s = Shape {
             b: 1,
             t,
