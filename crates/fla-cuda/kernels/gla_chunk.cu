@@ -40,8 +40,9 @@
 //   chunk_dqk       per (chunk, K tile): dq, dk and the gate's gradient
 //
 // Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK, BK, BV (the kernel's tiles), HAS_G, G_SCALAR,
-// HAS_H0, HAS_DHT, MIN_BLOCKS (the blocks per SM that the kernel's shared memory allows: its
-// registers are held to that occupancy), STAGES (chunk_dqk: value tiles in flight).
+// GATE_BF16 (the gates and the key gate's gradient in bf16, else f32), HAS_H0, HAS_DHT,
+// MIN_BLOCKS (the blocks per SM that the kernel's shared memory allows: its registers are held
+// to that occupancy), STAGES (chunk_dqk: value tiles in flight).
 
 #define KD HEAD_K
 #define C CHUNK
@@ -51,6 +52,16 @@
 #define VS (BV + PADE)  // io_t tiles of BV columns
 #define AS (C + PADE)   // io_t C x C
 #define GS (BK + 8)     // f32 gate tiles: rows 8 banks apart, for reads in fragment order
+
+// The gates' element type in device memory; in shared memory they are f32 from their
+// cumulative sums on (a bf16 key gate tile lands in the first half of its f32 tile, row
+// stride GS, and cumsum_gates widens it).
+#if GATE_BF16
+typedef bf16_t gate_t;
+#else
+typedef float gate_t;
+#endif
+#define RAW_BF16 (GATE_BF16 && !G_SCALAR)
 
 // Regions of dynamic shared memory, each rounded up to 16 bytes; the host's sizes (gla_chunk.rs)
 // follow the same order.
@@ -77,6 +88,9 @@ union __align__(16) Vec16 {
 };
 struct __align__(16) F4 {
     float x[4];
+};
+struct __align__(8) U2 {
+    u32 x, y;
 };
 __device__ __forceinline__ Vec16 ld16(const io_t* p) { return *(const Vec16*)p; }
 __device__ __forceinline__ void st16(io_t* p, const Vec16& v) { *(Vec16*)p = v; }
@@ -111,20 +125,30 @@ __device__ __forceinline__ void load_mat(T* dst, int ld, const T* src, int strid
     }
 }
 
-// Starts loading the gate tile (C x BK, f32, row stride GS) of key columns k0..: the key
-// gate's columns, or the scalar gate broadcast (each row's one value read by the NT / C
-// threads that fill its columns); rows past `rows` are zeros.
-__device__ __forceinline__ void load_gates(float* sG, const float* g, size_t row0, int rows,
+// Starts loading the gate tile (C x BK, row stride GS) of key columns k0..: the key gate's
+// columns as they are stored (gate_t), or the scalar gate broadcast in f32 (each row's one
+// value read by the NT / C threads that fill its columns); rows past `rows` are zeros.
+// cumsum_gates reads it.
+__device__ __forceinline__ void load_gates(float* sG, const gate_t* g, size_t row0, int rows,
                                            int H, int hh, int k0) {
 #if G_SCALAR
     static_assert(NT % C == 0 && BK % (4 * (NT / C)) == 0, "whole 16-byte stores per thread");
     constexpr int per_row = NT / C, width = BK / per_row;
     const int i = threadIdx.x / per_row, c0 = threadIdx.x % per_row * width;
-    const float x = i < rows ? g[(row0 + i) * H + hh] : 0.f;
+    const float x = i < rows ? to_f32(g[(row0 + i) * H + hh]) : 0.f;
 #pragma unroll
     for (int c = 0; c < width; c += 4) *(F4*)(sG + i * GS + c0 + c) = F4{{x, x, x, x}};
 #else
-    load_tile(sG, GS, g, row0, rows, C, H, hh, KD, k0, BK);
+    load_tile((gate_t*)sG, GS, g, row0, rows, C, H, hh, KD, k0, BK);
+#endif
+}
+
+// Element (i, c) of a gate tile as load_gates left it.
+__device__ __forceinline__ float raw_gate(const float* sG, int i, int c) {
+#if RAW_BF16
+    return bf16_to_f(((const bf16_t*)sG)[i * GS + c]);
+#else
+    return sG[i * GS + c];
 #endif
 }
 
@@ -137,10 +161,12 @@ __device__ __forceinline__ void load_gates(float* sG, const float* g, size_t row
 // per-part column totals of cumsum_gates.
 #define RED (4 + TPC * BK)
 
-// Cumulative sums down the columns of sG (in place); returns, in every thread after the
-// barrier, the tile's largest total decay max(-Γ). Thread (part, col) sums rows
-// [part RPT, (part + 1) RPT) of column col in registers (a warp reads consecutive columns of
-// one row: no bank conflicts), then adds the totals of the parts above it.
+// Cumulative sums down the columns of sG (in place, f32 from a tile of gate_t); returns, in
+// every thread after the barrier, the tile's largest total decay max(-Γ). Thread (part, col)
+// sums rows [part RPT, (part + 1) RPT) of column col in registers (a warp reads consecutive
+// columns of one row: no bank conflicts), then adds the totals of the parts above it. Every
+// element is read before the barrier and written after it, so a bf16 tile can be widened in
+// place.
 __device__ __forceinline__ float cumsum_gates(float* sG, float* red) {
     float* totals = red + 4;
     const int col = threadIdx.x % BK, part = threadIdx.x / BK;
@@ -149,7 +175,7 @@ __device__ __forceinline__ float cumsum_gates(float* sG, float* red) {
     if (threadIdx.x == 0) *red = 0.f;
     if (mine) {
 #pragma unroll
-        for (int i = 0; i < RPT; i++) x[i] = sG[(part * RPT + i) * GS + col];
+        for (int i = 0; i < RPT; i++) x[i] = raw_gate(sG, part * RPT + i, col);
 #pragma unroll
         for (int i = 1; i < RPT; i++) x[i] += x[i - 1];
         totals[part * BK + col] = x[RPT - 1];
@@ -252,7 +278,7 @@ __device__ __noinline__ float strong_attn(const io_t* sq, const io_t* sk, const 
 
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
     const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
-    const float* __restrict__ g, io_t* __restrict__ a, io_t* __restrict__ qg,
+    const gate_t* __restrict__ g, io_t* __restrict__ a, io_t* __restrict__ qg,
     io_t* __restrict__ states, float* __restrict__ gam, const int* __restrict__ cu,
     const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
@@ -491,7 +517,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
 // BV at a time.
 #if KERNEL == 3
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
-    const io_t* __restrict__ q, const io_t* __restrict__ d_o, const float* __restrict__ g,
+    const io_t* __restrict__ q, const io_t* __restrict__ d_o, const gate_t* __restrict__ g,
     io_t* __restrict__ dstates, const int* __restrict__ cu, const int* __restrict__ chunk_off,
     const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
@@ -528,7 +554,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
 // dv = A^T do + K̂ dS': grid (chunks x HEAD_V / BV, H).
 #if KERNEL == 5
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
-    const io_t* __restrict__ k, const float* __restrict__ g, const io_t* __restrict__ d_o,
+    const io_t* __restrict__ k, const gate_t* __restrict__ g, const io_t* __restrict__ d_o,
     const io_t* __restrict__ a, const io_t* __restrict__ dstates, io_t* __restrict__ dv,
     const int* __restrict__ cu, const int* __restrict__ chunk_off,
     const int* __restrict__ chunk_seq, int H) {
@@ -650,9 +676,9 @@ __device__ __forceinline__ void intra_products(float dqf[4][4], float dkf[4][4],
 
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
-    const float* __restrict__ g, const io_t* __restrict__ d_o, const io_t* __restrict__ states,
+    const gate_t* __restrict__ g, const io_t* __restrict__ d_o, const io_t* __restrict__ states,
     const io_t* __restrict__ dstates, io_t* __restrict__ dq, io_t* __restrict__ dk,
-    float* __restrict__ dgk, float* __restrict__ dgs, const int* __restrict__ cu,
+    gate_t* __restrict__ dgk, float* __restrict__ dgs, const int* __restrict__ cu,
     const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
     // The value walk's ring: STAGES slots of v, do (C x BV) and S, dS' (BK x BV), loads running
@@ -836,7 +862,13 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
 #else
     for (int idx = tid; idx < at.rows * BK / 4; idx += NT) {
         const int i = idx / (BK / 4), c = idx % (BK / 4) * 4;
-        *(F4*)(dgk + ((at.row0 + i) * H + hh) * KD + k0 + c) = *(const F4*)(sG + i * GS + c);
+        const F4 x = *(const F4*)(sG + i * GS + c);
+        gate_t* out = dgk + ((at.row0 + i) * H + hh) * KD + k0 + c;
+#if GATE_BF16
+        *(U2*)out = U2{pack_bf16x2(x.x[0], x.x[1]), pack_bf16x2(x.x[2], x.x[3])};
+#else
+        *(F4*)out = x;
+#endif
     }
 #endif
 #endif

@@ -16,8 +16,9 @@ const FWD: &str = concat!(
 /// Threads per block of the recurrent kernels and of small helper kernels.
 pub(crate) const NT: u32 = 256;
 
-/// Element type of q, k, v, o and their gradients on the device. Gates, states and every
-/// accumulation stay f32.
+/// Element type of q, k, v, o and their gradients on the device, and of the key or scalar
+/// gate that [`DeviceGla::upload`] uploads. Every accumulation, the gates' cumulative sums and
+/// the value gate and bonus stay f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
@@ -97,6 +98,16 @@ impl Buf {
                 .map(|x| half::bf16::from_bits(x).to_f32())
                 .collect(),
         })
+    }
+
+    /// Sets every element to zero.
+    pub(crate) fn zero(&mut self, gpu: &Gpu) -> Result<()> {
+        let s = &gpu.stream;
+        match self {
+            Buf::F32(b) => s.memset_zeros(b),
+            Buf::Bf16(b) => s.memset_zeros(b),
+        }
+        .map_err(device_err("memset"))
     }
 
     /// Elements held.
@@ -196,7 +207,9 @@ pub struct DeviceGla {
     pub(crate) q: Buf,
     pub(crate) k: Buf,
     pub(crate) v: Buf,
-    pub(crate) g: Option<CudaSlice<f32>>,
+    /// The key or scalar gate, in the call's element type or f32 (the fused and recurrent
+    /// kernels widen it to f32 first).
+    pub(crate) g: Option<Buf>,
     pub(crate) gv: Option<CudaSlice<f32>>,
     pub(crate) u: Option<CudaSlice<f32>>,
     pub(crate) h0: Option<CudaSlice<f32>>,
@@ -276,7 +289,8 @@ fn fwd_tiling(
 }
 
 impl DeviceGla {
-    /// Checks the inputs like the CPU op does, then uploads them (q, k, v in `dtype`).
+    /// Checks the inputs like the CPU op does, then uploads them (q, k, v and the key or
+    /// scalar gate in `dtype`, the rest in f32).
     pub fn upload(gpu: &Gpu, gate: GateKind, x: &GlaInputs<f32>, dtype: DType) -> Result<Self> {
         let p = Problem::new(gate, x)?;
         check_head_sizes(p.dk, p.dv)?;
@@ -303,7 +317,10 @@ impl DeviceGla {
             q: Buf::upload(gpu, x.q.data(), dtype)?,
             k: Buf::upload(gpu, x.k.data(), dtype)?,
             v: Buf::upload(gpu, x.v.data(), dtype)?,
-            g: upload_f32(gpu, x.g.as_ref())?,
+            g: x.g
+                .as_ref()
+                .map(|g| Buf::upload(gpu, g.data(), dtype))
+                .transpose()?,
             gv: upload_f32(gpu, x.gv.as_ref())?,
             u: upload_f32(gpu, x.u.as_ref())?,
             h0: upload_f32(gpu, x.h0.as_ref())?,
@@ -328,8 +345,9 @@ impl DeviceGla {
     }
 
     /// A key-gated call on inputs already on the device (a model's projections): q, k [B,T,H,K]
-    /// and v [B,T,H,V] in one element type, log gates g [B,T,H,K] in f32, B sequences of T
-    /// tokens, scale K^-1/2. The buffers move in; [`DeviceGla::inputs`] lends them back.
+    /// and v [B,T,H,V] in one element type, log gates g [B,T,H,K] in f32 or that type (its
+    /// gradient comes back in the same), B sequences of T tokens, scale K^-1/2. The buffers
+    /// move in; [`DeviceGla::inputs`] lends them back.
     #[allow(clippy::too_many_arguments)]
     pub fn from_device(
         gpu: &Gpu,
@@ -338,7 +356,7 @@ impl DeviceGla {
         q: Buf,
         k: Buf,
         v: Buf,
-        g: CudaSlice<f32>,
+        g: Buf,
     ) -> Result<Self> {
         check_head_sizes(dk, dv)?;
         let dtype = q.dtype();
@@ -349,9 +367,10 @@ impl DeviceGla {
             || k.len() != n * dk
             || v.len() != n * dv
             || g.len() != n * dk
+            || (g.dtype() != DType::F32 && g.dtype() != dtype)
         {
             return Err(Error::Invalid(format!(
-                "GLA inputs on the device: q, k, g need {} elements and v {} in one element type",
+                "GLA inputs on the device: q, k, g need {} elements and v {} in one element type (g may be f32)",
                 n * dk,
                 n * dv
             )));
@@ -389,8 +408,8 @@ impl DeviceGla {
         })
     }
 
-    /// q, k, v and the f32 gates, as given to [`DeviceGla::from_device`].
-    pub fn inputs(&self) -> (&Buf, &Buf, &Buf, Option<&CudaSlice<f32>>) {
+    /// q, k, v and the gates, as given to [`DeviceGla::from_device`].
+    pub fn inputs(&self) -> (&Buf, &Buf, &Buf, Option<&Buf>) {
         (&self.q, &self.k, &self.v, self.g.as_ref())
     }
 
@@ -408,7 +427,22 @@ impl DeviceGla {
             ("HAS_GV", i64::from(self.gate == GateKind::Both)),
             ("HAS_U", i64::from(self.gate == GateKind::KeyBonus)),
             ("HAS_H0", i64::from(self.h0.is_some())),
+            ("GATE_BF16", i64::from(self.gates_bf16())),
         ]
+    }
+
+    /// Whether the gates are held in bf16.
+    pub(crate) fn gates_bf16(&self) -> bool {
+        matches!(self.g, Some(Buf::Bf16(_)))
+    }
+
+    /// The fused and recurrent kernels read the gates in f32: bf16 gates widened (exactly)
+    /// in place.
+    pub(crate) fn widen_gates(&mut self, gpu: &Gpu) -> Result<()> {
+        if let Some(g) = self.g.as_ref().filter(|g| g.dtype() == DType::Bf16) {
+            self.g = Some(Buf::F32(crate::gla_rec::widened(gpu, g)?));
+        }
+        Ok(())
     }
 
     /// Device addresses of q, k, v, g, gv, u, h0 (0 for those absent), the kernels' first
@@ -418,7 +452,7 @@ impl DeviceGla {
             self.q.ptr(gpu),
             self.k.ptr(gpu),
             self.v.ptr(gpu),
-            opt_ptr(&self.g, gpu),
+            self.g.as_ref().map_or(0, |g| g.ptr(gpu)),
             opt_ptr(&self.gv, gpu),
             opt_ptr(&self.u, gpu),
             opt_ptr(&self.h0, gpu),
@@ -441,6 +475,7 @@ impl DeviceGla {
             self.forward_done = true;
             return Ok(());
         }
+        self.widen_gates(gpu)?;
         let heads = self.n_seqs * self.h;
         let (c, bv) = fwd_tiling(gpu, self.gate, self.dtype, (self.dk, self.dv), heads)?;
         let has_g = self.gate != GateKind::None;

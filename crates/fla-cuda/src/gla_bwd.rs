@@ -34,8 +34,9 @@ pub(crate) struct DeviceGrads {
     pub(crate) dv: Buf,
     /// q ⊙ dq without the diagonal terms, for the key gate's gradient.
     pub(crate) qdq: Option<CudaSlice<f32>>,
-    /// The key gate's gradient per key column [B,T,H,K] (summed over K for a scalar gate).
-    pub(crate) dgk: Option<CudaSlice<f32>>,
+    /// The key gate's gradient per key column [B,T,H,K] (summed over K for a scalar gate),
+    /// in the gates' element type.
+    pub(crate) dgk: Option<Buf>,
     pub(crate) dg_scalar: Option<CudaSlice<f32>>,
     pub(crate) dgv: Option<CudaSlice<f32>>,
     pub(crate) du: Option<CudaSlice<f32>>,
@@ -138,9 +139,9 @@ impl DeviceUpstream {
 }
 
 impl DeviceGla {
-    /// dq, dk, dv (element type) and the key gate's gradient (f32) of the last backward,
-    /// on the device.
-    pub fn device_grads(&self) -> Option<(&Buf, &Buf, &Buf, Option<&CudaSlice<f32>>)> {
+    /// dq, dk, dv (element type) and the key gate's gradient (the gates' element type) of
+    /// the last backward, on the device.
+    pub fn device_grads(&self) -> Option<(&Buf, &Buf, &Buf, Option<&Buf>)> {
         self.grads
             .as_ref()
             .map(|g| (&g.dq, &g.dk, &g.dv, g.dgk.as_ref()))
@@ -187,12 +188,13 @@ impl DeviceGla {
                 Buf::zeros(gpu, n, self.dtype)
             }
         };
+        let gate_dtype = self.g.as_ref().map_or(DType::F32, |g| g.dtype());
         let dgk = per_key
             .then(|| {
                 if two_level {
-                    crate::gla::uninit(gpu, rows * self.dk)
+                    Buf::uninit(gpu, rows * self.dk, gate_dtype)
                 } else {
-                    zeros(gpu, rows * self.dk)
+                    Buf::zeros(gpu, rows * self.dk, gate_dtype)
                 }
             })
             .transpose()?;
@@ -242,6 +244,7 @@ impl DeviceGla {
         if self.use_two_level {
             return self.backward_two_level(gpu, up);
         }
+        self.widen_gates(gpu)?;
         let (c, bk, bvs) = bwd_tiling(gpu, self)?;
         if !matches!(
             self.grads,
@@ -282,7 +285,8 @@ impl DeviceGla {
         let cu = self.cu_seqlens.device_ptr(s).0;
         let (dq, dk, dv) = (gr.dq.ptr_mut(gpu), gr.dk.ptr_mut(gpu), gr.dv.ptr_mut(gpu));
         let dv_acc = cw.dv_acc.device_ptr_mut(s).0;
-        let (qdq, dgk) = (ptr_mut(&mut gr.qdq, gpu), ptr_mut(&mut gr.dgk, gpu));
+        let qdq = ptr_mut(&mut gr.qdq, gpu);
+        let dgk = gr.dgk.as_mut().map_or(0, |x| x.ptr_mut(gpu));
         let (dgs, dgv) = (ptr_mut(&mut gr.dg_scalar, gpu), ptr_mut(&mut gr.dgv, gpu));
         let (du, dh0) = (ptr_mut(&mut gr.du, gpu), ptr_mut(&mut gr.dh0, gpu));
         let states = cw.states.as_mut().map_or(0, |b| b.ptr_mut(gpu));
@@ -384,7 +388,11 @@ impl DeviceGla {
         };
         let dg = match self.gate {
             GateKind::Scalar => tensor(&gr.dg_scalar, vec![b, t, h])?,
-            _ => tensor(&gr.dgk, vec![b, t, h, dk])?,
+            _ => gr
+                .dgk
+                .as_ref()
+                .map(|x| Tensor::new(vec![b, t, h, dk], x.download(gpu)?))
+                .transpose()?,
         };
         Ok(GlaGrads {
             dq: Tensor::new(vec![b, t, h, dk], gr.dq.download(gpu)?)?,

@@ -411,7 +411,8 @@ impl DeviceGla {
             s.memset_zeros(x).map_err(device_err("memset"))?;
         }
         let (dq, dk, dv) = (gr.dq.ptr_mut(gpu), gr.dk.ptr_mut(gpu), gr.dv.ptr_mut(gpu));
-        let (dgk, dgs) = (ptr_mut(&mut gr.dgk, gpu), ptr_mut(&mut gr.dg_scalar, gpu));
+        let dgk = gr.dgk.as_mut().map_or(0, |x| x.ptr_mut(gpu));
+        let dgs = ptr_mut(&mut gr.dg_scalar, gpu);
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
         let bv = tuned_tile("FLA_CHUNK_BV", dv_, 128);

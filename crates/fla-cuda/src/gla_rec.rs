@@ -114,24 +114,42 @@ fn cast_into(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut Buf) -> Result<()> {
             .memcpy_dtod(x, y)
             .map_err(device_err("device copy")),
         Buf::Bf16(_) => {
-            let n = x.len() as i32;
-            if n == 0 {
-                return Ok(());
-            }
-            let defines = [("USE_BF16", 1), ("NT", NT as i64)];
-            let f = gpu.function(REC_CAST, "rec_cast", &defines, 0)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((n as u32).div_ceil(NT).min(4096), 1, 1),
-                block_dim: (NT, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (xp, yp) = (x.device_ptr(&gpu.stream).0, y.ptr_mut(gpu));
-            let mut l = gpu.stream.launch_builder(&f);
-            l.arg(&xp).arg(&yp).arg(&n);
-            unsafe { l.launch(cfg) }.map_err(device_err("rec_cast launch"))?;
-            Ok(())
+            let xp = x.device_ptr(&gpu.stream).0;
+            launch_cast(gpu, "rec_cast", xp, y.ptr_mut(gpu), x.len())
         }
     }
+}
+
+/// `x` as f32, exactly (a copy of an f32 buffer).
+pub(crate) fn widened(gpu: &Gpu, x: &Buf) -> Result<CudaSlice<f32>> {
+    match x {
+        Buf::F32(x) => gpu.stream.clone_dtod(x).map_err(device_err("device copy")),
+        Buf::Bf16(_) => {
+            let mut y = crate::gla::uninit(gpu, x.len().max(1))?;
+            let yp = y.device_ptr_mut(&gpu.stream).0;
+            launch_cast(gpu, "widen", x.ptr(gpu), yp, x.len())?;
+            Ok(y)
+        }
+    }
+}
+
+/// One of cast.cu's kernels between f32 and bf16 over `n` elements.
+fn launch_cast(gpu: &Gpu, name: &str, x: u64, y: u64, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let n = i32::try_from(n).map_err(|_| Error::Invalid("over 2^31 elements to cast".into()))?;
+    let defines = [("USE_BF16", 1), ("NT", NT as i64)];
+    let f = gpu.function(REC_CAST, name, &defines, 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(NT).min(4096), 1, 1),
+        block_dim: (NT, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&x).arg(&y).arg(&n);
+    unsafe { l.launch(cfg) }.map_err(device_err(name))?;
+    Ok(())
 }
 
 /// The cast kernel alone (gla_rec.cu needs shape settings the cast does not).
@@ -163,6 +181,7 @@ impl DeviceGla {
 
     /// The forward in the recurrent form: o and ht, like [`DeviceGla::forward`].
     pub fn forward_recurrent(&mut self, gpu: &Gpu) -> Result<()> {
+        self.widen_gates(gpu)?;
         let (defines, smem) = self.rec_setup(gpu, false);
         let [q, k, v, g, gv, u, h0] = self.input_ptrs(gpu);
         let o = self.o.ptr_mut(gpu);
@@ -187,6 +206,7 @@ impl DeviceGla {
     /// no forward needed): every gradient, read back by [`DeviceGla::gradients`].
     /// Takes (B T / 64 + N) H K V f32 of checkpoints with a gate.
     pub fn backward_recurrent(&mut self, gpu: &Gpu, up: &DeviceUpstream) -> Result<()> {
+        self.widen_gates(gpu)?;
         let (defines, smem) = self.rec_setup(gpu, up.dht.is_some());
         if !matches!(
             self.grads,
@@ -220,12 +240,15 @@ impl DeviceGla {
             unreachable!("recurrent work allocated above")
         };
         // Sums over V tiles accumulate into these.
-        let optional = [&mut gr.qdq, &mut gr.dgk, &mut gr.dg_scalar, &mut gr.du];
+        let optional = [&mut gr.qdq, &mut gr.dg_scalar, &mut gr.du];
         for x in [&mut *dq32, &mut *dk32]
             .into_iter()
             .chain(optional.into_iter().flatten())
         {
             s.memset_zeros(x).map_err(device_err("memset"))?;
+        }
+        if let Some(x) = gr.dgk.as_mut() {
+            x.zero(gpu)?;
         }
         let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
         let cu = self.cu_seqlens.device_ptr(s).0;
@@ -235,7 +258,7 @@ impl DeviceGla {
         let qdq = ptr_mut(&mut gr.qdq, gpu);
         let dg = match self.gate {
             GateKind::Scalar => ptr_mut(&mut gr.dg_scalar, gpu),
-            _ => ptr_mut(&mut gr.dgk, gpu),
+            _ => gr.dgk.as_mut().map_or(0, |x| x.ptr_mut(gpu)),
         };
         let (dgv, du, dh0) = (
             ptr_mut(&mut gr.dgv, gpu),

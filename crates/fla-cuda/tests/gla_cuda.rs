@@ -2,8 +2,9 @@
 //! against the naive form and finite differences in fla-ops' tests). Without a usable GPU
 //! each test prints that it skipped; with FLA_REQUIRE_CUDA=1 it fails instead.
 //! Tolerances (relative, ||a-b||/||b||): f32 1e-4, bf16 1e-2. The bf16 runs are compared with
-//! the reference on the same inputs rounded to bf16 (q, k, v, do: what the kernels store in
-//! bf16), so that the error measured is the kernels', not the rounding of the inputs.
+//! the reference on the same inputs rounded to bf16 (q, k, v, the key or scalar gate, do: what
+//! the kernels store in bf16), so that the error measured is the kernels', not the rounding of
+//! the inputs.
 
 #[path = "../../fla-ops/tests/common/mod.rs"]
 mod common;
@@ -64,14 +65,14 @@ fn as_stored(x: &Tensor<f64>, dtype: DType) -> Tensor<f64> {
     }
 }
 
-/// The inputs as the GPU holds them: q, k, v in `dtype`, the rest in f32.
+/// The inputs as the GPU holds them: q, k, v and g in `dtype`, the rest in f32.
 fn stored_inputs(x: &GlaInputs<f64>, dtype: DType) -> GlaInputs<f64> {
     let f32 = |t: &Option<Tensor<f64>>| t.as_ref().map(|t| as_stored(t, DType::F32));
     GlaInputs {
         q: as_stored(&x.q, dtype),
         k: as_stored(&x.k, dtype),
         v: as_stored(&x.v, dtype),
-        g: f32(&x.g),
+        g: x.g.as_ref().map(|t| as_stored(t, dtype)),
         gv: f32(&x.gv),
         u: f32(&x.u),
         h0: f32(&x.h0),

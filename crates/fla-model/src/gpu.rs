@@ -4,7 +4,7 @@
 //! residual stream and statistics; activations that products read are in the element type.
 
 use fla_cuda::cudarc::driver::CudaSlice;
-use fla_cuda::layers::{buf_ptr, ptr, AdamStep, Layers};
+use fla_cuda::layers::{buf_ptr, AdamStep, Layers};
 use fla_cuda::{Blas, Buf, DType, Decoder, DeviceGla, DeviceUpstream, Gpu, Operand, StepInputs};
 use fla_ops::GateKind;
 use fla_tensor::{Error, Result, Tensor};
@@ -748,8 +748,15 @@ impl GpuModel {
         let a = self.attn_inputs(s, &x_in, (b, t), None)?;
         self.mark("fwd: norm, q k v, gates");
         let (h, hk, hv) = (c.num_heads, c.head_k_dim(), c.head_v_dim());
-        let mut gla =
-            DeviceGla::from_device(&self.gpu, (b, t, h), (hk, hv), a.q, a.k, a.v, a.gate)?;
+        let mut gla = DeviceGla::from_device(
+            &self.gpu,
+            (b, t, h),
+            (hk, hv),
+            a.q,
+            a.k,
+            a.v,
+            Buf::F32(a.gate),
+        )?;
         gla.forward(&self.gpu)?;
         self.mark("fwd: GLA");
         let r = self.attn_output_and_mlp(s, &x_in, &a.h1, &gla.o, b * t)?;
@@ -876,7 +883,7 @@ impl GpuModel {
         self.ops.gate_bwd(
             g,
             buf_ptr(g, &lt.raw),
-            ptr(g, dgk),
+            buf_ptr(g, dgk),
             buf_ptr(g, &draw),
             self.pg(s.gk_bias),
             n,
