@@ -10,6 +10,7 @@ mod gla_bwd;
 mod gla_chunk;
 mod gla_rec;
 pub mod layers;
+mod nccl;
 mod nvrtc;
 
 pub use blas::{Blas, Operand};
@@ -19,3 +20,4 @@ pub use device::{open, DeviceChoice, Gpu};
 pub use gla::{check_head_sizes, gla_forward, Buf, DType, DeviceGla};
 pub use gla_bwd::{gla_backward, DeviceUpstream};
 pub use gla_rec::{Decoder, StepInputs};
+pub use nccl::{nccl_ready, new_id, NcclGroup, ID_BYTES};

@@ -1125,6 +1125,22 @@ impl GpuModel {
     }
 
     /// Global L2 norm of the gradients.
+    /// Replaces the gradients on every rank of `group` by their sum over the ranks (one
+    /// NCCL group call over all the buffers, after the backward).
+    pub fn sum_grads(&mut self, group: &fla_cuda::NcclGroup) -> Result<()> {
+        let mut bufs: Vec<_> = self
+            .grads
+            .iter_mut()
+            .filter_map(|g| match g {
+                Buf::F32(x) => Some(x),
+                Buf::Bf16(_) => None,
+            })
+            .collect();
+        group.all_reduce_sum_all(&mut bufs)?;
+        self.mark("gradient all-reduce");
+        Ok(())
+    }
+
     pub fn grad_norm(&self) -> Result<f64> {
         let g = &self.gpu;
         let acc = zeros(g, 1, DType::F32)?;

@@ -167,6 +167,23 @@ pub struct GpuLearner {
     pub decay_all: bool,
 }
 
+impl GpuLearner {
+    /// [`Learner::clip_and_step`] for gradients that are `grad_scale` times those stored (a
+    /// sum over ranks, say, of which the step takes the average): the norm, the clipping and
+    /// the step all see the scaled gradients.
+    pub fn clip_and_step_scaled(&mut self, lr: f64, max_norm: f64, grad_scale: f64) -> Result<f64> {
+        let norm = self.model.grad_norm()? * grad_scale;
+        let clip = if max_norm > 0.0 && norm > max_norm {
+            max_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.model
+            .adamw(lr, self.weight_decay, self.decay_all, clip * grad_scale)?;
+        Ok(norm)
+    }
+}
+
 impl Learner for GpuLearner {
     fn zero_grads(&mut self) -> Result<()> {
         self.model.zero_grads()
@@ -178,15 +195,7 @@ impl Learner for GpuLearner {
     }
 
     fn clip_and_step(&mut self, lr: f64, max_norm: f64) -> Result<f64> {
-        let norm = self.model.grad_norm()?;
-        let scale = if max_norm > 0.0 && norm > max_norm {
-            max_norm / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        self.model
-            .adamw(lr, self.weight_decay, self.decay_all, scale)?;
-        Ok(norm)
+        self.clip_and_step_scaled(lr, max_norm, 1.0)
     }
 
     fn steps(&self) -> u64 {

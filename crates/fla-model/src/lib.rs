@@ -8,6 +8,7 @@ pub mod data_parallel;
 pub mod dist;
 pub mod generate;
 pub mod gpu;
+pub mod gpu_data_parallel;
 pub mod layout;
 pub mod learner;
 pub mod model;
