@@ -2,32 +2,11 @@
 //! skipped; with FLA_REQUIRE_CUDA=1 a missing GPU fails it, with FLA_REQUIRE_NCCL=1 a missing
 //! NCCL does.
 
-use fla_cuda::{nccl_ready, new_id, Gpu, NcclGroup};
+#[path = "support/gpu_and_nccl.rs"]
+mod support;
 
-fn required(var: &str) -> bool {
-    std::env::var(var).as_deref() == Ok("1")
-}
-
-fn gpu_and_nccl() -> Option<Gpu> {
-    let gpu = match Gpu::new(0) {
-        Ok(g) => g,
-        Err(e) if required("FLA_REQUIRE_CUDA") => {
-            panic!("FLA_REQUIRE_CUDA=1 but no usable GPU: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: no usable GPU ({e})");
-            return None;
-        }
-    };
-    match nccl_ready() {
-        Ok(()) => Some(gpu),
-        Err(e) if required("FLA_REQUIRE_NCCL") => panic!("FLA_REQUIRE_NCCL=1 but {e}"),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
+use fla_cuda::{new_id, Gpu, NcclGroup};
+use support::gpu_and_nccl;
 
 /// Rank r's buffer: element i is (r + 1) * (i + 1) / 8, exact in f32.
 fn values(rank: usize, n: usize) -> Vec<f32> {

@@ -8,7 +8,10 @@
 //! Without a GPU or NCCL each test prints that it skipped; FLA_REQUIRE_CUDA=1 and
 //! FLA_REQUIRE_NCCL=1 make those failures.
 
-use fla_cuda::{nccl_ready, new_id, DType, Gpu, NcclGroup};
+#[path = "../../fla-cuda/tests/support/gpu_and_nccl.rs"]
+mod support;
+
+use fla_cuda::{new_id, DType, Gpu, NcclGroup};
 use fla_model::data_parallel::share;
 use fla_model::gpu::GpuModel;
 use fla_model::gpu_data_parallel::GpuDataParallel;
@@ -17,31 +20,7 @@ use fla_model::mqar::Mqar;
 use fla_model::rng::Rng;
 use fla_model::train::{Batch, Task};
 use fla_model::{GlaConfig, Model};
-
-fn required(var: &str) -> bool {
-    std::env::var(var).as_deref() == Ok("1")
-}
-
-fn gpu_and_nccl() -> Option<Gpu> {
-    let gpu = match Gpu::new(0) {
-        Ok(g) => g,
-        Err(e) if required("FLA_REQUIRE_CUDA") => {
-            panic!("FLA_REQUIRE_CUDA=1 but no usable GPU: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: no usable GPU ({e})");
-            return None;
-        }
-    };
-    match nccl_ready() {
-        Ok(()) => Some(gpu),
-        Err(e) if required("FLA_REQUIRE_NCCL") => panic!("FLA_REQUIRE_NCCL=1 but {e}"),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
+use support::gpu_and_nccl;
 
 fn gpu_count() -> usize {
     fla_cuda::cudarc::driver::CudaContext::device_count().map_or(0, |n| n as usize)
