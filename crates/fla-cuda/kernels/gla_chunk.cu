@@ -34,18 +34,22 @@
 //   chunk_scan      per (sequence, head, state elements): the slots become S at every chunk
 //                   start, in place; the final state
 //   chunk_out       per (chunk, V tile): o
-//   chunk_qdo       per (chunk, K tile): W into the chunk's slot of dS'
+//   chunk_qdo       per (chunk, K tile): W (from chunk_local's Q̃) into the chunk's slot of dS'
 //   chunk_scan_back the scan backwards: dS' at every chunk end, in place; dh0
 //   chunk_dv        per (chunk, V tile): dv
 //   chunk_dqk       per (chunk, K tile): dq, dk and the gate's gradient
 //
-// Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK, BK, BV (the kernel's tiles), HAS_G, G_SCALAR,
+// Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK (64 or 128, with NT = 4 CHUNK threads, so that
+// each warp keeps ATPW of the C x C matrix's 16 x 32 tiles), BK, BV (the kernel's tiles), HAS_G, G_SCALAR,
 // GATE_BF16 (the gates and the key gate's gradient in bf16, else f32), HAS_H0, HAS_DHT,
 // MIN_BLOCKS (the blocks per SM that the kernel's shared memory allows: its registers are held
 // to that occupancy), STAGES (chunk_dqk: value tiles in flight).
 
 #define KD HEAD_K
 #define C CHUNK
+#if (C != 64 && C != 128) || NT != 4 * C
+#error "chunks of 64 or 128 rows, 4 threads per row"
+#endif
 #define SAFE_EXP 40.f
 #define PADE (16 / (int)sizeof(io_t))
 #define KS (BK + PADE)  // io_t tiles of BK columns
@@ -210,6 +214,36 @@ __device__ __forceinline__ ChunkAt chunk_at(int cg, const int* cu, const int* ch
     return a;
 }
 
+// The 16 x 32 tiles of a C x C matrix (A, dA) that a warp keeps in registers: its tile t is
+// number warp + t NW of the row-major list. A tile wholly above the diagonal (`upper`) is zero
+// in A and dA and skips its products.
+#define ATPW (C / 16 * (C / 32) / NW)
+struct SqTile {
+    int m0, n0;
+    bool upper;
+};
+__device__ __forceinline__ SqTile sq_tile(int t) {
+    const int idx = threadIdx.x / 32 + t * NW, m0 = idx / (C / 32) * 16, n0 = idx % (C / 32) * 32;
+    return SqTile{m0, n0, n0 > m0 + 15};
+}
+
+// Whether the 16-byte vector of a row of A from column c on holds an element on or below the
+// diagonal: chunk_local writes only those vectors, and load_attn reads only those.
+__device__ __forceinline__ bool attn_vector(int i, int c) { return c / SV * SV <= i; }
+
+// Starts loading a chunk's rows of A ([tokens, H, C]) into sA (row stride AS); vectors wholly
+// above the diagonal and rows past the chunk's end are zeros, read from nowhere.
+#if KERNEL == 2 || KERNEL == 5
+__device__ __forceinline__ void load_attn(io_t* sA, const io_t* a, ChunkAt at, int H, int hh) {
+    constexpr int per_row = C / SV;
+    for (int idx = threadIdx.x; idx < C * per_row; idx += NT) {
+        const int i = idx / per_row, c = idx % per_row * SV;
+        const bool ok = i < at.rows && attn_vector(i, c);
+        cp_async16(sA + i * AS + c, ok ? a + ((at.row0 + i) * H + hh) * C + c : a, ok);
+    }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------
 // A chunk's part of a state or of its gradient, alpha X^T Y into `dst` (ROWS x HEAD_V, row
 // stride HEAD_V): X the chunk's C x ROWS tile in shared memory (row stride ldx), Y its value
@@ -260,11 +294,8 @@ __device__ __forceinline__ TileAt tile_at(int tiles) {
 // with a gate Q̃ = q ⊙ e^G for chunk_out ([tokens, H, KD]) and Γ ([chunks, H, KD]); and the
 // chunk's own part of the state, U = K̂^T v with K̂ = k ⊙ e^(Γ-G), into its slot [KD, HEAD_V]
 // of `states` (the value columns walked BV at a time, after the key columns). Each warp keeps
-// one 16 x 32 tile of A in registers across the key tiles (C = 64, 8 warps).
+// its ATPW tiles of A in registers across the key tiles.
 #if KERNEL == 0
-#if C != 64 || NW != 8
-#error "chunk_local gives each of 8 warps one 16 x 32 tile of a 64 x 64 A"
-#endif
 #define KHS (KD + PADE)  // io_t tiles of all KD columns
 // A_ij of one key tile term by term with exact exponents (for strong gates); not inlined:
 // the kernel calls it for each of its 16 fragment elements.
@@ -292,8 +323,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
     check_carve(cv);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, hh = blockIdx.y;
     const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
-    const int am0 = warp / 2 * 16, an0 = warp % 2 * 32;  // this warp's tile of A
-    float acc[4][4] = {};
+    float acc[ATPW][4][4] = {};
     load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, 0, BV);
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last key tile read
@@ -332,34 +362,46 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
         for (int c = tid; c < BK; c += NT)
             gam[((size_t)blockIdx.x * H + hh) * KD + k0 + c] = sG[(C - 1) * GS + c];
         __syncthreads();
-        if (strong) {
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+        for (int t = 0; t < ATPW; t++) {
+            const SqTile tile = sq_tile(t);
+            if (tile.upper) continue;
+            if (strong) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int i = am0 + frag_row(e), jj = an0 + frag_col(j, e);
-                    if (jj < i) acc[j][e] += strong_attn(sq, skt, sG, i, jj);
-                }
-        } else {
-            warp_mma(acc, row_major(sq, KS), col_major(skt, KS), am0, an0, C, BK);
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = tile.m0 + frag_row(e), jj = tile.n0 + frag_col(j, e);
+                        if (jj < i) acc[t][j][e] += strong_attn(sq, skt, sG, i, jj);
+                    }
+            } else {
+                warp_mma(acc[t], row_major(sq, KS), col_major(skt, KS), tile.m0, tile.n0, C, BK);
+            }
         }
 #else
-        warp_mma(acc, row_major(sq, KS), col_major(skh + k0, KHS), am0, an0, C, BK);
+#pragma unroll
+        for (int t = 0; t < ATPW; t++) {
+            const SqTile tile = sq_tile(t);
+            if (!tile.upper)
+                warp_mma(acc[t], row_major(sq, KS), col_major(skh + k0, KHS), tile.m0, tile.n0, C, BK);
+        }
 #endif
     }
     __syncthreads();  // sd and K̂ complete
 #pragma unroll
-    for (int j = 0; j < 4; j++)
+    for (int t = 0; t < ATPW; t++)
 #pragma unroll
-        for (int e = 0; e < 4; e += 2) {
-            const int i = am0 + frag_row(e), jj = an0 + frag_col(j, e);
-            if (i >= at.rows) continue;
-            float x[2];
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int h = 0; h < 2; h++)
-                x[h] = jj + h < i ? acc[j][e + h] : jj + h == i ? sd[i] : 0.f;
-            store_pair(a + ((at.row0 + i) * H + hh) * C + jj, scale * x[0], scale * x[1]);
-        }
+            for (int e = 0; e < 4; e += 2) {
+                const int i = sq_tile(t).m0 + frag_row(e), jj = sq_tile(t).n0 + frag_col(j, e);
+                if (i >= at.rows || !attn_vector(i, jj)) continue;
+                float x[2];
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+                    x[h] = jj + h < i ? acc[t][j][e + h] : jj + h == i ? sd[i] : 0.f;
+                store_pair(a + ((at.row0 + i) * H + hh) * C + jj, scale * x[0], scale * x[1]);
+            }
     write_part<KD>(states + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V, skh, KHS, sv, v, at, H,
                    hh, 1.f);
 }
@@ -492,7 +534,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
     const int hh = blockIdx.y, v0 = b.tile * BV;
     const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
     const io_t* st = states + ((size_t)b.chunk * H + hh) * KD * HEAD_V;
-    load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
+    load_attn(sA, a, at, H, hh);
     load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
     float acc[TPW][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
@@ -505,46 +547,33 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
     }
     FOR_OUT_TILES(t, m0, n0) {
         scale_tile(acc[t], scale);
-        warp_mma(acc[t], row_major(sA, AS), row_major(sv, VS), m0, n0, BV, C);
+        // Rows m0.. of the lower triangular A reach column m0 + 15 at most.
+        warp_mma(acc[t], row_major(sA, AS), row_major(sv, VS), m0, n0, BV, m0 + 16);
         store_out_tile(o, acc[t], at, H, hh, m0, v0 + n0, BV - n0);
     }
 }
 #endif
 
 // ---------------------------------------------------------------------------------------
-// A chunk's own part of the state's gradient, W = scale Q̃^T do with Q̃ = q ⊙ e^G, into the
-// chunk's slot [KD, HEAD_V] of dstates: grid (chunks x KD / BK, H), the value columns walked
-// BV at a time.
+// A chunk's own part of the state's gradient, W = scale Q̃^T do, into the chunk's slot
+// [KD, HEAD_V] of dstates: grid (chunks x KD / BK, H), the value columns walked BV at a time.
+// qg is Q̃ = q ⊙ e^G as chunk_local wrote it for the forward (q itself without a gate).
 #if KERNEL == 3
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
-    const io_t* __restrict__ q, const io_t* __restrict__ d_o, const gate_t* __restrict__ g,
-    io_t* __restrict__ dstates, const int* __restrict__ cu, const int* __restrict__ chunk_off,
+    const io_t* __restrict__ qg, const io_t* __restrict__ d_o, io_t* __restrict__ dstates,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off,
     const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
     io_t* sq = cv.take<io_t>(C * KS);
-    float* sG = cv.take<float>(HAS_G ? C * GS : 0);
     io_t* sdo = cv.take<io_t>(C * VS);
-    float* red = cv.take<float>(RED);
     check_carve(cv);
     const TileAt b = tile_at(KD / BK);
     const int hh = blockIdx.y, k0 = b.tile * BK;
     const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
-    load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
-#if HAS_G
-    load_gates(sG, g, at.row0, at.rows, H, hh, k0);
-#endif
+    load_tile(sq, KS, qg, at.row0, at.rows, C, H, hh, KD, k0, BK);
     load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, 0, BV);
     cp_async_wait_all();
     __syncthreads();
-#if HAS_G
-    cumsum_gates(sG, red);
-    for_vectors([&](int i, int c) {
-        float gi[SV];
-        ld_gates(gi, sG + i * GS + c);
-        st16(sq + i * KS + c, times_exp(ld16(sq + i * KS + c), gi));
-    });
-    __syncthreads();
-#endif
     write_part<BK>(dstates + (((size_t)b.chunk * H + hh) * KD + k0) * HEAD_V, sq, KS, sdo, d_o,
                    at, H, hh, scale);
 }
@@ -570,7 +599,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     const int hh = blockIdx.y, v0 = b.tile * BV;
     const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
     const io_t* st = dstates + ((size_t)b.chunk * H + hh) * KD * HEAD_V;
-    load_tile(sA, AS, a, at.row0, at.rows, C, H, hh, C, 0, C);
+    load_attn(sA, a, at, H, hh);
     load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
     float acc[TPW][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
@@ -597,7 +626,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
         FOR_OUT_TILES(t, m0, n0) warp_mma(acc[t], row_major(sk, KS), row_major(sdS, VS), m0, n0, BV, BK);
     }
     FOR_OUT_TILES(t, m0, n0) {
-        warp_mma(acc[t], col_major(sA, AS), row_major(sdo, VS), m0, n0, BV, C);
+        // Column j of the lower triangular A starts at row j: the sum over rows from m0 on.
+        warp_mma(acc[t], col_major(sA + m0 * AS, AS), row_major(sdo + m0 * VS, VS), m0, n0, BV,
+                 C - m0);
         store_out_tile(dv, acc[t], at, H, hh, m0, v0 + n0, BV - n0);
     }
 }
@@ -606,13 +637,10 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
 // ---------------------------------------------------------------------------------------
 // dq, dk and the gate's gradient: grid (chunks x KD / BK, H); the value columns are walked
 // BV at a time. dgk [tokens, H, KD] (key gate) or dgs [tokens, H] (scalar gate, summed over
-// key tiles by atomics: zero it first). Each warp keeps one 16 x 32 tile of dA and one of dq
-// and dk in registers from the walk to the end (C = 64 and 8 warps: dA's 8 tiles, and at
-// most 8 of a 64-column K tile).
+// key tiles by atomics: zero it first). Each warp keeps its ATPW tiles of dA and one 16 x 32
+// tile of dq and of dk in registers from the walk to the end (a K tile of at most 64 columns
+// has C / 8 = NW such tiles).
 #if KERNEL == 6
-#if C != 64 || NW != 8
-#error "chunk_dqk gives each of 8 warps one 16 x 32 tile of a 64 x 64 dA"
-#endif
 #if 4 * BK > NT || STAGES < 2
 #error "chunk_dqk sums rowsum(dS' ⊙ S) with 4 threads per key row, over a ring of 2 or more slots"
 #endif
@@ -655,13 +683,15 @@ __device__ __noinline__ f32x2 strong_terms(const io_t* sdA, const io_t* sq, cons
 }
 
 // A warp's tiles of dq and dk finished with the intra-chunk products (sq, sk holding Q̃ and
-// K̃, or q and k without a gate): dq = scale (dq + dA K̃) ⊙ e^G, dk += scale (dA^T Q̃) ⊙ e^-G.
+// K̃, or q and k without a gate): dq = scale (dq + dA K̃) ⊙ e^G, dk += scale (dA^T Q̃) ⊙ e^-G,
+// each sum over the rows that the strictly lower dA reaches (columns up to m0 + 15 of rows
+// m0.., rows from m0 on of columns m0..).
 __device__ __forceinline__ void intra_products(float dqf[4][4], float dkf[4][4], const io_t* sdA,
                                                const io_t* sq, const io_t* sk, const float* sG,
                                                int m0, int n0, float scale) {
     float t[4][4] = {};
-    warp_mma(dqf, row_major(sdA, AS), row_major(sk, KS), m0, n0, BK, C);
-    warp_mma(t, col_major(sdA, AS), row_major(sq, KS), m0, n0, BK, C);
+    warp_mma(dqf, row_major(sdA, AS), row_major(sk, KS), m0, n0, BK, m0 + 16);
+    warp_mma(t, col_major(sdA + m0 * AS, AS), row_major(sq + m0 * KS, KS), m0, n0, BK, C - m0);
 #pragma unroll
     for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -702,11 +732,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     const int hh = blockIdx.y, k0 = b.tile * BK;
     const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
     const size_t st_at = ((size_t)b.chunk * H + hh) * KD * HEAD_V + (size_t)k0 * HEAD_V;
-    // This warp's tiles: of dA (am0, an0), and of dq and dk (m0, n0) if `own`.
+    // This warp's tiles of dq and dk (m0, n0), if `own`.
     constexpr int tn = (BK + 31) / 32;
+    static_assert(C / 16 * tn <= NW, "one tile of dq and of dk per warp");
     const bool own = warp < C / 16 * tn;
     const int m0 = warp / tn * 16, n0 = warp % tn * 32;
-    const int am0 = warp / 2 * 16, an0 = warp % 2 * 32;
     // Starts the loads of walk step `step` into its slot, as one group (empty past the end).
     auto load_step = [&](int step) {
         if (step < STEPS) {
@@ -728,7 +758,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     for (int step = 0; step < STAGES - 1; step++) load_step(step);
     // Thread t sums every 4th column of key row t / 4 of dS' ⊙ S.
     float sb_part = 0.f;
-    float dA[4][4] = {}, dqf[4][4] = {}, dkf[4][4] = {};
+    float dA[ATPW][4][4] = {}, dqf[4][4] = {}, dkf[4][4] = {};
     for (int step = 0; step < STEPS; step++) {
         cp_async_wait_group<STAGES - 2>();
         __syncthreads();  // this step's slot filled; every thread past the last step's products
@@ -740,7 +770,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
             for (int c = tid % 4; c < BV; c += 4)
                 sb_part += to_f(sS[tid / 4 * VS + c]) * to_f(sdS[tid / 4 * VS + c]);
 #endif
-        warp_mma(dA, row_major(sdo, VS), col_major(sv, VS), am0, an0, C, BV);
+#pragma unroll
+        for (int t = 0; t < ATPW; t++)
+            if (!sq_tile(t).upper)
+                warp_mma(dA[t], row_major(sdo, VS), col_major(sv, VS), sq_tile(t).m0, sq_tile(t).n0,
+                         C, BV);
         if (own) {
             warp_mma(dqf, row_major(sdo, VS), col_major(sS, VS), m0, n0, BK, BV);
             warp_mma(dkf, row_major(sv, VS), col_major(sdS, VS), m0, n0, BK, BV);
@@ -753,13 +787,15 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     // The diagonal of dA aside (its terms, scale dA_ii k_i in dq and scale dA_ii q_i in dk,
     // are added exactly at the end and cancel in the gate's gradient), dA strictly lower.
 #pragma unroll
-    for (int j = 0; j < 4; j++)
+    for (int t = 0; t < ATPW; t++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int i = am0 + frag_row(e), c = an0 + frag_col(j, e);
-            if (i == c) sdd[i] = dA[j][e];
-            sdA[i * AS + c] = from_f(c < i ? dA[j][e] : 0.f);
-        }
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = sq_tile(t).m0 + frag_row(e), c = sq_tile(t).n0 + frag_col(j, e);
+                if (i == c) sdd[i] = dA[t][j][e];
+                sdA[i * AS + c] = from_f(c < i ? dA[t][j][e] : 0.f);
+            }
 #if HAS_G
     const float span = cumsum_gates(sG, red);  // its barriers also publish sdA and sdd
     // dk's state part, (v dS'^T) ⊙ e^(Γ-G), and its sum Σ_j k_j ⊙ dk_j[state] over the chunk,

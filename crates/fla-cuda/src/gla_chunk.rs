@@ -16,9 +16,39 @@ const SRC: &str = concat!(
     "\n",
     include_str!("../kernels/gla_chunk.cu")
 );
-/// Rows per chunk.
-pub(crate) const CHUNK: usize = 64;
-const NT: u32 = 256;
+/// Rows per chunk: 64 or 128.
+const CHUNK_ROWS: [usize; 2] = [64, 128];
+
+/// The chunk sizes to try, best first. A state every 128 rows halves the states' round trips
+/// (the parts, the scans, and every kernel that reads a state), but the kernels for 128 rows
+/// run one block of 512 threads an SM where those for 64 run two of 256, and take the wider
+/// attention matrix: on the H100 they win where a chunk's state outweighs its 64 rows of q, k,
+/// g and v (K=256, V=512: forward + backward 3.50 against 3.67 ms) and lose where it does not
+/// (K=V=128: 2.85 against 2.72). FLA_CHUNK puts a size first.
+fn chunk_order(dk: usize, dv: usize) -> Vec<usize> {
+    let state_heavy = dk * dv >= 64 * (3 * dk + dv);
+    let mut order = if state_heavy {
+        vec![128, 64]
+    } else {
+        CHUNK_ROWS.to_vec()
+    };
+    if let Some(c) = forced_chunk() {
+        order.retain(|&x| x != c);
+        order.insert(0, c);
+    }
+    order
+}
+
+/// Threads per block of the kernels for chunks of `chunk` rows: four per row (gla_chunk.cu).
+fn threads(chunk: usize) -> u32 {
+    4 * chunk as u32
+}
+
+/// Rows per chunk that FLA_CHUNK (64 or 128) asks for, for tuning and for testing both.
+fn forced_chunk() -> Option<usize> {
+    let x = std::env::var("FLA_CHUNK").ok()?.parse().ok()?;
+    CHUNK_ROWS.contains(&x).then_some(x)
+}
 
 /// Whether the two-level kernels take this gate kind.
 pub(crate) fn supports(gate: GateKind) -> bool {
@@ -55,13 +85,17 @@ impl Chunks {
 
 /// What the two-level forward leaves for the backward.
 pub(crate) struct TwoLevel {
+    plan: Plan,
     chunks: Chunks,
     /// The state at the start of every chunk [chunks, H, K, V].
     states: Buf,
     /// Every chunk's total gate Γ [chunks, H, K] (f32; unused without gates).
     gam: CudaSlice<f32>,
-    /// Every chunk's attention matrix A, scale included [tokens, H, CHUNK].
+    /// Every chunk's attention matrix A, scale included [tokens, H, chunk rows] (only the
+    /// 16-byte vectors that reach the diagonal or below are written).
     attn: Buf,
+    /// Q̃ = q ⊙ e^G [tokens, H, K] for chunk_out and chunk_qdo (None without a gate: q).
+    qg: Option<Buf>,
 }
 
 /// The widest of 128, 64, 48, 32, 16 that divides `size` and is at most `max`.
@@ -97,9 +131,10 @@ const KERNELS: [&str; 7] = [
     "chunk_dqk",
 ];
 
-/// The tiles of one kernel, the value tiles it keeps in flight (chunk_dqk) and its shared
-/// memory.
+/// The rows per chunk of one kernel, its tiles, the value tiles it keeps in flight
+/// (chunk_dqk) and its shared memory.
 struct Shape {
+    chunk: usize,
     bk: usize,
     bv: usize,
     stages: usize,
@@ -107,16 +142,23 @@ struct Shape {
 }
 
 impl Shape {
-    fn new(kernel: &str, d: &DeviceGla, bk: usize, bv: usize) -> Shape {
-        Shape::staged(kernel, d, bk, bv, 1)
+    fn new(kernel: &str, d: &DeviceGla, chunk: usize, bk: usize, bv: usize) -> Shape {
+        Shape::staged(kernel, d, chunk, bk, bv, 1)
     }
 
     /// `kernel` with the widest K tile up to `max_bk` (FLA_CHUNK_BK forces one) whose shared
     /// memory fits a block.
-    fn key_tiled(gpu: &Gpu, kernel: &str, d: &DeviceGla, max_bk: usize, bv: usize) -> Shape {
+    fn key_tiled(
+        gpu: &Gpu,
+        kernel: &str,
+        d: &DeviceGla,
+        chunk: usize,
+        max_bk: usize,
+        bv: usize,
+    ) -> Shape {
         let mut bk = tuned_tile("FLA_CHUNK_BK", d.dk, max_bk);
         loop {
-            let shape = Shape::new(kernel, d, bk, bv);
+            let shape = Shape::new(kernel, d, chunk, bk, bv);
             if shape.smem <= gpu.max_smem() || bk == 16 {
                 return shape;
             }
@@ -126,10 +168,10 @@ impl Shape {
 
     /// chunk_dqk with 3 value steps of `bv` in flight, or 2 where 3 do not fit a block or 2 fit
     /// more blocks on an SM; narrower steps where even 2 do not fit.
-    fn dqk(gpu: &Gpu, d: &DeviceGla, bk: usize, mut bv: usize) -> Shape {
+    fn dqk(gpu: &Gpu, d: &DeviceGla, chunk: usize, bk: usize, mut bv: usize) -> Shape {
         loop {
-            let three = Shape::staged("chunk_dqk", d, bk, bv, 3);
-            let two = Shape::staged("chunk_dqk", d, bk, bv, 2);
+            let three = Shape::staged("chunk_dqk", d, chunk, bk, bv, 3);
+            let two = Shape::staged("chunk_dqk", d, chunk, bk, bv, 2);
             let fits = |s: &Shape| s.smem <= gpu.max_smem();
             if fits(&three) && gpu.blocks_per_sm(three.smem) >= gpu.blocks_per_sm(two.smem) {
                 return three;
@@ -141,15 +183,22 @@ impl Shape {
         }
     }
 
-    fn staged(kernel: &str, d: &DeviceGla, bk: usize, bv: usize, stages: usize) -> Shape {
+    fn staged(
+        kernel: &str,
+        d: &DeviceGla,
+        chunk: usize,
+        bk: usize,
+        bv: usize,
+        stages: usize,
+    ) -> Shape {
         let io = d.dtype.bytes();
         let pad = 16 / io;
-        let c = CHUNK;
+        let c = chunk;
         let (ks, vs, a_s) = ((bk + pad) * io, (bv + pad) * io, (c + pad) * io);
         // The scratch RED of the kernel: 4 floats and cumsum_gates' TPC x BK part totals.
         let tpc = [16, 8, 4, 2, 1]
             .into_iter()
-            .find(|&t| t <= NT as usize / bk)
+            .find(|&t| t <= threads(chunk) as usize / bk)
             .unwrap_or(1);
         let red = (4 + tpc * bk) * 4;
         // f32 gate tiles, rows padded by 8 (GS in the kernels).
@@ -164,7 +213,7 @@ impl Shape {
                 let k_tile = if d.gate == GateKind::None { 0 } else { c * ks };
                 vec![c * ks, k_tile, all_keys, gates, c * vs, c * 4, red]
             }
-            "chunk_qdo" => vec![c * ks, gates, c * vs, red],
+            "chunk_qdo" => vec![c * ks, c * vs],
             "chunk_scan" | "chunk_scan_back" => vec![],
             "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs],
             "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, red],
@@ -181,11 +230,80 @@ impl Shape {
             _ => unreachable!("no kernel {kernel}"),
         };
         Shape {
+            chunk,
             bk,
             bv,
             stages,
             smem: carve(&regions),
         }
+    }
+
+    fn fits(&self, gpu: &Gpu) -> bool {
+        self.smem <= gpu.max_smem()
+    }
+}
+
+/// The shapes of the seven kernels for chunks of one size.
+struct Plan {
+    local: Shape,
+    scan: Shape,
+    out: Shape,
+    qdo: Shape,
+    scan_back: Shape,
+    dv: Shape,
+    dqk: Shape,
+}
+
+impl Plan {
+    fn new(gpu: &Gpu, d: &DeviceGla, chunk: usize) -> Plan {
+        let (dk, dv) = (d.dk, d.dv);
+        let bv = tuned_tile("FLA_CHUNK_BV", dv, 128);
+        // One key tile up to 128 keys; past that, tiles of 64 (at 128 the larger shared memory
+        // costs chunk_local a block on an SM and more time than it saves).
+        let local_bk = if dk <= 128 { 128 } else { 64 };
+        // chunk_dqk: value steps of up to 64 (FLA_DQK_BV forces one), 2 or 3 in flight:
+        // fewer, longer steps beat more blocks an SM with steps of 16.
+        let dqk_bv = tuned_tile("FLA_DQK_BV", dv, 64);
+        Plan {
+            local: Shape::key_tiled(gpu, "chunk_local", d, chunk, local_bk, bv),
+            scan: Shape::new("chunk_scan", d, chunk, dk, dv),
+            out: Shape::key_tiled(gpu, "chunk_out", d, chunk, 128, bv),
+            qdo: Shape::key_tiled(gpu, "chunk_qdo", d, chunk, 128, bv),
+            scan_back: Shape::new("chunk_scan_back", d, chunk, dk, dv),
+            dv: Shape::key_tiled(gpu, "chunk_dv", d, chunk, 128, bv),
+            dqk: Shape::dqk(gpu, d, chunk, tile(dk, 64), dqk_bv),
+        }
+    }
+
+    /// The plan for the first chunk size of `chunk_order` whose kernels all fit a block's
+    /// shared memory.
+    fn choose(gpu: &Gpu, d: &DeviceGla) -> Result<Plan> {
+        chunk_order(d.dk, d.dv)
+            .into_iter()
+            .map(|c| Plan::new(gpu, d, c))
+            .find(|p| p.shapes().iter().all(|s| s.fits(gpu)))
+            .ok_or_else(|| {
+                Error::Device(format!(
+                    "head sizes K={}, V={} do not fit the GPU's shared memory",
+                    d.dk, d.dv
+                ))
+            })
+    }
+
+    fn shapes(&self) -> [&Shape; 7] {
+        [
+            &self.local,
+            &self.scan,
+            &self.out,
+            &self.qdo,
+            &self.scan_back,
+            &self.dv,
+            &self.dqk,
+        ]
+    }
+
+    fn chunk(&self) -> usize {
+        self.local.chunk
     }
 }
 
@@ -208,7 +326,7 @@ impl DeviceGla {
             .iter()
             .position(|&k| k == kernel)
             .expect("a kernel of gla_chunk.cu");
-        let mut d = self.defines(CHUNK, NT);
+        let mut d = self.defines(shape.chunk, threads(shape.chunk));
         d.extend([
             ("KERNEL", index as i64),
             ("MIN_BLOCKS", min_blocks as i64),
@@ -220,13 +338,13 @@ impl DeviceGla {
         d
     }
 
-    /// The scans' grid: (sequences x heads, blocks of NT threads), each thread taking one
-    /// 16-byte vector of state elements.
-    fn scan_grid(&self) -> (usize, usize, usize) {
+    /// The scans' grid: (sequences x heads, blocks of the kernels' threads), each thread
+    /// taking one 16-byte vector of state elements.
+    fn scan_grid(&self, chunk: usize) -> (usize, usize, usize) {
         let per_thread = 16 / self.dtype.bytes();
         (
             self.n_seqs * self.h,
-            (self.dk * self.dv / per_thread).div_ceil(NT as usize),
+            (self.dk * self.dv / per_thread).div_ceil(threads(chunk) as usize),
             1,
         )
     }
@@ -245,9 +363,10 @@ impl DeviceGla {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        // Registers held to the occupancy that shared memory allows, at most 3 blocks of NT
-        // threads (85 registers a thread).
-        let min_blocks = gpu.blocks_per_sm(shape.smem).min(3);
+        // Registers held to the occupancy that shared memory allows, at most 768 threads an SM
+        // (85 registers a thread).
+        let nt = threads(shape.chunk);
+        let min_blocks = gpu.blocks_per_sm(shape.smem).min(768 / nt as usize).max(1);
         let defines = self.two_level_defines(name, shape, has_dht, min_blocks);
         let trace = std::env::var_os("FLA_TRACE_KERNELS").is_some();
         if trace {
@@ -266,7 +385,7 @@ impl DeviceGla {
         }
         let cfg = LaunchConfig {
             grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
-            block_dim: (NT, 1, 1),
+            block_dim: (nt, 1, 1),
             shared_mem_bytes: shape.smem as u32,
         };
         let h = self.h as i32;
@@ -291,8 +410,8 @@ impl DeviceGla {
             end.synchronize().map_err(device_err(name))?;
             let ms = start.elapsed_ms(&end).map_err(device_err("event"))?;
             eprintln!(
-                "{name} grid {grid:?} tiles {}x{} {ms:.4} ms",
-                shape.bk, shape.bv
+                "{name} grid {grid:?} chunk {} tiles {}x{} {ms:.4} ms",
+                shape.chunk, shape.bk, shape.bv
             );
         }
         Ok(())
@@ -300,18 +419,19 @@ impl DeviceGla {
 
     /// The forward in two levels: states, attention matrices, outputs.
     pub(crate) fn forward_two_level(&mut self, gpu: &Gpu) -> Result<()> {
-        let chunks = Chunks::new(gpu, &self.lens, CHUNK)?;
+        let plan = Plan::choose(gpu, self)?;
+        let chunk = plan.chunk();
+        let chunks = Chunks::new(gpu, &self.lens, chunk)?;
         let n_chunks = chunks.count;
-        // chunk_local writes every element of these.
+        // chunk_local writes every element of these (of attn, every element that is read).
         let states = Buf::uninit(
             gpu,
             (n_chunks * self.h * self.dk * self.dv).max(1),
             self.dtype,
         )?;
-        let attn = Buf::uninit(gpu, (self.b * self.t * self.h * CHUNK).max(1), self.dtype)?;
+        let attn = Buf::uninit(gpu, (self.b * self.t * self.h * chunk).max(1), self.dtype)?;
         let gam = crate::gla::uninit(gpu, (n_chunks * self.h * self.dk).max(1))?;
-        // Q̃ = q ⊙ e^G, from chunk_local for chunk_out (q itself without a gate).
-        let mut qg = match self.gate {
+        let qg = match self.gate {
             GateKind::None => None,
             _ => Some(Buf::uninit(
                 gpu,
@@ -320,10 +440,12 @@ impl DeviceGla {
             )?),
         };
         let mut tl = TwoLevel {
+            plan,
             chunks,
             states,
             gam,
             attn,
+            qg,
         };
         let [q, k, v, g, _, _, h0] = self.input_ptrs(gpu);
         let s = &gpu.stream;
@@ -333,40 +455,32 @@ impl DeviceGla {
         let gam = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut tl.gam, s).0;
         let o = self.o.ptr_mut(gpu);
         let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
-        let (dk, dv) = (self.dk, self.dv);
-
-        let qg = qg.as_mut().map_or(0, |b| b.ptr_mut(gpu));
-        // One key tile up to 128 keys; past that, tiles of 64 (at 128 the larger shared memory
-        // costs chunk_local a block on an SM and more time than it saves).
-        let local_bk = if dk <= 128 { 128 } else { 64 };
-        let bv = tuned_tile("FLA_CHUNK_BV", dv, 128);
-        let local = Shape::key_tiled(gpu, "chunk_local", self, local_bk, bv);
+        let qg = tl.qg.as_mut().map_or(0, |b| b.ptr_mut(gpu));
+        let p = &tl.plan;
         self.launch_chunk_kernel(
             gpu,
             "chunk_local",
-            &local,
+            &p.local,
             false,
             (n_chunks, self.h, 1),
             &[q, k, v, g, a, qg, st, gam, cu, off, seq],
             true,
         )?;
-        let scan = Shape::new("chunk_scan", self, dk, dv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_scan",
-            &scan,
+            &p.scan,
             false,
-            self.scan_grid(),
+            self.scan_grid(chunk),
             &[st, gam, h0, ht, off],
             false,
         )?;
-        let out = Shape::key_tiled(gpu, "chunk_out", self, 128, bv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_out",
-            &out,
+            &p.out,
             false,
-            (n_chunks * (dv / out.bv), self.h, 1),
+            (n_chunks * (self.dv / p.out.bv), self.h, 1),
             &[if qg == 0 { q } else { qg }, v, st, a, o, cu, off, seq],
             true,
         )?;
@@ -374,7 +488,7 @@ impl DeviceGla {
         Ok(())
     }
 
-    /// The backward in two levels, after [`DeviceGla::forward_two_level`].
+    /// The backward in two levels, after [`DeviceGla::forward_two_level`], with its chunks.
     pub(crate) fn backward_two_level(&mut self, gpu: &Gpu, up: &DeviceUpstream) -> Result<()> {
         if !matches!(
             self.grads,
@@ -402,6 +516,7 @@ impl DeviceGla {
         let (off, seq) = (tl.chunks.off.device_ptr(s).0, tl.chunks.seq.device_ptr(s).0);
         let (st, a) = (tl.states.ptr(gpu), tl.attn.ptr(gpu));
         let gam = tl.gam.device_ptr(s).0;
+        let qg = tl.qg.as_ref().map_or(q, |b| b.ptr(gpu));
         let dst = dstates.ptr_mut(gpu);
         let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
         let has_dht = up.dht.is_some();
@@ -415,50 +530,61 @@ impl DeviceGla {
         let dgs = ptr_mut(&mut gr.dg_scalar, gpu);
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
-        let bv = tuned_tile("FLA_CHUNK_BV", dv_, 128);
-        let qdo = Shape::key_tiled(gpu, "chunk_qdo", self, 128, bv);
+        let p = &tl.plan;
         self.launch_chunk_kernel(
             gpu,
             "chunk_qdo",
-            &qdo,
+            &p.qdo,
             false,
-            (n_chunks * (dk_ / qdo.bk), self.h, 1),
-            &[q, d_o, g, dst, cu, off, seq],
+            (n_chunks * (dk_ / p.qdo.bk), self.h, 1),
+            &[qg, d_o, dst, cu, off, seq],
             true,
         )?;
-        let scan = Shape::new("chunk_scan_back", self, dk_, dv_);
         self.launch_chunk_kernel(
             gpu,
             "chunk_scan_back",
-            &scan,
+            &p.scan_back,
             has_dht,
-            self.scan_grid(),
+            self.scan_grid(p.chunk()),
             &[dst, gam, dht, dh0, off],
             false,
         )?;
-        let dvs = Shape::key_tiled(gpu, "chunk_dv", self, 128, bv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_dv",
-            &dvs,
+            &p.dv,
             has_dht,
-            (n_chunks * (dv_ / dvs.bv), self.h, 1),
+            (n_chunks * (dv_ / p.dv.bv), self.h, 1),
             &[k, g, d_o, a, dst, dv, cu, off, seq],
             false,
         )?;
-        // Value steps of up to 64 (FLA_DQK_BV forces one), 2 or 3 in flight at 2 blocks an SM
-        // (bf16, 64-key tiles): fewer, longer steps beat a third block with steps of 16.
-        let dqk_bv = tuned_tile("FLA_DQK_BV", dv_, 64);
-        let dqk = Shape::dqk(gpu, self, tile(dk_, 64), dqk_bv);
         self.launch_chunk_kernel(
             gpu,
             "chunk_dqk",
-            &dqk,
+            &p.dqk,
             has_dht,
-            (n_chunks * (dk_ / dqk.bk), self.h, 1),
+            (n_chunks * (dk_ / p.dqk.bk), self.h, 1),
             &[q, k, v, g, d_o, st, dst, dq, dk, dgk, dgs, cu, off, seq],
             true,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_order;
+
+    #[test]
+    fn chunks_of_128_where_the_state_outweighs_the_rows() {
+        if std::env::var_os("FLA_CHUNK").is_some() {
+            println!("skipped: FLA_CHUNK is set");
+            return;
+        }
+        // 128 x 128 = 16384 state elements against 64 x (3 x 128 + 128) = 32768 row elements.
+        assert_eq!(chunk_order(128, 128), [64, 128]);
+        assert_eq!(chunk_order(128, 256), [64, 128]);
+        // 256 x 512 = 131072 against 64 x (3 x 256 + 512) = 81920.
+        assert_eq!(chunk_order(256, 512), [128, 64]);
     }
 }
