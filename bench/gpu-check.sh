@@ -14,6 +14,10 @@ for t in .gpu/test-*; do
   FLA_POISON_UNINIT=1 "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/tests.log" | grep -E "^(test |T=|varlen|strength|decode|thread|error|  left|assert)|panicked|relative" 
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
+echo "== .gpu/test-gla_cuda, two-level form with chunks of 128 rows first"
+FLA_CHUNK=128 FLA_TEST_FORMS=chunk FLA_POISON_UNINIT=1 .gpu/test-gla_cuda --test-threads=1 --nocapture 2>&1 \
+  | tee -a "$OUT/tests.log" | grep -E "^test |panicked|relative"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== fla bench cuda"
 .gpu/fla bench cuda --json "$OUT/ours.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" || status=1
 if [ "${COMPARE:-1}" = 1 ]; then
