@@ -30,7 +30,7 @@ fn chunk_order(dk: usize, dv: usize) -> Vec<usize> {
     let mut order = if state_heavy {
         vec![128, 64]
     } else {
-        CHUNK_ROWS.to_vec()
+        vec![64, 128]
     };
     if let Some(c) = forced_chunk() {
         order.retain(|&x| x != c);
@@ -159,7 +159,7 @@ impl Shape {
         let mut bk = tuned_tile("FLA_CHUNK_BK", d.dk, max_bk);
         loop {
             let shape = Shape::new(kernel, d, chunk, bk, bv);
-            if shape.smem <= gpu.max_smem() || bk == 16 {
+            if shape.fits(gpu) || bk == 16 {
                 return shape;
             }
             bk = tile(d.dk, bk / 2);
@@ -172,11 +172,10 @@ impl Shape {
         loop {
             let three = Shape::staged("chunk_dqk", d, chunk, bk, bv, 3);
             let two = Shape::staged("chunk_dqk", d, chunk, bk, bv, 2);
-            let fits = |s: &Shape| s.smem <= gpu.max_smem();
-            if fits(&three) && gpu.blocks_per_sm(three.smem) >= gpu.blocks_per_sm(two.smem) {
+            if three.fits(gpu) && gpu.blocks_per_sm(three.smem) >= gpu.blocks_per_sm(two.smem) {
                 return three;
             }
-            if fits(&two) || bv == 16 {
+            if two.fits(gpu) || bv == 16 {
                 return two;
             }
             bv = tile(d.dv, bv / 2);
