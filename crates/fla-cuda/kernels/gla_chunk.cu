@@ -1,8 +1,8 @@
 // Chunkwise GLA in two levels (the paper's "chunk" form with materialised states), for the
-// gates that act on keys only (none, scalar, key): every chunk's own part of the state comes
-// from one block per chunk, an element-wise scan over chunks turns the parts into the state at
-// every chunk boundary, and everything else runs one block per chunk, in parallel over the
-// whole batch.
+// gates that act on keys only (none, scalar, key): what every chunk gives on its own comes from
+// one block per chunk; one block per state tile sweeps each sequence's chunks, making the state
+// at every chunk boundary from their rows; everything else runs one block per chunk, in
+// parallel over the whole batch.
 //
 // Per chunk of C rows, with G the chunk-local inclusive cumulative gate, Γ its last row,
 // S the state at the chunk's start and dS' the gradient of the state at its end:
@@ -14,10 +14,9 @@
 //   dk = scale (dA^T Q̃) ⊙ e^-G + (v dS'^T) ⊙ e^(Γ-G)
 //   dv = A^T do + K̂ dS'
 //   dS = e^Γ ⊙ dS' + scale Q̃^T do
-// So the state at a chunk's end is e^Γ ⊙ (its start) + U with U = K̂^T v the chunk's own
-// part, and the gradient at its start is e^Γ ⊙ (its end's) + W with W = scale Q̃^T do: both
-// parts come from one block per chunk, and a scan over chunks (one thread per state element,
-// a multiply-add per chunk) chains them.
+// So the state at a chunk's end is e^Γ ⊙ (its start) + K̂^T v and the gradient at its start
+// e^Γ ⊙ (its end's) + scale Q̃^T do: with K̂ and Q̃ written once, the sweeps need no gates but
+// Γ, and their products do not wait for the state.
 // When a key tile's total decay max(-Γ) exceeds SAFE_EXP, e^-G could overflow: that tile's
 // intra-chunk sums are taken term by term with exact exponents instead (slow; only for gates
 // far stronger than trained models use). Every other exponent is of a non-positive number.
@@ -27,27 +26,26 @@
 //   dg_t = Σ_{i≥t} X_i + Σ_{j<t} Y_j + e^Γ ⊙ rowsum(dS' ⊙ S)
 // (the state enters through e^Γ ⊙ S and through K̂, the rows j < t through e^(Γ-G_j)).
 //
-// Kernels, in the order they run (KERNEL 0-6, one per module, so that a configuration
+// Kernels, in the order they run (KERNEL 0-5, one per module, so that a configuration
 // compiles only what it runs):
-//   chunk_local     per chunk: A (io_t, [tokens, H, C]), Q̃, Γ (f32) and U into the chunk's
-//                   state slot (io_t)
-//   chunk_scan      per (sequence, head, state elements): the slots become S at every chunk
-//                   start, in place; the final state
+//   chunk_local     per chunk: A (io_t, [tokens, H, C]), Q̃ and K̂ (io_t) and Γ (f32)
+//   chunk_states    per (sequence, head, state tile): S at every chunk start; the final state
 //   chunk_out       per (chunk, V tile): o
-//   chunk_qdo       per (chunk, K tile): W (from chunk_local's Q̃) into the chunk's slot of dS'
-//   chunk_scan_back the scan backwards: dS' at every chunk end, in place; dh0
+//   chunk_dstates   the sweep backwards: dS' at every chunk end; dh0
 //   chunk_dv        per (chunk, V tile): dv
 //   chunk_dqk       per (chunk, K tile): dq, dk and the gate's gradient
 //
-// Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK (64 or 128, with NT = 4 CHUNK threads, so that
-// each warp keeps ATPW of the C x C matrix's 16 x 32 tiles), BK, BV (the kernel's tiles), HAS_G, G_SCALAR,
-// GATE_BF16 (the gates and the key gate's gradient in bf16, else f32), HAS_H0, HAS_DHT,
-// MIN_BLOCKS (the blocks per SM that the kernel's shared memory allows: its registers are held
-// to that occupancy), STAGES (chunk_dqk: value tiles in flight).
+// Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK (64 or 128), NT (4 CHUNK threads, so that each
+// warp keeps ATPW of the C x C matrix's 16 x 32 tiles; the sweeps' own count), BK, BV (the
+// kernel's tiles), HAS_G, G_SCALAR, GATE_BF16 (the gates and the key gate's gradient in bf16,
+// else f32), HAS_H0, HAS_DHT, MIN_BLOCKS (the blocks per SM that the kernel's shared memory
+// allows: its registers are held to that occupancy), STAGES (chunks, or chunk_dqk's value
+// tiles, in flight).
 
 #define KD HEAD_K
 #define C CHUNK
-#if (C != 64 && C != 128) || NT != 4 * C
+#define SWEEP (KERNEL == 1 || KERNEL == 3)
+#if (C != 64 && C != 128) || (NT != 4 * C && !SWEEP)
 #error "chunks of 64 or 128 rows, 4 threads per row"
 #endif
 #define SAFE_EXP 40.f
@@ -233,47 +231,13 @@ __device__ __forceinline__ bool attn_vector(int i, int c) { return c / SV * SV <
 
 // Starts loading a chunk's rows of A ([tokens, H, C]) into sA (row stride AS); vectors wholly
 // above the diagonal and rows past the chunk's end are zeros, read from nowhere.
-#if KERNEL == 2 || KERNEL == 5
+#if KERNEL == 2 || KERNEL == 4
 __device__ __forceinline__ void load_attn(io_t* sA, const io_t* a, ChunkAt at, int H, int hh) {
     constexpr int per_row = C / SV;
     for (int idx = threadIdx.x; idx < C * per_row; idx += NT) {
         const int i = idx / per_row, c = idx % per_row * SV;
         const bool ok = i < at.rows && attn_vector(i, c);
         cp_async16(sA + i * AS + c, ok ? a + ((at.row0 + i) * H + hh) * C + c : a, ok);
-    }
-}
-#endif
-
-// ---------------------------------------------------------------------------------------
-// A chunk's part of a state or of its gradient, alpha X^T Y into `dst` (ROWS x HEAD_V, row
-// stride HEAD_V): X the chunk's C x ROWS tile in shared memory (row stride ldx), Y its value
-// rows, walked BV columns at a time (the first tile already in sy, the others loaded into
-// it). Each warp's 16 x 32 tiles are written from the accumulators.
-#if KERNEL == 0 || KERNEL == 3
-template <int ROWS>
-__device__ __forceinline__ void write_part(io_t* dst, const io_t* sx, int ldx, io_t* sy,
-                                           const io_t* y, ChunkAt at, int H, int hh,
-                                           float alpha) {
-    constexpr int tiles_n = (BV + 31) / 32;
-    for (int v0 = 0; v0 < HEAD_V; v0 += BV) {
-        if (v0 > 0) {
-            __syncthreads();  // sy read
-            load_tile(sy, VS, y, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-            cp_async_wait_all();
-            __syncthreads();
-        }
-        for (int tile = threadIdx.x / 32; tile < ROWS / 16 * tiles_n; tile += NW) {
-            const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 32;
-            float d[4][4] = {};
-            warp_mma(d, col_major(sx, ldx), row_major(sy, VS), m0, n0, BV, C);
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                if (n0 + j * 8 < BV)
-#pragma unroll
-                    for (int e = 0; e < 4; e += 2)
-                        store_pair(dst + (size_t)(m0 + frag_row(e)) * HEAD_V + v0 + n0 + frag_col(j, e),
-                                   alpha * d[j][e], alpha * d[j][e + 1]);
-        }
     }
 }
 #endif
@@ -291,12 +255,10 @@ __device__ __forceinline__ TileAt tile_at(int tiles) {
 // ---------------------------------------------------------------------------------------
 // What every chunk gives on its own, one block per (chunk, head), walking the key columns BK
 // at a time: A = scale tril(Q̃ K̃^T) with the diagonal from the raw q·k ([tokens, H, C]);
-// with a gate Q̃ = q ⊙ e^G for chunk_out ([tokens, H, KD]) and Γ ([chunks, H, KD]); and the
-// chunk's own part of the state, U = K̂^T v with K̂ = k ⊙ e^(Γ-G), into its slot [KD, HEAD_V]
-// of `states` (the value columns walked BV at a time, after the key columns). Each warp keeps
-// its ATPW tiles of A in registers across the key tiles.
+// with a gate, Q̃ = q ⊙ e^G (for chunk_out and the backward sweep) and K̂ = k ⊙ e^(Γ-G) (for
+// the forward sweep and chunk_dv), both [tokens, H, KD], and Γ ([chunks, H, KD]). Each warp
+// keeps its ATPW tiles of A in registers across the key tiles.
 #if KERNEL == 0
-#define KHS (KD + PADE)  // io_t tiles of all KD columns
 // A_ij of one key tile term by term with exact exponents (for strong gates); not inlined:
 // the kernel calls it for each of its 16 fragment elements.
 __device__ __noinline__ float strong_attn(const io_t* sq, const io_t* sk, const float* sG, int i,
@@ -308,27 +270,24 @@ __device__ __noinline__ float strong_attn(const io_t* sq, const io_t* sk, const 
 }
 
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
-    const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
-    const gate_t* __restrict__ g, io_t* __restrict__ a, io_t* __restrict__ qg,
-    io_t* __restrict__ states, float* __restrict__ gam, const int* __restrict__ cu,
-    const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H, float scale) {
+    const io_t* __restrict__ q, const io_t* __restrict__ k, const gate_t* __restrict__ g,
+    io_t* __restrict__ a, io_t* __restrict__ qg, io_t* __restrict__ kh, float* __restrict__ gam,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off,
+    const int* __restrict__ chunk_seq, int H, float scale) {
     Carve cv{smem};
-    io_t* sq = cv.take<io_t>(C * KS);                // q's key tile, then Q̃'s
-    io_t* skt = cv.take<io_t>(HAS_G ? C * KS : 0);  // K̃'s key tile (raw k for strong gates)
-    io_t* skh = cv.take<io_t>(C * KHS);              // k, all key columns, then K̂
+    io_t* sq = cv.take<io_t>(C * KS);  // q's key tile, then Q̃'s
+    io_t* sk = cv.take<io_t>(C * KS);  // k's, then K̃'s (k's for strong gates)
     float* sG = cv.take<float>(HAS_G ? C * GS : 0);
-    io_t* sv = cv.take<io_t>(C * VS);
     float* sd = cv.take<float>(C);  // the diagonal q_i·k_i
     float* red = cv.take<float>(RED);
     check_carve(cv);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, hh = blockIdx.y;
     const ChunkAt at = chunk_at(blockIdx.x, cu, chunk_off, chunk_seq);
     float acc[ATPW][4][4] = {};
-    load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, 0, BV);
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last key tile read
         load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
-        load_tile(skh + k0, KHS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
+        load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
 #if HAS_G
         load_gates(sG, g, at.row0, at.rows, H, hh, k0);
 #endif
@@ -336,12 +295,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
         __syncthreads();
         for (int i = warp; i < C; i += NW) {
             float s = 0.f;
-            for (int c = lane; c < BK; c += 32)
-                s += to_f(sq[i * KS + c]) * to_f(skh[i * KHS + k0 + c]);
+            for (int c = lane; c < BK; c += 32) s += to_f(sq[i * KS + c]) * to_f(sk[i * KS + c]);
             s = warp_sum(s);
             if (lane == 0) sd[i] = s + (k0 > 0 ? sd[i] : 0.f);
         }
 #if HAS_G
+        // Its barriers also order the diagonal's reads of q and k before the writes below.
         const bool strong = cumsum_gates(sG, red) > SAFE_EXP;
         for_vectors([&](int i, int c) {
             float gi[SV], up[SV], down[SV], rest[SV];
@@ -353,11 +312,16 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
                 down[e] = -gi[e];
                 rest[e] -= gi[e];
             }
-            const Vec16 kv = ld16(skh + i * KHS + k0 + c), x = times_exp(ld16(sq + i * KS + c), up);
-            if (i < at.rows) st16(qg + ((at.row0 + i) * H + hh) * KD + k0 + c, x);
-            if (!strong) st16(sq + i * KS + c, x);
-            st16(skt + i * KS + c, strong ? kv : times_exp(kv, down));
-            st16(skh + i * KHS + k0 + c, times_exp(kv, rest));
+            const Vec16 kv = ld16(sk + i * KS + c), x = times_exp(ld16(sq + i * KS + c), up);
+            if (i < at.rows) {
+                const size_t at_ = ((at.row0 + i) * H + hh) * KD + k0 + c;
+                st16(qg + at_, x);
+                st16(kh + at_, times_exp(kv, rest));
+            }
+            if (!strong) {
+                st16(sq + i * KS + c, x);
+                st16(sk + i * KS + c, times_exp(kv, down));
+            }
         });
         for (int c = tid; c < BK; c += NT)
             gam[((size_t)blockIdx.x * H + hh) * KD + k0 + c] = sG[(C - 1) * GS + c];
@@ -372,10 +336,10 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int i = tile.m0 + frag_row(e), jj = tile.n0 + frag_col(j, e);
-                        if (jj < i) acc[t][j][e] += strong_attn(sq, skt, sG, i, jj);
+                        if (jj < i) acc[t][j][e] += strong_attn(sq, sk, sG, i, jj);
                     }
             } else {
-                warp_mma(acc[t], row_major(sq, KS), col_major(skt, KS), tile.m0, tile.n0, C, BK);
+                warp_mma(acc[t], row_major(sq, KS), col_major(sk, KS), tile.m0, tile.n0, C, BK);
             }
         }
 #else
@@ -383,11 +347,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
         for (int t = 0; t < ATPW; t++) {
             const SqTile tile = sq_tile(t);
             if (!tile.upper)
-                warp_mma(acc[t], row_major(sq, KS), col_major(skh + k0, KHS), tile.m0, tile.n0, C, BK);
+                warp_mma(acc[t], row_major(sq, KS), col_major(sk, KS), tile.m0, tile.n0, C, BK);
         }
 #endif
     }
-    __syncthreads();  // sd and K̂ complete
+    __syncthreads();  // sd complete
 #pragma unroll
     for (int t = 0; t < ATPW; t++)
 #pragma unroll
@@ -402,83 +366,143 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
                     x[h] = jj + h < i ? acc[t][j][e + h] : jj + h == i ? sd[i] : 0.f;
                 store_pair(a + ((at.row0 + i) * H + hh) * C + jj, scale * x[0], scale * x[1]);
             }
-    write_part<KD>(states + ((size_t)blockIdx.x * H + hh) * KD * HEAD_V, skh, KHS, sv, v, at, H,
-                   hh, 1.f);
 }
 #endif
 
 // ---------------------------------------------------------------------------------------
-// The scan over a sequence's chunks, in place, one thread per SV state elements (one 16-byte
-// vector of a key row): grid (sequences x H, KD * HEAD_V / (SV NT) rounded up). Forward
-// (chunk_scan): slot i holds U_i and becomes S_i, the state at chunk i's start: S_0 = h0
-// (or 0), S_{i+1} = e^Γ_i ⊙ S_i + U_i, and ht = the state after the last chunk. Backward
-// (chunk_scan_back): slot i holds W_i and becomes dS'_i, the gradient of the state at chunk
-// i's end: dS'_last = dht (or 0), dS'_{i-1} = e^Γ_i ⊙ dS'_i + W_i, and dh0 = the gradient at
-// the first chunk's start. Each thread reads its slots before writing them, SCAN_AHEAD
-// chunks at a time (loads in flight).
-#if KERNEL == 1 || KERNEL == 4
-#define SCAN_AHEAD 8
+// The states, one block per (sequence, head, BK x BV tile of the state) sweeping the
+// sequence's chunks with its tile in registers (f32, in the layout of the warps' product
+// tiles). Forward (chunk_states): slot i of `slots` gets S_i, the state at chunk i's start:
+// S_0 = h0 (or 0), S_{i+1} = e^Γ_i ⊙ S_i + K̂_i^T v_i, and ht = the state after the last
+// chunk. Backward (chunk_dstates), the chunks last to first: slot i gets dS'_i, the gradient
+// of the state at chunk i's end: dS'_last = dht (or 0), dS'_{i-1} = e^Γ_i ⊙ dS'_i + scale
+// Q̃_i^T do_i, and dh0 = the gradient at the first chunk's start. The backward carries
+// dS' / scale, so that both add a plain product. A chunk's product does not depend on the
+// state: the rows of the next STAGES - 1 chunks are loading while it runs. Grid (sequences x
+// tiles, H): the tiles of one sequence and head run side by side, so that a chunk's rows come
+// from DRAM once and from L2 for the other tiles.
+#if SWEEP
+#define ST_TN ((BV + 31) / 32)
+#define ST_TILES (BK / 16 * ST_TN)
+#define ST_TPW ((ST_TILES + NW - 1) / NW)
+// FOR_STATE_TILES(t, m0, n0): a statement for each of the warp's tiles of the state tile.
+#define FOR_STATE_TILES(t, m0, n0)                                                        \
+    _Pragma("unroll") for (int t = 0, tile_ = threadIdx.x / 32; t < ST_TPW; t++, tile_ += NW) \
+        if (const int m0 = tile_ / ST_TN * 16, n0 = tile_ % ST_TN * 32; tile_ < ST_TILES)
+
 template <bool BACK>
-__device__ __forceinline__ void scan(io_t* __restrict__ slots, const float* __restrict__ gam,
-                                     const float* __restrict__ init, float* __restrict__ fin,
-                                     const int* __restrict__ chunk_off, int H, bool has_init,
-                                     bool has_fin) {
-    const int e = (blockIdx.y * NT + threadIdx.x) * SV;
-    if (e >= KD * HEAD_V) return;
-    const int n = blockIdx.x / H, hh = blockIdx.x % H, key = e / HEAD_V;
-    const int first = chunk_off[n], chunks = chunk_off[n + 1] - first;
-    const size_t state_at = ((size_t)n * H + hh) * KD * HEAD_V + e;
-    auto chunk = [&](int step) { return first + (BACK ? chunks - 1 - step : step); };
-    auto slot = [&](int step) {
-        return (Vec16*)(slots + ((size_t)chunk(step) * H + hh) * KD * HEAD_V + e);
+__device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __restrict__ y,
+                                      io_t* __restrict__ slots, const float* __restrict__ gam,
+                                      const float* __restrict__ init, float* __restrict__ fin,
+                                      const int* __restrict__ cu,
+                                      const int* __restrict__ chunk_off, int H, float alpha,
+                                      bool has_init, bool has_fin) {
+    constexpr int STAGE = C * KS + C * VS, TILES_V = HEAD_V / BV;
+    Carve cv{smem};
+    io_t* ring = cv.take<io_t>(STAGES * STAGE);         // x's rows, then y's, per chunk
+    float* rg = cv.take<float>(HAS_G ? STAGES * BK : 0);  // Γ per chunk
+    check_carve(cv);
+    const int tiles = KD / BK * TILES_V, hh = blockIdx.y;
+    const int n = blockIdx.x / tiles, k0 = blockIdx.x % tiles / TILES_V * BK,
+              v0 = blockIdx.x % tiles % TILES_V * BV;
+    const int first = chunk_off[n], chunks = chunk_off[n + 1] - first, len = cu[n + 1] - cu[n];
+    auto chunk = [&](int step) { return BACK ? chunks - 1 - step : step; };
+    // Starts the loads of step `step` into its slot, as one group (empty past the end).
+    auto load_step = [&](int step) {
+        if (step < chunks) {
+            const int c = chunk(step), slot = step % STAGES;
+            const size_t row0 = (size_t)cu[n] + (size_t)c * C;
+            const int rows = min(C, len - c * C);
+            io_t* sx = ring + slot * STAGE;
+            load_tile(sx, KS, x, row0, rows, C, H, hh, KD, k0, BK);
+            load_tile(sx + C * KS, VS, y, row0, rows, C, H, hh, HEAD_V, v0, BV);
+#if HAS_G
+            const float* gc = gam + ((size_t)(first + c) * H + hh) * KD + k0;
+            for (int i = threadIdx.x; i < BK / 4; i += NT)
+                cp_async16(rg + slot * BK + 4 * i, gc + 4 * i, true);
+#endif
+        }
+        cp_async_commit();
     };
-    auto decay = [&](int step) {
-        return HAS_G ? EXP(gam[((size_t)chunk(step) * H + hh) * KD + key]) : 1.f;
-    };
-    float s[SV];
+    for (int step = 0; step < STAGES - 1; step++) load_step(step);
+    // The state tile, from h0 or dht (f32 [sequences, H, KD, HEAD_V]).
+    const size_t st = ((size_t)n * H + hh) * KD * HEAD_V + (size_t)k0 * HEAD_V + v0;
+    const float inv = 1.f / alpha;
+    float acc[ST_TPW][4][4];
+    FOR_STATE_TILES(t, m0, n0) {
 #pragma unroll
-    for (int i = 0; i < SV; i++) s[i] = has_init ? init[state_at + i] : 0.f;
-    // SCAN_AHEAD chunks' parts and decays are read before any of their slots is written.
-    for (int s0 = 0; s0 < chunks; s0 += SCAN_AHEAD) {
-        Vec16 part[SCAN_AHEAD];
-        float dec[SCAN_AHEAD];
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-        for (int u = 0; u < SCAN_AHEAD; u++)
-            if (s0 + u < chunks) {
-                part[u] = *slot(s0 + u);
-                dec[u] = decay(s0 + u);
-            }
-#pragma unroll
-        for (int u = 0; u < SCAN_AHEAD; u++)
-            if (s0 + u < chunks) {
-                Vec16 out;
-#pragma unroll
-                for (int i = 0; i < SV; i++) {
-                    out.x[i] = from_f(s[i]);
-                    s[i] = dec[u] * s[i] + to_f(part[u].x[i]);
-                }
-                *slot(s0 + u) = out;
+            for (int e = 0; e < 4; e += 2) {
+                const int r = m0 + frag_row(e), c = n0 + frag_col(j, e);
+                const f32x2 h = has_init && c < BV
+                                    ? *(const f32x2*)(init + st + (size_t)r * HEAD_V + c)
+                                    : f32x2{0.f, 0.f};
+                acc[t][j][e] = inv * h.x;
+                acc[t][j][e + 1] = inv * h.y;
             }
     }
-    if (has_fin)
+    for (int step = 0; step < chunks; step++) {
+        cp_async_wait_group<STAGES - 2>();
+        __syncthreads();  // this step's slot filled; every thread past the last step's products
+        load_step(step + STAGES - 1);  // into the last step's slot
+        const int slot = step % STAGES;
+        const io_t* sx = ring + slot * STAGE;
+        io_t* out = slots + ((size_t)(first + chunk(step)) * H + hh) * KD * HEAD_V +
+                    (size_t)k0 * HEAD_V + v0;
+        FOR_STATE_TILES(t, m0, n0) {
 #pragma unroll
-        for (int i = 0; i < SV; i++) fin[state_at + i] = s[i];
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e += 2) {
+                    const int r = m0 + frag_row(e), c = n0 + frag_col(j, e);
+                    if (c < BV)
+                        store_pair(out + (size_t)r * HEAD_V + c, alpha * acc[t][j][e],
+                                   alpha * acc[t][j][e + 1]);
+                }
+#if HAS_G
+            const float d[2] = {EXP(rg[slot * BK + m0 + frag_row(0)]),
+                                EXP(rg[slot * BK + m0 + frag_row(2)])};
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[t][j][e] *= d[e >> 1];
+#endif
+            warp_mma(acc[t], col_major(sx, KS), row_major(sx + C * KS, VS), m0, n0, BV, C);
+        }
+    }
+    if (!has_fin) return;
+    FOR_STATE_TILES(t, m0, n0) {
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e += 2) {
+                const int r = m0 + frag_row(e), c = n0 + frag_col(j, e);
+                if (c < BV)
+                    *(f32x2*)(fin + st + (size_t)r * HEAD_V + c) =
+                        f32x2{alpha * acc[t][j][e], alpha * acc[t][j][e + 1]};
+            }
+    }
 }
 #endif
 
+// kh is K̂ from chunk_local (k itself without a gate).
 #if KERNEL == 1
-extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_scan(
-    io_t* __restrict__ states, const float* __restrict__ gam, const float* __restrict__ h0,
-    float* __restrict__ ht, const int* __restrict__ chunk_off, int H) {
-    scan<false>(states, gam, h0, ht, chunk_off, H, HAS_H0, true);
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_states(
+    const io_t* __restrict__ kh, const io_t* __restrict__ v, io_t* __restrict__ states,
+    const float* __restrict__ gam, const float* __restrict__ h0, float* __restrict__ ht,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H) {
+    sweep<false>(kh, v, states, gam, h0, ht, cu, chunk_off, H, 1.f, HAS_H0, true);
 }
 #endif
 
-#if KERNEL == 4
-extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_scan_back(
-    io_t* __restrict__ dstates, const float* __restrict__ gam, const float* __restrict__ dht,
-    float* __restrict__ dh0, const int* __restrict__ chunk_off, int H) {
-    scan<true>(dstates, gam, dht, dh0, chunk_off, H, HAS_DHT, HAS_H0);
+// qg is Q̃ from chunk_local (q itself without a gate).
+#if KERNEL == 3
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dstates(
+    const io_t* __restrict__ qg, const io_t* __restrict__ d_o, io_t* __restrict__ dstates,
+    const float* __restrict__ gam, const float* __restrict__ dht, float* __restrict__ dh0,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H, float scale) {
+    sweep<true>(qg, d_o, dstates, gam, dht, dh0, cu, chunk_off, H, scale, HAS_DHT, HAS_H0);
 }
 #endif
 
@@ -486,7 +510,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_scan_back(
 // The C x BV outputs of chunk_out and chunk_dv: each warp keeps TPW of its 16 x 32 tiles in
 // registers; FOR_OUT_TILES(t, m0, n0) runs a statement for each (t its slot, m0 and n0 the
 // tile's first row and column).
-#if KERNEL == 2 || KERNEL == 5
+#if KERNEL == 2 || KERNEL == 4
 #define OUT_TN ((BV + 31) / 32)
 #define OUT_TILES (C / 16 * OUT_TN)
 #define TPW ((OUT_TILES + NW - 1) / NW)
@@ -555,45 +579,18 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// A chunk's own part of the state's gradient, W = scale Q̃^T do, into the chunk's slot
-// [KD, HEAD_V] of dstates: grid (chunks x KD / BK, H), the value columns walked BV at a time.
-// qg is Q̃ = q ⊙ e^G as chunk_local wrote it for the forward (q itself without a gate).
-#if KERNEL == 3
-extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_qdo(
-    const io_t* __restrict__ qg, const io_t* __restrict__ d_o, io_t* __restrict__ dstates,
-    const int* __restrict__ cu, const int* __restrict__ chunk_off,
-    const int* __restrict__ chunk_seq, int H, float scale) {
-    Carve cv{smem};
-    io_t* sq = cv.take<io_t>(C * KS);
-    io_t* sdo = cv.take<io_t>(C * VS);
-    check_carve(cv);
-    const TileAt b = tile_at(KD / BK);
-    const int hh = blockIdx.y, k0 = b.tile * BK;
-    const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
-    load_tile(sq, KS, qg, at.row0, at.rows, C, H, hh, KD, k0, BK);
-    load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, 0, BV);
-    cp_async_wait_all();
-    __syncthreads();
-    write_part<BK>(dstates + (((size_t)b.chunk * H + hh) * KD + k0) * HEAD_V, sq, KS, sdo, d_o,
-                   at, H, hh, scale);
-}
-#endif
-
-// ---------------------------------------------------------------------------------------
-// dv = A^T do + K̂ dS': grid (chunks x HEAD_V / BV, H).
-#if KERNEL == 5
+// dv = A^T do + K̂ dS': grid (chunks x HEAD_V / BV, H). kh is K̂ from chunk_local (k itself
+// without a gate).
+#if KERNEL == 4
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
-    const io_t* __restrict__ k, const gate_t* __restrict__ g, const io_t* __restrict__ d_o,
-    const io_t* __restrict__ a, const io_t* __restrict__ dstates, io_t* __restrict__ dv,
-    const int* __restrict__ cu, const int* __restrict__ chunk_off,
-    const int* __restrict__ chunk_seq, int H) {
+    const io_t* __restrict__ kh, const io_t* __restrict__ d_o, const io_t* __restrict__ a,
+    const io_t* __restrict__ dstates, io_t* __restrict__ dv, const int* __restrict__ cu,
+    const int* __restrict__ chunk_off, const int* __restrict__ chunk_seq, int H) {
     Carve cv{smem};
     io_t* sk = cv.take<io_t>(C * KS);
-    float* sG = cv.take<float>(HAS_G ? C * GS : 0);
     io_t* sdS = cv.take<io_t>(BK * VS);
     io_t* sA = cv.take<io_t>(C * AS);
     io_t* sdo = cv.take<io_t>(C * VS);
-    float* red = cv.take<float>(RED);
     check_carve(cv);
     const TileAt b = tile_at(HEAD_V / BV);
     const int hh = blockIdx.y, v0 = b.tile * BV;
@@ -604,25 +601,10 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     float acc[TPW][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last product has read sk and sdS
-        load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
+        load_tile(sk, KS, kh, at.row0, at.rows, C, H, hh, KD, k0, BK);
         load_mat(sdS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
-#if HAS_G
-        load_gates(sG, g, at.row0, at.rows, H, hh, k0);
-#endif
         cp_async_wait_all();
         __syncthreads();
-#if HAS_G
-        cumsum_gates(sG, red);
-        for_vectors([&](int i, int c) {
-            float gi[SV], rest[SV];
-            ld_gates(gi, sG + i * GS + c);
-            ld_gates(rest, sG + (C - 1) * GS + c);
-#pragma unroll
-            for (int e = 0; e < SV; e++) rest[e] -= gi[e];
-            st16(sk + i * KS + c, times_exp(ld16(sk + i * KS + c), rest));
-        });
-        __syncthreads();
-#endif
         FOR_OUT_TILES(t, m0, n0) warp_mma(acc[t], row_major(sk, KS), row_major(sdS, VS), m0, n0, BV, BK);
     }
     FOR_OUT_TILES(t, m0, n0) {
@@ -640,7 +622,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
 // key tiles by atomics: zero it first). Each warp keeps its ATPW tiles of dA and one 16 x 32
 // tile of dq and of dk in registers from the walk to the end (a K tile of at most 64 columns
 // has C / 8 = NW such tiles).
-#if KERNEL == 6
+#if KERNEL == 5
 #if 4 * BK > NT || STAGES < 2
 #error "chunk_dqk sums rowsum(dS' ⊙ S) with 4 threads per key row, over a ring of 2 or more slots"
 #endif

@@ -1,7 +1,7 @@
-//! The two-level chunk form on the GPU (kernels/gla_chunk.cu): every chunk's own part of the
-//! state from one block per chunk, a scan over chunks that makes the state at every chunk
-//! boundary of them, everything else one block per chunk. Gates that act on keys only (none,
-//! scalar, key); the others take the fused kernels.
+//! The two-level chunk form on the GPU (kernels/gla_chunk.cu): what every chunk gives on its
+//! own from one block per chunk, the state at every chunk boundary from one block per state
+//! tile sweeping a sequence's chunks, everything else one block per chunk. Gates that act on
+//! keys only (none, scalar, key); the others take the fused kernels.
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use fla_ops::GateKind;
@@ -43,6 +43,10 @@ fn chunk_order(dk: usize, dv: usize) -> Vec<usize> {
 fn threads(chunk: usize) -> u32 {
     4 * chunk as u32
 }
+
+/// Threads per block of the sweeps: four warps, each keeping two 16 x 32 tiles of a 64 x 64
+/// state tile.
+const SWEEP_THREADS: u32 = 128;
 
 /// Rows per chunk that FLA_CHUNK (64 or 128) asks for, for tuning and for testing both.
 fn forced_chunk() -> Option<usize> {
@@ -94,8 +98,10 @@ pub(crate) struct TwoLevel {
     /// Every chunk's attention matrix A, scale included [tokens, H, chunk rows] (only the
     /// 16-byte vectors that reach the diagonal or below are written).
     attn: Buf,
-    /// Q̃ = q ⊙ e^G [tokens, H, K] for chunk_out and chunk_qdo (None without a gate: q).
+    /// Q̃ = q ⊙ e^G [tokens, H, K] for chunk_out and chunk_dstates (None without a gate: q).
     qg: Option<Buf>,
+    /// K̂ = k ⊙ e^(Γ-G) [tokens, H, K] for chunk_states and chunk_dv (None without a gate: k).
+    kh: Option<Buf>,
 }
 
 /// The widest of 128, 64, 48, 32, 16 that divides `size` and is at most `max`.
@@ -121,23 +127,23 @@ fn carve(regions: &[usize]) -> usize {
 }
 
 /// The kernels of gla_chunk.cu, in the order of their KERNEL numbers.
-const KERNELS: [&str; 7] = [
+const KERNELS: [&str; 6] = [
     "chunk_local",
-    "chunk_scan",
+    "chunk_states",
     "chunk_out",
-    "chunk_qdo",
-    "chunk_scan_back",
+    "chunk_dstates",
     "chunk_dv",
     "chunk_dqk",
 ];
 
-/// The rows per chunk of one kernel, its tiles, the value tiles it keeps in flight
-/// (chunk_dqk) and its shared memory.
+/// The rows per chunk of one kernel, its tiles, the chunks (sweeps) or value tiles
+/// (chunk_dqk) it keeps in flight, its threads and its shared memory.
 struct Shape {
     chunk: usize,
     bk: usize,
     bv: usize,
     stages: usize,
+    threads: u32,
     smem: usize,
 }
 
@@ -182,6 +188,19 @@ impl Shape {
         }
     }
 
+    /// A sweep (chunk_states or chunk_dstates) over state tiles of up to 64 x 64
+    /// (FLA_SWEEP_BV forces the value width), with as many chunks in flight, up to 4, as keep
+    /// two blocks on an SM.
+    fn sweep(gpu: &Gpu, kernel: &str, d: &DeviceGla, chunk: usize) -> Shape {
+        let (bk, bv) = (tile(d.dk, 64), tuned_tile("FLA_SWEEP_BV", d.dv, 64));
+        let shape = |stages| Shape::staged(kernel, d, chunk, bk, bv, stages);
+        (2..=4)
+            .rev()
+            .map(shape)
+            .find(|s| gpu.blocks_per_sm(s.smem) >= 2)
+            .unwrap_or_else(|| shape(2))
+    }
+
     fn staged(
         kernel: &str,
         d: &DeviceGla,
@@ -207,15 +226,13 @@ impl Shape {
             c * (bk + 8) * 4
         };
         let regions: Vec<usize> = match kernel {
-            "chunk_local" => {
-                let all_keys = c * (d.dk + pad) * io;
-                let k_tile = if d.gate == GateKind::None { 0 } else { c * ks };
-                vec![c * ks, k_tile, all_keys, gates, c * vs, c * 4, red]
+            "chunk_local" => vec![c * ks, c * ks, gates, c * 4, red],
+            "chunk_states" | "chunk_dstates" => {
+                let gam = if d.gate == GateKind::None { 0 } else { bk * 4 };
+                vec![stages * (c * ks + c * vs), stages * gam]
             }
-            "chunk_qdo" => vec![c * ks, c * vs],
-            "chunk_scan" | "chunk_scan_back" => vec![],
             "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs],
-            "chunk_dv" => vec![c * ks, gates, bk * vs, c * a_s, c * vs, red],
+            "chunk_dv" => vec![c * ks, bk * vs, c * a_s, c * vs],
             "chunk_dqk" => vec![
                 (stages * (2 * c * vs + 2 * bk * vs)).max(c * a_s + 2 * c * ks),
                 c * ks,
@@ -228,11 +245,13 @@ impl Shape {
             ],
             _ => unreachable!("no kernel {kernel}"),
         };
+        let sweep = matches!(kernel, "chunk_states" | "chunk_dstates");
         Shape {
             chunk,
             bk,
             bv,
             stages,
+            threads: if sweep { SWEEP_THREADS } else { threads(chunk) },
             smem: carve(&regions),
         }
     }
@@ -242,13 +261,12 @@ impl Shape {
     }
 }
 
-/// The shapes of the seven kernels for chunks of one size.
+/// The shapes of the six kernels for chunks of one size.
 struct Plan {
     local: Shape,
-    scan: Shape,
+    states: Shape,
     out: Shape,
-    qdo: Shape,
-    scan_back: Shape,
+    dstates: Shape,
     dv: Shape,
     dqk: Shape,
 }
@@ -265,10 +283,9 @@ impl Plan {
         let dqk_bv = tuned_tile("FLA_DQK_BV", dv, 64);
         Plan {
             local: Shape::key_tiled(gpu, "chunk_local", d, chunk, local_bk, bv),
-            scan: Shape::new("chunk_scan", d, chunk, dk, dv),
+            states: Shape::sweep(gpu, "chunk_states", d, chunk),
             out: Shape::key_tiled(gpu, "chunk_out", d, chunk, 128, bv),
-            qdo: Shape::key_tiled(gpu, "chunk_qdo", d, chunk, 128, bv),
-            scan_back: Shape::new("chunk_scan_back", d, chunk, dk, dv),
+            dstates: Shape::sweep(gpu, "chunk_dstates", d, chunk),
             dv: Shape::key_tiled(gpu, "chunk_dv", d, chunk, 128, bv),
             dqk: Shape::dqk(gpu, d, chunk, tile(dk, 64), dqk_bv),
         }
@@ -289,13 +306,12 @@ impl Plan {
             })
     }
 
-    fn shapes(&self) -> [&Shape; 7] {
+    fn shapes(&self) -> [&Shape; 6] {
         [
             &self.local,
-            &self.scan,
+            &self.states,
             &self.out,
-            &self.qdo,
-            &self.scan_back,
+            &self.dstates,
             &self.dv,
             &self.dqk,
         ]
@@ -325,7 +341,7 @@ impl DeviceGla {
             .iter()
             .position(|&k| k == kernel)
             .expect("a kernel of gla_chunk.cu");
-        let mut d = self.defines(shape.chunk, threads(shape.chunk));
+        let mut d = self.defines(shape.chunk, shape.threads);
         d.extend([
             ("KERNEL", index as i64),
             ("MIN_BLOCKS", min_blocks as i64),
@@ -337,15 +353,10 @@ impl DeviceGla {
         d
     }
 
-    /// The scans' grid: (sequences x heads, blocks of the kernels' threads), each thread
-    /// taking one 16-byte vector of state elements.
-    fn scan_grid(&self, chunk: usize) -> (usize, usize, usize) {
-        let per_thread = 16 / self.dtype.bytes();
-        (
-            self.n_seqs * self.h,
-            (self.dk * self.dv / per_thread).div_ceil(threads(chunk) as usize),
-            1,
-        )
+    /// A sweep's grid: (sequences x state tiles, heads).
+    fn sweep_grid(&self, shape: &Shape) -> (usize, usize, usize) {
+        let tiles = (self.dk / shape.bk) * (self.dv / shape.bv);
+        (self.n_seqs * tiles, self.h, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -364,7 +375,7 @@ impl DeviceGla {
         }
         // Registers held to the occupancy that shared memory allows, at most 768 threads an SM
         // (85 registers a thread).
-        let nt = threads(shape.chunk);
+        let nt = shape.threads;
         let min_blocks = gpu.blocks_per_sm(shape.smem).min(768 / nt as usize).max(1);
         let defines = self.two_level_defines(name, shape, has_dht, min_blocks);
         let trace = std::env::var_os("FLA_TRACE_KERNELS").is_some();
@@ -430,14 +441,11 @@ impl DeviceGla {
         )?;
         let attn = Buf::uninit(gpu, (self.b * self.t * self.h * chunk).max(1), self.dtype)?;
         let gam = crate::gla::uninit(gpu, (n_chunks * self.h * self.dk).max(1))?;
-        let qg = match self.gate {
-            GateKind::None => None,
-            _ => Some(Buf::uninit(
-                gpu,
-                (self.b * self.t * self.h * self.dk).max(1),
-                self.dtype,
-            )?),
+        let gated = |d: &DeviceGla| match d.gate {
+            GateKind::None => Ok(None),
+            _ => Buf::uninit(gpu, (d.b * d.t * d.h * d.dk).max(1), d.dtype).map(Some),
         };
+        let (qg, kh) = (gated(self)?, gated(self)?);
         let mut tl = TwoLevel {
             plan,
             chunks,
@@ -445,6 +453,7 @@ impl DeviceGla {
             gam,
             attn,
             qg,
+            kh,
         };
         let [q, k, v, g, _, _, h0] = self.input_ptrs(gpu);
         let s = &gpu.stream;
@@ -455,6 +464,7 @@ impl DeviceGla {
         let o = self.o.ptr_mut(gpu);
         let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
         let qg = tl.qg.as_mut().map_or(0, |b| b.ptr_mut(gpu));
+        let kh = tl.kh.as_mut().map_or(0, |b| b.ptr_mut(gpu));
         let p = &tl.plan;
         self.launch_chunk_kernel(
             gpu,
@@ -462,16 +472,16 @@ impl DeviceGla {
             &p.local,
             false,
             (n_chunks, self.h, 1),
-            &[q, k, v, g, a, qg, st, gam, cu, off, seq],
+            &[q, k, g, a, qg, kh, gam, cu, off, seq],
             true,
         )?;
         self.launch_chunk_kernel(
             gpu,
-            "chunk_scan",
-            &p.scan,
+            "chunk_states",
+            &p.states,
             false,
-            self.scan_grid(chunk),
-            &[st, gam, h0, ht, off],
+            self.sweep_grid(&p.states),
+            &[if kh == 0 { k } else { kh }, v, st, gam, h0, ht, cu, off],
             false,
         )?;
         self.launch_chunk_kernel(
@@ -503,7 +513,7 @@ impl DeviceGla {
             .as_ref()
             .ok_or_else(|| Error::Invalid("the GPU backward needs the forward run first".into()))?;
         let n_chunks = tl.chunks.count;
-        // chunk_qdo writes every element.
+        // chunk_dstates writes every element.
         let mut dstates = Buf::uninit(
             gpu,
             (n_chunks * self.h * self.dk * self.dv).max(1),
@@ -516,6 +526,7 @@ impl DeviceGla {
         let (st, a) = (tl.states.ptr(gpu), tl.attn.ptr(gpu));
         let gam = tl.gam.device_ptr(s).0;
         let qg = tl.qg.as_ref().map_or(q, |b| b.ptr(gpu));
+        let kh = tl.kh.as_ref().map_or(k, |b| b.ptr(gpu));
         let dst = dstates.ptr_mut(gpu);
         let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
         let has_dht = up.dht.is_some();
@@ -532,21 +543,12 @@ impl DeviceGla {
         let p = &tl.plan;
         self.launch_chunk_kernel(
             gpu,
-            "chunk_qdo",
-            &p.qdo,
-            false,
-            (n_chunks * (dk_ / p.qdo.bk), self.h, 1),
-            &[qg, d_o, dst, cu, off, seq],
-            true,
-        )?;
-        self.launch_chunk_kernel(
-            gpu,
-            "chunk_scan_back",
-            &p.scan_back,
+            "chunk_dstates",
+            &p.dstates,
             has_dht,
-            self.scan_grid(p.chunk()),
-            &[dst, gam, dht, dh0, off],
-            false,
+            self.sweep_grid(&p.dstates),
+            &[qg, d_o, dst, gam, dht, dh0, cu, off],
+            true,
         )?;
         self.launch_chunk_kernel(
             gpu,
@@ -554,7 +556,7 @@ impl DeviceGla {
             &p.dv,
             has_dht,
             (n_chunks * (dv_ / p.dv.bv), self.h, 1),
-            &[k, g, d_o, a, dst, dv, cu, off, seq],
+            &[kh, d_o, a, dst, dv, cu, off, seq],
             false,
         )?;
         self.launch_chunk_kernel(
