@@ -197,13 +197,26 @@ impl Shape {
         }
     }
 
-    /// A sweep (chunk_states or chunk_dstates) over state tiles of up to 64 x 64
-    /// (FLA_SWEEP_BV forces the value width), with the most chunks in flight, up to 8, that
-    /// keep two blocks on an SM (FLA_SWEEP_STAGES forces a number). On the H100 two blocks of
-    /// 6 chunks beat three of 4 at every T (H=16, K=V=128: 0.28-0.30 against 0.32-0.36 ms),
-    /// and with chunks of 128 rows two blocks of 3 beat one of 4 to 6.
+    /// A sweep (chunk_states or chunk_dstates) over state tiles of up to 64 x 64, with the
+    /// most chunks in flight, up to 8, that keep two blocks on an SM (FLA_SWEEP_STAGES forces a
+    /// number). On the H100 two blocks of 6 chunks beat three of 4 at every T (H=16,
+    /// K=V=128: 0.28-0.30 against 0.32-0.36 ms), and with chunks of 128 rows two blocks of 3
+    /// beat one of 4 to 6. The value width halves while the sweep's blocks (sequences x heads
+    /// x tiles) would fill at most half the SMs (FLA_SWEEP_BV forces one): at 4 heads of
+    /// 128 x 256 and T=16384, 32 columns took forward + backward from 1.28 to 1.16 ms, where
+    /// at 128 blocks or more 64 columns are fastest.
     fn sweep(gpu: &Gpu, kernel: &str, d: &DeviceGla, chunk: usize) -> Shape {
-        let (bk, bv) = (tile(d.dk, 64), tuned_tile("FLA_SWEEP_BV", d.dv, 64));
+        let bk = tile(d.dk, 64);
+        let blocks = |bv: usize| d.n_seqs * d.h * (d.dk / bk) * (d.dv / bv);
+        let bv = forced_tile("FLA_SWEEP_BV")
+            .filter(|&t| d.dv.is_multiple_of(t))
+            .unwrap_or_else(|| {
+                let mut bv = tile(d.dv, 64);
+                while bv > 16 && 2 * blocks(bv) <= gpu.sms() {
+                    bv = tile(d.dv, bv / 2);
+                }
+                bv
+            });
         let shape = |stages| Shape::staged(kernel, d, chunk, bk, bv, stages);
         if let Some(stages) = forced_sweep_stages() {
             return shape(stages);
