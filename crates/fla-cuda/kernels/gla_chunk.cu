@@ -370,6 +370,17 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
 #endif
 
 // ---------------------------------------------------------------------------------------
+// A ROWS x BV tile (an output of chunk_out or chunk_dv, a sweep's state tile) in the warps'
+// 16 x 32 tiles, TPW(ROWS) of them per warp in registers: FOR_TILES(ROWS, t, m0, n0) runs a
+// statement for each of the warp's (t its slot, m0 and n0 the tile's first row and column).
+#define TILES_N ((BV + 31) / 32)
+#define TILES(ROWS) ((ROWS) / 16 * TILES_N)
+#define TPW(ROWS) ((TILES(ROWS) + NW - 1) / NW)
+#define FOR_TILES(ROWS, t, m0, n0)                                                               \
+    _Pragma("unroll") for (int t = 0, tile_ = threadIdx.x / 32; t < TPW(ROWS); t++, tile_ += NW) \
+        if (const int m0 = tile_ / TILES_N * 16, n0 = tile_ % TILES_N * 32; tile_ < TILES(ROWS))
+
+// ---------------------------------------------------------------------------------------
 // The states, one block per (sequence, head, BK x BV tile of the state) sweeping the
 // sequence's chunks with its tile in registers (f32, in the layout of the warps' product
 // tiles). Forward (chunk_states): slot i of `slots` gets S_i, the state at chunk i's start:
@@ -382,13 +393,6 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
 // tiles, H): the tiles of one sequence and head run side by side, so that a chunk's rows come
 // from DRAM once and from L2 for the other tiles.
 #if SWEEP
-#define ST_TN ((BV + 31) / 32)
-#define ST_TILES (BK / 16 * ST_TN)
-#define ST_TPW ((ST_TILES + NW - 1) / NW)
-// FOR_STATE_TILES(t, m0, n0): a statement for each of the warp's tiles of the state tile.
-#define FOR_STATE_TILES(t, m0, n0)                                                        \
-    _Pragma("unroll") for (int t = 0, tile_ = threadIdx.x / 32; t < ST_TPW; t++, tile_ += NW) \
-        if (const int m0 = tile_ / ST_TN * 16, n0 = tile_ % ST_TN * 32; tile_ < ST_TILES)
 
 template <bool BACK>
 __device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __restrict__ y,
@@ -428,8 +432,8 @@ __device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __
     // The state tile, from h0 or dht (f32 [sequences, H, KD, HEAD_V]).
     const size_t st = ((size_t)n * H + hh) * KD * HEAD_V + (size_t)k0 * HEAD_V + v0;
     const float inv = 1.f / alpha;
-    float acc[ST_TPW][4][4];
-    FOR_STATE_TILES(t, m0, n0) {
+    float acc[TPW(BK)][4][4];
+    FOR_TILES(BK, t, m0, n0) {
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -450,7 +454,7 @@ __device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __
         const io_t* sx = ring + slot * STAGE;
         io_t* out = slots + ((size_t)(first + chunk(step)) * H + hh) * KD * HEAD_V +
                     (size_t)k0 * HEAD_V + v0;
-        FOR_STATE_TILES(t, m0, n0) {
+        FOR_TILES(BK, t, m0, n0) {
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -472,7 +476,7 @@ __device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __
         }
     }
     if (!has_fin) return;
-    FOR_STATE_TILES(t, m0, n0) {
+    FOR_TILES(BK, t, m0, n0) {
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -507,16 +511,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dstates(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// The C x BV outputs of chunk_out and chunk_dv: each warp keeps TPW of its 16 x 32 tiles in
-// registers; FOR_OUT_TILES(t, m0, n0) runs a statement for each (t its slot, m0 and n0 the
-// tile's first row and column).
+// The C x BV outputs of chunk_out and chunk_dv, in the warps' tiles (FOR_TILES(C, ...)).
 #if KERNEL == 2 || KERNEL == 4
-#define OUT_TN ((BV + 31) / 32)
-#define OUT_TILES (C / 16 * OUT_TN)
-#define TPW ((OUT_TILES + NW - 1) / NW)
-#define FOR_OUT_TILES(t, m0, n0)                                                      \
-    _Pragma("unroll") for (int t = 0, tile_ = threadIdx.x / 32; t < TPW; t++, tile_ += NW) \
-        if (const int m0 = tile_ / OUT_TN * 16, n0 = tile_ % OUT_TN * 32; tile_ < OUT_TILES)
 
 __device__ __forceinline__ void scale_tile(float d[4][4], float s) {
 #pragma unroll
@@ -560,16 +556,16 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
     const io_t* st = states + ((size_t)b.chunk * H + hh) * KD * HEAD_V;
     load_attn(sA, a, at, H, hh);
     load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-    float acc[TPW][4][4] = {};
+    float acc[TPW(C)][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last product has read sq and sS
         load_tile(sq, KS, qg, at.row0, at.rows, C, H, hh, KD, k0, BK);
         load_mat(sS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
         cp_async_wait_all();
         __syncthreads();
-        FOR_OUT_TILES(t, m0, n0) warp_mma(acc[t], row_major(sq, KS), row_major(sS, VS), m0, n0, BV, BK);
+        FOR_TILES(C, t, m0, n0) warp_mma(acc[t], row_major(sq, KS), row_major(sS, VS), m0, n0, BV, BK);
     }
-    FOR_OUT_TILES(t, m0, n0) {
+    FOR_TILES(C, t, m0, n0) {
         scale_tile(acc[t], scale);
         // Rows m0.. of the lower triangular A reach column m0 + 15 at most.
         warp_mma(acc[t], row_major(sA, AS), row_major(sv, VS), m0, n0, BV, m0 + 16);
@@ -598,16 +594,16 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     const io_t* st = dstates + ((size_t)b.chunk * H + hh) * KD * HEAD_V;
     load_attn(sA, a, at, H, hh);
     load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-    float acc[TPW][4][4] = {};
+    float acc[TPW(C)][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last product has read sk and sdS
         load_tile(sk, KS, kh, at.row0, at.rows, C, H, hh, KD, k0, BK);
         load_mat(sdS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
         cp_async_wait_all();
         __syncthreads();
-        FOR_OUT_TILES(t, m0, n0) warp_mma(acc[t], row_major(sk, KS), row_major(sdS, VS), m0, n0, BV, BK);
+        FOR_TILES(C, t, m0, n0) warp_mma(acc[t], row_major(sk, KS), row_major(sdS, VS), m0, n0, BV, BK);
     }
-    FOR_OUT_TILES(t, m0, n0) {
+    FOR_TILES(C, t, m0, n0) {
         // Column j of the lower triangular A starts at row j: the sum over rows from m0 on.
         warp_mma(acc[t], col_major(sA + m0 * AS, AS), row_major(sdo + m0 * VS, VS), m0, n0, BV,
                  C - m0);
