@@ -44,8 +44,8 @@ fn threads(chunk: usize) -> u32 {
     4 * chunk as u32
 }
 
-/// Threads per block of the sweeps: four warps, each keeping two 16 x 32 tiles of a 64 x 64
-/// state tile.
+/// Threads per block of the sweeps: four warps, each keeping its 16 x 32 tiles of a state
+/// tile of up to 64 x 64 (two at 64 x 64).
 const SWEEP_THREADS: u32 = 128;
 
 /// The most chunks a sweep keeps in flight.
