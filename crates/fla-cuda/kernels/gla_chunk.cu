@@ -26,26 +26,30 @@
 //   dg_t = Σ_{i≥t} X_i + Σ_{j<t} Y_j + e^Γ ⊙ rowsum(dS' ⊙ S)
 // (the state enters through e^Γ ⊙ S and through K̂, the rows j < t through e^(Γ-G_j)).
 //
-// Kernels, in the order they run (KERNEL 0-5, one per module, so that a configuration
+// Kernels, in the order they run (KERNEL 0-7, one per module, so that a configuration
 // compiles only what it runs):
-//   chunk_local     per chunk: A (io_t, [tokens, H, C]), Q̃ and K̂ (io_t) and Γ (f32)
-//   chunk_states    per (sequence, head, state tile): S at every chunk start; the final state
-//   chunk_out       per (chunk, V tile): o
-//   chunk_dstates   the sweep backwards: dS' at every chunk end; dh0
-//   chunk_dv        per (chunk, V tile): dv
-//   chunk_dqk       per (chunk, K tile): dq, dk and the gate's gradient
+//   chunk_local      per chunk: A (io_t, [tokens, H, C]), Q̃ and K̂ (io_t) and Γ (f32)
+//   chunk_states     per (sequence, head, state tile): S at every chunk start; the final state
+//   chunk_out        per (chunk, V tile): o
+//   chunk_dstates    the sweep backwards: dS' at every chunk end; dh0
+//   chunk_dv         per (chunk, V tile): dv
+//   chunk_dqk        per (chunk, K tile): dq, dk and the gate's gradient
+//   chunk_states_out per (sequence, head, V tile), 64-row chunks and KD ≤ 128: chunk_states
+//                    and chunk_out in one sweep
+//   chunk_dstates_dv the same for chunk_dstates and chunk_dv
 //
 // Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK (64 or 128), NT (4 CHUNK threads, so that each
 // warp keeps ATPW of the C x C matrix's 16 x 32 tiles; the sweeps' own count), BK, BV (the
 // kernel's tiles), HAS_G, G_SCALAR, GATE_BF16 (the gates and the key gate's gradient in bf16,
 // else f32), HAS_H0, HAS_DHT, MIN_BLOCKS (the blocks per SM that the kernel's shared memory
 // allows: its registers are held to that occupancy), STAGES (chunks, or chunk_dqk's value
-// tiles, in flight).
+// tiles, in flight). The sweeps with outputs take BK = KD and KD / 32 warps per 16 columns of BV.
 
 #define KD HEAD_K
 #define C CHUNK
 #define SWEEP (KERNEL == 1 || KERNEL == 3)
-#if (C != 64 && C != 128) || (NT != 4 * C && !SWEEP)
+#define SWEEP_OUT (KERNEL == 6 || KERNEL == 7)
+#if (C != 64 && C != 128) || (NT != 4 * C && !SWEEP && !SWEEP_OUT)
 #error "chunks of 64 or 128 rows, 4 threads per row"
 #endif
 #define SAFE_EXP 40.f
@@ -131,6 +135,7 @@ __device__ __forceinline__ void load_mat(T* dst, int ld, const T* src, int strid
 // columns as they are stored (gate_t), or the scalar gate broadcast in f32 (each row's one
 // value read by the NT / C threads that fill its columns); rows past `rows` are zeros.
 // cumsum_gates reads it.
+#if KERNEL == 0 || KERNEL == 5
 __device__ __forceinline__ void load_gates(float* sG, const gate_t* g, size_t row0, int rows,
                                            int H, int hh, int k0) {
 #if G_SCALAR
@@ -144,6 +149,7 @@ __device__ __forceinline__ void load_gates(float* sG, const gate_t* g, size_t ro
     load_tile((gate_t*)sG, GS, g, row0, rows, C, H, hh, KD, k0, BK);
 #endif
 }
+#endif
 
 // Element (i, c) of a gate tile as load_gates left it.
 __device__ __forceinline__ float raw_gate(const float* sG, int i, int c) {
@@ -231,7 +237,7 @@ __device__ __forceinline__ bool attn_vector(int i, int c) { return c / SV * SV <
 
 // Starts loading a chunk's rows of A ([tokens, H, C]) into sA (row stride AS); vectors wholly
 // above the diagonal and rows past the chunk's end are zeros, read from nowhere.
-#if KERNEL == 2 || KERNEL == 4
+#if KERNEL == 2 || KERNEL == 4 || SWEEP_OUT
 __device__ __forceinline__ void load_attn(io_t* sA, const io_t* a, ChunkAt at, int H, int hh) {
     constexpr int per_row = C / SV;
     for (int idx = threadIdx.x; idx < C * per_row; idx += NT) {
@@ -511,8 +517,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dstates(
 #endif
 
 // ---------------------------------------------------------------------------------------
-// The C x BV outputs of chunk_out and chunk_dv, in the warps' tiles (FOR_TILES(C, ...)).
-#if KERNEL == 2 || KERNEL == 4
+// The C x BV outputs of chunk_out and chunk_dv, in the warps' tiles (FOR_TILES(C, ...)), and
+// the sweeps' with outputs.
+#if KERNEL == 2 || KERNEL == 4 || SWEEP_OUT
 
 __device__ __forceinline__ void scale_tile(float d[4][4], float s) {
 #pragma unroll
@@ -609,6 +616,176 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
                  C - m0);
         store_out_tile(dv, acc[t], at, H, hh, m0, v0 + n0, BV - n0);
     }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// The sweeps with their outputs (chunks of 64 rows, KD ≤ 128): chunk_states_out makes the
+// states and o, chunk_dstates_dv the states' gradients and dv, so that no state is read back.
+// One block per (sequence, head, V tile of BV columns). The state is kept transposed, in
+// 16 x 32 tiles of the warps' product layout (f32): a group of G = KD / 32 warps per 16 of
+// its columns, warp g of a group holding keys 32 g.. of them, so that the update Z^T Y is a
+// product of each warp's own. Per chunk, with the state at its start:
+//   1. the group's columns of the state, rounded as stored, are in shared memory ([KD][16],
+//      written at the end of the last chunk and published by this chunk's barrier): the B
+//      operand of step 2, and copied from there, 16 bytes at a time, to the chunk's slot;
+//   2. out = (scale / alpha) X · state + the chunk's own term, warp g of a group taking rows
+//      16 (g + G i) of its 16 columns;
+//   3. each warp scales its keys by e^Γ and adds Z^T Y, then writes its tile into the group's
+//      other shared tile for the next chunk (two tiles in turn, so one barrier a chunk does).
+// Forward: X = Q̃, Y = K̂, Z = v, out = o with A v, alpha = 1 (o = scale Q̃ S + A v);
+// backward, the chunks last to first: X = K̂, Y = Q̃, Z = do, out = dv with A^T do, alpha =
+// scale (the state carried is dS' / scale, stored as dS': dv = K̂ dS' + A^T do). Steps 2 and 3
+// do not wait for each other, and the rows of the next STAGES - 1 chunks load meanwhile.
+#if SWEEP_OUT
+#define GW ((KD + 31) / 32)  // warps per 16 columns of the state
+#if NT != 2 * GW * BV || BK != KD || C != 64 || KD > 128
+#error "the sweeps with outputs: KD / 32 warps per 16 state columns, all keys (at most 128), 64 rows"
+#endif
+#define RS (16 + PADE)  // io_t [KD][16] tiles: a group's columns of the state
+
+template <bool BACK>
+__device__ __forceinline__ void sweep_out(
+    const io_t* __restrict__ x, const io_t* __restrict__ y, const io_t* __restrict__ z,
+    const io_t* __restrict__ a, io_t* __restrict__ out, io_t* __restrict__ slots,
+    const float* __restrict__ gam, const float* __restrict__ init, float* __restrict__ fin,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H, float scale,
+    float alpha, bool has_init, bool has_fin) {
+    constexpr int STAGE = 2 * C * KS + C * VS + C * AS, TILES_V = HEAD_V / BV;
+    Carve cv{smem};
+    io_t* ring = cv.take<io_t>(STAGES * STAGE);         // X's rows, Y's, Z's and A's, per chunk
+    float* rg = cv.take<float>(HAS_G ? STAGES * KD : 0);  // Γ per chunk
+    io_t* cols = cv.take<io_t>(2 * (BV / 16) * KD * RS);  // each group's two tiles of the state
+    check_carve(cv);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, hh = blockIdx.y;
+    const int g = warp % GW, w0 = warp / GW * 16, k0 = 32 * g;
+    const int n = blockIdx.x / TILES_V, v0 = blockIdx.x % TILES_V * BV;
+    const int first = chunk_off[n], chunks = chunk_off[n + 1] - first, len = cu[n + 1] - cu[n];
+    io_t* group = cols + 2 * (warp / GW) * KD * RS;  // then its second tile
+    auto chunk = [&](int step) { return BACK ? chunks - 1 - step : step; };
+    auto rows_of = [&](int c) {
+        return ChunkAt{n, min(C, len - c * C), (size_t)cu[n] + (size_t)c * C};
+    };
+    // Starts the loads of step `step` into its slot, as one group (empty past the end).
+    auto load_step = [&](int step) {
+        if (step < chunks) {
+            const int c = chunk(step);
+            const ChunkAt at = rows_of(c);
+            io_t* sx = ring + step % STAGES * STAGE;
+            load_tile(sx, KS, x, at.row0, at.rows, C, H, hh, KD, 0, KD);
+            load_tile(sx + C * KS, KS, y, at.row0, at.rows, C, H, hh, KD, 0, KD);
+            load_tile(sx + 2 * C * KS, VS, z, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            load_attn(sx + 2 * C * KS + C * VS, a, at, H, hh);
+#if HAS_G
+            const float* gc = gam + ((size_t)(first + c) * H + hh) * KD;
+            for (int i = threadIdx.x; i < KD / 4; i += NT)
+                cp_async16(rg + step % STAGES * KD + 4 * i, gc + 4 * i, true);
+#endif
+        }
+        cp_async_commit();
+    };
+    for (int step = 0; step < STAGES - 1; step++) load_step(step);
+    // This warp's tile: keys k0.. of columns v0 + w0.. (h0 and dht are f32 [sequences, H,
+    // KD, HEAD_V]); into a group tile as stored.
+    const size_t st = ((size_t)n * H + hh) * KD * HEAD_V + v0 + w0;
+    float acc[4][4];
+    auto publish = [&](io_t* tile) {
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + frag_col(j, e);
+                if (key < KD) tile[key * RS + frag_row(e)] = from_f(alpha * acc[j][e]);
+            }
+    };
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = k0 + frag_col(j, e);
+            acc[j][e] = has_init && key < KD
+                            ? init[st + (size_t)key * HEAD_V + frag_row(e)] / alpha
+                            : 0.f;
+        }
+    publish(group);
+    for (int step = 0; step < chunks; step++) {
+        cp_async_wait_group<STAGES - 2>();
+        // This step's slot filled; every warp's tile of the state written, and every warp past
+        // the last step's products.
+        __syncthreads();
+        load_step(step + STAGES - 1);  // into the last step's slot
+        const int c = chunk(step), slot = step % STAGES;
+        const ChunkAt at = rows_of(c);
+        const io_t* sx = ring + slot * STAGE;
+        const io_t *sy = sx + C * KS, *sz = sy + C * KS, *sA = sz + C * VS;
+        const io_t* state = group + (step & 1) * KD * RS;
+        // 1. This warp's keys of the group's tile on to the chunk's slot.
+        io_t* sl = slots + ((size_t)(first + c) * H + hh) * KD * HEAD_V + v0 + w0;
+        for (int i = lane; i < 32 * (16 / SV); i += 32) {
+            const int key = k0 + i / (16 / SV), p = i % (16 / SV) * SV;
+            if (key < KD) st16(sl + (size_t)key * HEAD_V + p, ld16(state + key * RS + p));
+        }
+        // 2. The outputs of rows 16 (g + GW i).. in the group's columns.
+#pragma unroll
+        for (int i = 0; i < (C / 16 + GW - 1) / GW; i++) {
+            const int m0 = 16 * (g + GW * i);
+            if (m0 >= C) break;
+            float d[4][4] = {};
+            warp_mma(d, row_major(sx, KS), row_major(state, RS), m0, 0, 16, KD);
+            scale_tile(d, scale / alpha);
+            if (BACK)  // column i of the lower triangular A starts at row i
+                warp_mma(d, col_major(sA + m0 * AS, AS), row_major(sz + m0 * VS + w0, VS), m0, 0,
+                         16, C - m0);
+            else  // row i of A ends at column i
+                warp_mma(d, row_major(sA, AS), row_major(sz + w0, VS), m0, 0, 16, m0 + 16);
+            store_out_tile(out, d, at, H, hh, m0, v0 + w0, 16);
+        }
+        // 3. The state at the chunk's other end, into the group's other tile.
+#if HAS_G
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int key = k0 + frag_col(j, h);
+                const float d = key < KD ? EXP(rg[slot * KD + key]) : 0.f;
+                acc[j][h] *= d;
+                acc[j][h + 2] *= d;
+            }
+#endif
+        warp_mma(acc, col_major(sz + w0, VS), row_major(sy, KS), 0, k0, KD, C);
+        publish(group + ((step + 1) & 1) * KD * RS);
+    }
+    if (!has_fin) return;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = k0 + frag_col(j, e);
+            if (key < KD) fin[st + (size_t)key * HEAD_V + frag_row(e)] = alpha * acc[j][e];
+        }
+}
+#endif
+
+// qg, kh: Q̃ and K̂ from chunk_local (q and k themselves without a gate).
+#if KERNEL == 6
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_states_out(
+    const io_t* __restrict__ qg, const io_t* __restrict__ kh, const io_t* __restrict__ v,
+    const io_t* __restrict__ a, io_t* __restrict__ o, io_t* __restrict__ states,
+    const float* __restrict__ gam, const float* __restrict__ h0, float* __restrict__ ht,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H, float scale) {
+    sweep_out<false>(qg, kh, v, a, o, states, gam, h0, ht, cu, chunk_off, H, scale, 1.f, HAS_H0,
+                     true);
+}
+#endif
+
+#if KERNEL == 7
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dstates_dv(
+    const io_t* __restrict__ kh, const io_t* __restrict__ qg, const io_t* __restrict__ d_o,
+    const io_t* __restrict__ a, io_t* __restrict__ dv, io_t* __restrict__ dstates,
+    const float* __restrict__ gam, const float* __restrict__ dht, float* __restrict__ dh0,
+    const int* __restrict__ cu, const int* __restrict__ chunk_off, int H, float scale) {
+    sweep_out<true>(kh, qg, d_o, a, dv, dstates, gam, dht, dh0, cu, chunk_off, H, scale, scale,
+                    HAS_DHT, HAS_H0);
 }
 #endif
 

@@ -1,7 +1,8 @@
 //! The two-level chunk form on the GPU (kernels/gla_chunk.cu): what every chunk gives on its
 //! own from one block per chunk, the state at every chunk boundary from one block per state
-//! tile sweeping a sequence's chunks, everything else one block per chunk. Gates that act on
-//! keys only (none, scalar, key); the others take the fused kernels.
+//! tile sweeping a sequence's chunks, everything else one block per chunk; where enough
+//! sequences and heads fill the GPU, the sweeps also make the outputs (o, dv) as they go.
+//! Gates that act on keys only (none, scalar, key); the others take the fused kernels.
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use fla_ops::GateKind;
@@ -50,6 +51,20 @@ const SWEEP_THREADS: u32 = 128;
 
 /// The most chunks a sweep keeps in flight.
 const MAX_SWEEP_STAGES: usize = 8;
+
+/// The most chunks a sweep with outputs keeps in flight (each is a chunk's rows of Q̃, K̂, A
+/// and a value tile: 54 KB at K=V=128).
+const MAX_SWEEP_OUT_STAGES: usize = 4;
+
+/// FLA_SWEEP_OUT=1 runs the sweeps with outputs wherever they serve, 0 never (for testing
+/// both paths and comparing them); unset, the rule of `Shape::sweep_out` decides.
+fn forced_sweep_out() -> Option<bool> {
+    match std::env::var("FLA_SWEEP_OUT").ok()?.as_str() {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    }
+}
 
 /// Chunks in flight that FLA_SWEEP_STAGES (2 to 12) asks a sweep for, for tuning.
 fn forced_sweep_stages() -> Option<usize> {
@@ -136,13 +151,15 @@ fn carve(regions: &[usize]) -> usize {
 }
 
 /// The kernels of gla_chunk.cu, in the order of their KERNEL numbers.
-const KERNELS: [&str; 6] = [
+const KERNELS: [&str; 8] = [
     "chunk_local",
     "chunk_states",
     "chunk_out",
     "chunk_dstates",
     "chunk_dv",
     "chunk_dqk",
+    "chunk_states_out",
+    "chunk_dstates_dv",
 ];
 
 /// The rows per chunk of one kernel, its tiles, the chunks (sweeps) or value tiles
@@ -228,6 +245,34 @@ impl Shape {
             .unwrap_or_else(|| shape(2))
     }
 
+    /// A sweep with outputs (chunk_states_out or chunk_dstates_dv), where one serves (chunks of
+    /// 64 rows, K ≤ 128) and its blocks of 64 value columns (sequences x heads x tiles) fill
+    /// the SMs. On the H100 at H=16, K=V=128 it took forward + backward from 2.31-2.46 to
+    /// 2.25-2.26 ms at T ≤ 4096 (256 blocks or more), but with 128 blocks or fewer (T ≥ 8192)
+    /// it lost 9-19%, and narrower tiles, which make more blocks, lost at every T. It keeps in
+    /// flight the most chunks, up to 4, among those that fit the most blocks on an SM.
+    /// FLA_SWEEP_OUT, FLA_SWEEP_BV and FLA_SWEEP_STAGES force the choice, the tile, the chunks.
+    fn sweep_out(gpu: &Gpu, kernel: &str, d: &DeviceGla, chunk: usize) -> Option<Shape> {
+        if chunk != 64 || d.dk > 128 {
+            return None;
+        }
+        let bv = forced_tile("FLA_SWEEP_BV")
+            .filter(|&t| d.dv.is_multiple_of(t))
+            .unwrap_or(tile(d.dv, 64));
+        let fills = d.n_seqs * d.h * (d.dv / bv) >= gpu.sms();
+        if !forced_sweep_out().unwrap_or(fills) {
+            return None;
+        }
+        let shape = |stages| Shape::staged(kernel, d, chunk, d.dk, bv, stages);
+        if let Some(stages) = forced_sweep_stages() {
+            return Some(shape(stages)).filter(|s| s.fits(gpu));
+        }
+        (2..=MAX_SWEEP_OUT_STAGES)
+            .map(shape)
+            .filter(|s| s.fits(gpu))
+            .max_by_key(|s| (gpu.blocks_per_sm(s.smem), s.stages))
+    }
+
     fn staged(
         kernel: &str,
         d: &DeviceGla,
@@ -258,6 +303,12 @@ impl Shape {
                 let gam = if d.gate == GateKind::None { 0 } else { bk * 4 };
                 vec![stages * (c * ks + c * vs), stages * gam]
             }
+            "chunk_states_out" | "chunk_dstates_dv" => {
+                let gam = if d.gate == GateKind::None { 0 } else { bk * 4 };
+                // Two tiles of 16 columns of the state, [K][16 + pad], per 16 columns.
+                let cols = 2 * (bv / 16) * bk * (16 + pad) * io;
+                vec![stages * (2 * c * ks + c * vs + c * a_s), stages * gam, cols]
+            }
             "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs],
             "chunk_dv" => vec![c * ks, bk * vs, c * a_s, c * vs],
             "chunk_dqk" => vec![
@@ -272,13 +323,18 @@ impl Shape {
             ],
             _ => unreachable!("no kernel {kernel}"),
         };
-        let sweep = matches!(kernel, "chunk_states" | "chunk_dstates");
+        let threads = match kernel {
+            "chunk_states" | "chunk_dstates" => SWEEP_THREADS,
+            // K / 32 warps per 16 columns of the state, each holding 32 keys.
+            "chunk_states_out" | "chunk_dstates_dv" => (2 * bk.div_ceil(32) * bv) as u32,
+            _ => threads(chunk),
+        };
         Shape {
             chunk,
             bk,
             bv,
             stages,
-            threads: if sweep { SWEEP_THREADS } else { threads(chunk) },
+            threads,
             smem: carve(&regions),
         }
     }
@@ -288,7 +344,8 @@ impl Shape {
     }
 }
 
-/// The shapes of the six kernels for chunks of one size.
+/// The shapes of the kernels for chunks of one size: the sweeps with outputs where they serve,
+/// else the sweeps and the per-chunk output kernels.
 struct Plan {
     local: Shape,
     states: Shape,
@@ -296,6 +353,8 @@ struct Plan {
     dstates: Shape,
     dv: Shape,
     dqk: Shape,
+    states_out: Option<Shape>,
+    dstates_dv: Option<Shape>,
 }
 
 impl Plan {
@@ -315,6 +374,8 @@ impl Plan {
             dstates: Shape::sweep(gpu, "chunk_dstates", d, chunk),
             dv: Shape::key_tiled(gpu, "chunk_dv", d, chunk, 128, bv),
             dqk: Shape::dqk(gpu, d, chunk, tile(dk, 64), dqk_bv),
+            states_out: Shape::sweep_out(gpu, "chunk_states_out", d, chunk),
+            dstates_dv: Shape::sweep_out(gpu, "chunk_dstates_dv", d, chunk),
         }
     }
 
@@ -502,24 +563,37 @@ impl DeviceGla {
             &[q, k, g, a, qg, kh, gam, cu, off, seq],
             true,
         )?;
-        self.launch_chunk_kernel(
-            gpu,
-            "chunk_states",
-            &p.states,
-            false,
-            self.sweep_grid(&p.states),
-            &[if kh == 0 { k } else { kh }, v, st, gam, h0, ht, cu, off],
-            false,
-        )?;
-        self.launch_chunk_kernel(
-            gpu,
-            "chunk_out",
-            &p.out,
-            false,
-            (n_chunks * (self.dv / p.out.bv), self.h, 1),
-            &[if qg == 0 { q } else { qg }, v, st, a, o, cu, off, seq],
-            true,
-        )?;
+        let (qg, kh) = (if qg == 0 { q } else { qg }, if kh == 0 { k } else { kh });
+        if let Some(shape) = &p.states_out {
+            self.launch_chunk_kernel(
+                gpu,
+                "chunk_states_out",
+                shape,
+                false,
+                (self.n_seqs * (self.dv / shape.bv), self.h, 1),
+                &[qg, kh, v, a, o, st, gam, h0, ht, cu, off],
+                true,
+            )?;
+        } else {
+            self.launch_chunk_kernel(
+                gpu,
+                "chunk_states",
+                &p.states,
+                false,
+                self.sweep_grid(&p.states),
+                &[kh, v, st, gam, h0, ht, cu, off],
+                false,
+            )?;
+            self.launch_chunk_kernel(
+                gpu,
+                "chunk_out",
+                &p.out,
+                false,
+                (n_chunks * (self.dv / p.out.bv), self.h, 1),
+                &[qg, v, st, a, o, cu, off, seq],
+                true,
+            )?;
+        }
         self.two_level = Some(tl);
         Ok(())
     }
@@ -568,24 +642,36 @@ impl DeviceGla {
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
         let p = &tl.plan;
-        self.launch_chunk_kernel(
-            gpu,
-            "chunk_dstates",
-            &p.dstates,
-            has_dht,
-            self.sweep_grid(&p.dstates),
-            &[qg, d_o, dst, gam, dht, dh0, cu, off],
-            true,
-        )?;
-        self.launch_chunk_kernel(
-            gpu,
-            "chunk_dv",
-            &p.dv,
-            has_dht,
-            (n_chunks * (dv_ / p.dv.bv), self.h, 1),
-            &[kh, d_o, a, dst, dv, cu, off, seq],
-            false,
-        )?;
+        if let Some(shape) = &p.dstates_dv {
+            self.launch_chunk_kernel(
+                gpu,
+                "chunk_dstates_dv",
+                shape,
+                has_dht,
+                (self.n_seqs * (dv_ / shape.bv), self.h, 1),
+                &[kh, qg, d_o, a, dv, dst, gam, dht, dh0, cu, off],
+                true,
+            )?;
+        } else {
+            self.launch_chunk_kernel(
+                gpu,
+                "chunk_dstates",
+                &p.dstates,
+                has_dht,
+                self.sweep_grid(&p.dstates),
+                &[qg, d_o, dst, gam, dht, dh0, cu, off],
+                true,
+            )?;
+            self.launch_chunk_kernel(
+                gpu,
+                "chunk_dv",
+                &p.dv,
+                has_dht,
+                (n_chunks * (dv_ / p.dv.bv), self.h, 1),
+                &[kh, d_o, a, dst, dv, cu, off, seq],
+                false,
+            )?;
+        }
         self.launch_chunk_kernel(
             gpu,
             "chunk_dqk",
