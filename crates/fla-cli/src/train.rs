@@ -3,14 +3,19 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use clap::Args;
+use fla_model::data_parallel::train_ranks;
+use fla_model::dist::{share_id, Launch};
+use fla_model::gpu_data_parallel::GpuDataParallel;
 use fla_model::mqar::Mqar;
 use fla_model::text::{evaluate_lm, Corpus, TextTask, Tokenizer};
-use fla_model::train::{train, TrainArgs};
+use fla_model::train::{train, Evaluate, Metrics, Task, TrainArgs};
 use fla_model::{GlaConfig, Model};
 use fla_tensor::{Error, Result};
 
-use fla_cuda::{DType, DeviceChoice, Gpu};
+use fla_cuda::{nccl_ready, new_id, DType, DeviceChoice, Gpu, NcclGroup, ID_BYTES};
 use fla_model::gpu::GpuModel;
 use fla_model::learner::{CpuLearner, GpuLearner, Learner, Scorer};
 
@@ -74,6 +79,11 @@ pub struct TrainCmd {
     /// auto | cpu | cuda | cuda:N (auto: the GPU when one is usable, else the CPU)
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Data-parallel training on GPUs 0..N of this host, one thread each, gradients summed
+    /// over NCCL (the batch splits evenly over them). With RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR and MASTER_PORT set instead, this process is one rank of a multi-process run
+    #[arg(long)]
+    gpus: Option<usize>,
     /// Element type of the GPU's products and activations: bf16 or f32 (master weights,
     /// gradients and optimizer state stay f32)
     #[arg(long, default_value = "bf16")]
@@ -137,14 +147,7 @@ pub fn run(a: &TrainCmd) -> Result<()> {
         ])
     };
     let mut train_task = task;
-    let mut learner = learner(a, model)?;
-    let evals = train(
-        learner.as_mut(),
-        &mut train_task,
-        &mut evaluate,
-        &args,
-        a.resume,
-    )?;
+    let evals = fit(a, model, &mut train_task, &mut evaluate, args)?;
     if stopped_early(a, &out, &evals) {
         return Ok(());
     }
@@ -176,6 +179,7 @@ fn train_args(a: &TrainCmd, out: &Path) -> TrainArgs {
         out: out.to_path_buf(),
         stop_at: a.stop_at,
         progress: !a.quiet,
+        lead: true,
     }
 }
 
@@ -222,14 +226,7 @@ fn run_text(a: &TrainCmd) -> Result<()> {
             ),
         ])
     };
-    let mut learner = learner(a, model)?;
-    let evals = train(
-        learner.as_mut(),
-        &mut task,
-        &mut evaluate,
-        &train_args(a, &out),
-        a.resume,
-    )?;
+    let evals = fit(a, model, &mut task, &mut evaluate, train_args(a, &out))?;
     if let Some(p) = &a.tokenizer {
         std::fs::copy(p, out.join("tokenizer.json")).map_err(|source| Error::Io {
             path: p.clone(),
@@ -259,6 +256,97 @@ fn text_config(vocab: usize) -> GlaConfig {
     c.use_short_conv = true;
     c.vocab_size = vocab;
     c
+}
+
+/// Trains `model` on `task` as the flags and the environment say: on one device; on --gpus N
+/// of this host, one thread each; or, with WORLD_SIZE set, as one rank of a multi-process
+/// run. Several GPUs run data-parallel over NCCL with NVLink multicast off
+/// (NCCL_NVLS_ENABLE=0, docs/DISTRIBUTED.md); rank 0 writes the files.
+fn fit<T: Task + Clone + Send>(
+    a: &TrainCmd,
+    model: Model<f32>,
+    task: &mut T,
+    evaluate: &mut Evaluate<'_>,
+    mut args: TrainArgs,
+) -> Result<Metrics> {
+    let launch = Launch::from_env()?;
+    let world = match (&launch, a.gpus) {
+        (None, None) => {
+            let mut learner = learner(a, model)?;
+            return train(learner.as_mut(), task, evaluate, &args, a.resume);
+        }
+        (Some(_), Some(_)) => {
+            return Err(Error::Invalid(
+                "--gpus starts its own ranks: leave it out when WORLD_SIZE is set".into(),
+            ))
+        }
+        (Some(l), None) => l.world_size,
+        (None, Some(n)) => n,
+    };
+    if world == 0 {
+        return Err(Error::Invalid("--gpus needs at least one GPU".into()));
+    }
+    if !matches!(
+        a.device.parse::<DeviceChoice>()?,
+        DeviceChoice::Auto | DeviceChoice::Cuda(0)
+    ) {
+        return Err(Error::Invalid(format!(
+            "data-parallel training runs on GPUs 0..N (LOCAL_RANK with WORLD_SIZE), not --device {}",
+            a.device
+        )));
+    }
+    if !a.batch_size.is_multiple_of(world) {
+        return Err(Error::Invalid(format!(
+            "--batch-size {} does not split evenly over {world} GPUs",
+            a.batch_size
+        )));
+    }
+    nccl_ready()?; // also turns NVLink multicast off
+    if let Some(l) = launch {
+        // The communicator's id from rank 0, over TCP at MASTER_ADDR:MASTER_PORT.
+        let id = if l.rank == 0 { Some(new_id()?) } else { None };
+        let id = share_id(&l, id, Duration::from_secs(120))?;
+        args.lead = l.rank == 0;
+        args.progress &= args.lead;
+        let mut learner = rank_learner(a, &model, l.local_rank, l.rank, world, id)?;
+        return train(learner.as_mut(), task, evaluate, &args, a.resume);
+    }
+    let id = new_id()?;
+    let make = |rank: usize| rank_learner(a, &model, rank, rank, world, id);
+    // A rank that fails would leave the others waiting in NCCL: the run ends there.
+    let fail = |rank: usize, e: &Error| {
+        eprintln!("error: rank {rank} of {world}: {e}");
+        std::process::exit(1)
+    };
+    train_ranks(world, &make, task, evaluate, &args, a.resume, &fail)
+}
+
+/// Rank `rank` of `world`: `model` on GPU `gpu`, its gradients summed over the communicator
+/// `id` names.
+fn rank_learner(
+    a: &TrainCmd,
+    model: &Model<f32>,
+    gpu: usize,
+    rank: usize,
+    world: usize,
+    id: [u8; ID_BYTES],
+) -> Result<Box<dyn Learner>> {
+    let dtype: DType = a.dtype.parse()?;
+    let gpu = Gpu::new(gpu)?;
+    let name = gpu.describe();
+    let group = NcclGroup::new(&gpu, rank, world, id)?;
+    let inner = GpuLearner {
+        model: GpuModel::new(gpu, model, dtype)?,
+        weight_decay: a.weight_decay,
+        decay_all: a.decay_all,
+    };
+    if rank == 0 {
+        eprintln!(
+            "training on {world} GPUs over NCCL, {} sequences each ({name} first; {dtype:?} products, f32 master weights)",
+            a.batch_size / world
+        );
+    }
+    Ok(Box::new(GpuDataParallel::new(inner, group)))
 }
 
 /// The model on the device asked for: `auto` takes the GPU when one opens and runs this

@@ -251,3 +251,74 @@ fn text_training_resume_eval_generate() {
     assert!(!ok && err.contains("top-p"), "{err}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `fla train` as `args` with `vars` set in its environment (and no launch variables but
+/// those).
+fn fla_env(args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fla"));
+    for v in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ] {
+        cmd.env_remove(v);
+    }
+    let out = cmd.args(args).envs(vars.iter().copied()).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Data-parallel launches that cannot run say why in one line, before any training: a batch
+/// that does not split over the GPUs, --gpus on the CPU, --gpus with the launch environment,
+/// a launch environment with a variable missing, and (without NCCL or a second GPU) the
+/// missing library or device.
+#[test]
+fn data_parallel_launch_errors_are_one_line() {
+    let out = tmp("dp-errors");
+    let o = s(&out);
+    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+        (
+            &["train", "--gpus", "3", "--out", o],
+            &[],
+            "does not split evenly over 3 GPUs",
+        ),
+        (
+            &["train", "--gpus", "2", "--device", "cpu", "--out", o],
+            &[],
+            "--device cpu",
+        ),
+        (
+            &["train", "--gpus", "2", "--out", o],
+            &[
+                ("WORLD_SIZE", "2"),
+                ("RANK", "1"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", "29511"),
+            ],
+            "leave it out when WORLD_SIZE is set",
+        ),
+        (
+            &["train", "--out", o],
+            &[("WORLD_SIZE", "2"), ("MASTER_ADDR", "x")],
+            "RANK",
+        ),
+    ];
+    for (args, vars, want) in cases {
+        let (ok, err) = fla_env(args, vars);
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert!(!ok && errors.len() == 1, "{args:?} {vars:?}: {err}");
+        assert!(errors[0].contains(want), "{args:?} {vars:?}: {err}");
+    }
+    // Here CI has no NCCL and no GPU; on a machine with one GPU the second rank finds none.
+    let (ok, err) = fla_env(&["train", "--gpus", "2", "--steps", "1", "--out", o], &[]);
+    assert!(!ok && err.contains("error"), "{err}");
+    assert!(
+        !out.join("checkpoint").exists(),
+        "nothing trained, nothing written"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -12,7 +12,7 @@ use fla_tensor::{Error, Result, Tensor};
 
 use crate::dist::{buckets, shard};
 use crate::learner::{CpuLearner, Learner, OptState, Scorer};
-use crate::train::Batch;
+use crate::train::{train, Batch, Evaluate, Metrics, Task, TrainArgs};
 use crate::Model;
 
 /// The one collective that data parallelism needs. Every rank of the group calls it with
@@ -115,9 +115,63 @@ pub fn share(batch: &Batch, world: usize, rank: usize) -> Result<Batch> {
     })
 }
 
-/// A CPU learner that averages its gradients over a group before each step. Given each
-/// rank's share of every batch ([`share`]), all ranks take the steps that one learner takes on
-/// the whole batches.
+/// Trains on `world` ranks, threads of this process, in step. Rank r's learner comes from
+/// `learner(r)` (a data-parallel learner of a group of `world`, on this thread); every rank
+/// runs [`train`] on its own copy of `task` with the same seed, so all draw the same batches
+/// and each computes on its share. Rank 0 runs on this thread and leads: it writes the files,
+/// evaluates and prints progress (`args.lead`); the others write nothing. Returns rank 0's
+/// last evaluation, or the first error by rank.
+///
+/// A rank that fails leaves the others waiting in their next collective, so `fail` is called
+/// with its rank and error as soon as it fails: the CLI ends the process there (its files
+/// are written atomically: nothing is lost).
+pub fn train_ranks<T: Task + Clone + Send>(
+    world: usize,
+    learner: &(dyn Fn(usize) -> Result<Box<dyn Learner>> + Sync),
+    task: &T,
+    evaluate: &mut Evaluate<'_>,
+    args: &TrainArgs,
+    resume: bool,
+    fail: &(dyn Fn(usize, &Error) + Sync),
+) -> Result<Metrics> {
+    if world == 0 {
+        return Err(Error::Invalid("training needs at least one rank".into()));
+    }
+    let run = |rank: usize, task: &mut T, evaluate: &mut Evaluate<'_>, args: &TrainArgs| {
+        let done = learner(rank).and_then(|mut l| train(l.as_mut(), task, evaluate, args, resume));
+        if let Err(e) = &done {
+            fail(rank, e);
+        }
+        done
+    };
+    std::thread::scope(|s| {
+        let others: Vec<_> = (1..world)
+            .map(|rank| {
+                let mut task = task.clone();
+                let args = TrainArgs {
+                    lead: false,
+                    progress: false,
+                    ..args.clone()
+                };
+                s.spawn(move || run(rank, &mut task, &mut |_| Ok(Vec::new()), &args))
+            })
+            .collect();
+        let mut result = run(0, &mut task.clone(), evaluate, args);
+        for (i, rank) in others.into_iter().enumerate() {
+            let done = rank
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid(format!("rank {} panicked", i + 1))));
+            if let (Ok(_), Err(e)) = (&result, done) {
+                result = Err(e);
+            }
+        }
+        result
+    })
+}
+
+/// A CPU learner that averages its gradients over a group before each step. Every rank is
+/// given the whole batches and computes on its own share of each ([`share`]), so all ranks
+/// take the steps that one learner takes on the whole batches.
 pub struct DataParallel<C: Collective> {
     inner: CpuLearner,
     comm: C,
@@ -177,9 +231,11 @@ impl<C: Collective> Learner for DataParallel<C> {
         self.inner.zero_grads()
     }
 
-    /// This rank's share's loss, averaged over the ranks (the batch's mean loss).
+    /// The loss of this rank's share of `batch`, averaged over the ranks (the batch's mean
+    /// loss).
     fn accumulate(&mut self, batch: &Batch, scale: f64) -> Result<f64> {
-        let loss = self.inner.accumulate(batch, scale)?;
+        let mine = share(batch, self.comm.world(), self.comm.rank())?;
+        let loss = self.inner.accumulate(&mine, scale)?;
         let mut x = [loss as f32];
         self.comm.all_reduce_sum(&mut x)?;
         Ok(f64::from(x[0]) / self.comm.world() as f64)

@@ -1,7 +1,7 @@
 //! Data parallelism on GPUs (docs/DISTRIBUTED.md): the algorithm of
 //! [`crate::data_parallel::DataParallel`] with the gradients summed by NCCL on the device.
-//! Each rank is a [`GpuLearner`] on its own GPU, fed its own share of every batch
-//! ([`crate::data_parallel::share`]); after the backward the ranks' gradients are summed in
+//! Each rank is a [`GpuLearner`] on its own GPU, given the whole batches, computing on its own
+//! share of each ([`crate::data_parallel::share`]); after the backward the ranks' gradients are summed in
 //! place (one NCCL group call over every gradient buffer), and every rank clips and steps on
 //! the average, so that all ranks take the steps one learner takes on the whole batches.
 
@@ -9,6 +9,7 @@ use fla_cuda::cudarc::driver::CudaSlice;
 use fla_cuda::NcclGroup;
 use fla_tensor::{Error, Result};
 
+use crate::data_parallel::share;
 use crate::learner::{GpuLearner, Learner, OptState, Scorer};
 use crate::train::Batch;
 use crate::Model;
@@ -43,9 +44,11 @@ impl Learner for GpuDataParallel {
         self.inner.zero_grads()
     }
 
-    /// This rank's share's loss, averaged over the ranks (the batch's mean loss).
+    /// The loss of this rank's share of `batch`, averaged over the ranks (the batch's mean
+    /// loss).
     fn accumulate(&mut self, batch: &Batch, scale: f64) -> Result<f64> {
-        let loss = self.inner.accumulate(batch, scale)?;
+        let mine = share(batch, self.group.world(), self.group.rank())?;
+        let loss = self.inner.accumulate(&mine, scale)?;
         Ok(self.sum_over_ranks(loss)? / self.group.world() as f64)
     }
 

@@ -166,6 +166,7 @@ impl Corpus {
 
 /// Language-model batches: windows of `seq_len + 1` tokens at random offsets of a stream;
 /// the target of each position is the next token.
+#[derive(Clone)]
 pub struct TextTask<'a> {
     pub tokens: &'a [usize],
     pub seq_len: usize,

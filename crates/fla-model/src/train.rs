@@ -59,6 +59,10 @@ pub struct TrainArgs {
     pub stop_at: Option<u64>,
     /// Print the progress line (to stderr).
     pub progress: bool,
+    /// This run writes the files (metrics, checkpoints, the model), evaluates and prints
+    /// progress: every one-process run, and rank 0 of a data-parallel one (the other ranks
+    /// train in step with it and write nothing).
+    pub lead: bool,
 }
 
 /// Metrics by name (e.g. "accuracy", "val_loss").
@@ -88,7 +92,10 @@ pub fn train(
             "steps and grad-accum must be at least 1".into(),
         ));
     }
-    std::fs::create_dir_all(&args.out).map_err(io_err(&args.out))?;
+    let lead = args.lead;
+    if lead {
+        std::fs::create_dir_all(&args.out).map_err(io_err(&args.out))?;
+    }
     let metrics_path = args.out.join("metrics.jsonl");
     let mut rng = Rng::new(args.seed);
     let mut tokens = 0u64;
@@ -100,16 +107,23 @@ pub fn train(
         rng = Rng::new(state.rng);
         tokens = state.tokens;
         // The metrics of steps after the checkpoint are dropped: the run redoes them.
-        history = read_metrics(&metrics_path)?
-            .into_iter()
-            .filter(|r| r["step"].as_u64().is_some_and(|s| s <= step))
-            .collect();
+        if lead {
+            history = read_metrics(&metrics_path)?
+                .into_iter()
+                .filter(|r| r["step"].as_u64().is_some_and(|s| s <= step))
+                .collect();
+        }
     }
-    write_metrics(&metrics_path, &history)?;
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io_err(&metrics_path))?;
+    let mut log = if lead {
+        write_metrics(&metrics_path, &history)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(io_err(&metrics_path))?;
+        Some(file)
+    } else {
+        None
+    };
     let started = Instant::now();
     let (first, tokens_start) = (learner.steps(), tokens);
     let mut last_eval = Vec::new();
@@ -139,8 +153,9 @@ pub fn train(
             "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "elapsed_s": elapsed,
         });
-        let eval_now =
-            done == args.steps || (args.eval_every > 0 && done.is_multiple_of(args.eval_every));
+        let eval_now = lead
+            && (done == args.steps
+                || (args.eval_every > 0 && done.is_multiple_of(args.eval_every)));
         if eval_now {
             last_eval = evaluate(learner.scorer())?;
             for (k, v) in &last_eval {
@@ -149,9 +164,11 @@ pub fn train(
         }
         let tok_s = (tokens - tokens_start) as f64 / elapsed.max(1e-9);
         record["tokens_per_s"] = json!(tok_s);
-        writeln!(log, "{record}").map_err(io_err(&metrics_path))?;
+        if let Some(log) = log.as_mut() {
+            writeln!(log, "{record}").map_err(io_err(&metrics_path))?;
+        }
         history.push(record);
-        if args.progress {
+        if args.progress && lead {
             let eta = (args.steps - done) as f64 / rate.max(1e-9);
             let evals: String = last_eval
                 .iter()
@@ -170,7 +187,8 @@ pub fn train(
                 eprintln!("{line}");
             }
         }
-        if (args.save_every > 0 && done.is_multiple_of(args.save_every)) || done == end {
+        let save_now = (args.save_every > 0 && done.is_multiple_of(args.save_every)) || done == end;
+        if lead && save_now {
             save_checkpoint(
                 &args.out,
                 &learner.snapshot()?,
@@ -179,6 +197,9 @@ pub fn train(
                 tokens,
             )?;
         }
+    }
+    if !lead {
+        return Ok(last_eval);
     }
     if args.progress && tty {
         eprintln!();

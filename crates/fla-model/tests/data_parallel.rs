@@ -5,13 +5,14 @@
 //! divide gradients near zero by their own size, which turns rounding into step-sized
 //! differences.)
 
+use std::sync::Mutex;
 use std::thread;
 
-use fla_model::data_parallel::{share, Collective, DataParallel, ThreadGroup};
-use fla_model::learner::{CpuLearner, Learner};
+use fla_model::data_parallel::{share, train_ranks, Collective, DataParallel, ThreadGroup};
+use fla_model::learner::{CpuLearner, Learner, Scorer};
 use fla_model::mqar::Mqar;
 use fla_model::rng::Rng;
-use fla_model::train::{Batch, Task};
+use fla_model::train::{train, Batch, Task, TrainArgs};
 use fla_model::{GlaConfig, Model};
 
 const STEPS: usize = 3;
@@ -75,12 +76,10 @@ fn averaged_gradients_are_one_learners_on_the_whole_batch() {
     for world in [1, 2, 3] {
         let batch = batch.clone();
         let got = on_ranks(world, move |comm| {
-            let rank = comm.rank();
             // Small buckets, so that the average takes several all-reduces.
             let mut dp = DataParallel::new(learner(), comm, 16 << 10);
             dp.zero_grads().unwrap();
-            dp.accumulate(&share(&batch, world, rank).unwrap(), 1.0)
-                .unwrap();
+            dp.accumulate(&batch, 1.0).unwrap();
             dp.average_grads().unwrap();
             dp.grads()
                 .iter()
@@ -111,13 +110,8 @@ fn ranks_step_together_and_report_the_whole_batchs_loss() {
     for world in [2, 3] {
         let batches = batches.clone();
         let got = on_ranks(world, move |comm| {
-            let rank = comm.rank();
             let mut dp = DataParallel::new(learner(), comm, 16 << 10);
-            let mine: Vec<Batch> = batches
-                .iter()
-                .map(|b| share(b, world, rank).unwrap())
-                .collect();
-            run(&mut dp, &mine)
+            run(&mut dp, &batches)
         });
         for (rank, (losses, params)) in got.iter().enumerate() {
             assert_eq!(
@@ -153,4 +147,108 @@ fn uneven_shares_and_mismatched_buffers_are_named() {
             "{err}"
         );
     }
+}
+
+fn train_args(out: &std::path::Path) -> TrainArgs {
+    TrainArgs {
+        steps: STEPS as u64,
+        lr: 3e-3,
+        min_lr_ratio: 0.1,
+        warmup: 1,
+        weight_decay: 0.1,
+        decay_all: false,
+        clip: 1.0,
+        grad_accum: 1,
+        seed: 9,
+        save_every: 0,
+        eval_every: 0,
+        out: out.to_path_buf(),
+        stop_at: None,
+        progress: false,
+        lead: true,
+    }
+}
+
+/// The losses recorded in a run's metrics.jsonl, step by step.
+fn recorded_losses(out: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `train_ranks` with 2 ranks: the run that one learner makes on the whole batches (its
+/// losses, to 1e-5), written once, by rank 0, with rank 0's evaluation at the end.
+#[test]
+fn ranks_train_like_one_learner_and_rank_0_writes() {
+    let task = Mqar {
+        vocab_size: 64,
+        seq_len: 32,
+        num_pairs: 4,
+        batch_size: BATCH,
+    };
+    let dir = std::env::temp_dir().join(format!("fla-dp-ranks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let eval_task = task.clone();
+    let mut evaluate = |m: &mut dyn Scorer| {
+        let (acc, loss) = eval_task.evaluate(m, 8, 3)?;
+        Ok(vec![
+            ("accuracy".to_string(), acc),
+            ("val_loss".to_string(), loss),
+        ])
+    };
+    train(
+        &mut learner(),
+        &mut task.clone(),
+        &mut evaluate,
+        &train_args(&one),
+        false,
+    )
+    .unwrap();
+
+    let groups = Mutex::new(
+        ThreadGroup::new(2)
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+    );
+    let make = |rank: usize| -> fla_tensor::Result<Box<dyn Learner>> {
+        let comm = groups.lock().unwrap()[rank]
+            .take()
+            .expect("one learner per rank");
+        Ok(Box::new(DataParallel::new(learner(), comm, 16 << 10)))
+    };
+    let evals = train_ranks(
+        2,
+        &make,
+        &task,
+        &mut evaluate,
+        &train_args(&two),
+        false,
+        &|rank, e| panic!("rank {rank} failed: {e}"),
+    )
+    .unwrap();
+    assert_eq!(evals.len(), 2, "rank 0 evaluates at the end: {evals:?}");
+    assert!(evals.iter().all(|(_, v)| v.is_finite()));
+
+    let (want, got) = (recorded_losses(&one), recorded_losses(&two));
+    assert_eq!(got.len(), STEPS, "one record per step, from rank 0 alone");
+    for (l, w) in got.iter().zip(&want) {
+        assert!((l - w).abs() <= 1e-5 * w.abs(), "loss {l} vs {w}");
+    }
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "checkpoint/trainer.json",
+        "loss.svg",
+    ] {
+        assert!(two.join(file).exists(), "rank 0 wrote no {file}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

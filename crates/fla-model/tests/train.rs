@@ -38,6 +38,7 @@ fn args(out: &Path, steps: u64) -> TrainArgs {
         out: out.to_path_buf(),
         stop_at: None,
         progress: false,
+        lead: true,
     }
 }
 
