@@ -342,7 +342,8 @@ fn rank_learner(
     };
     if rank == 0 {
         eprintln!(
-            "training on {world} GPUs over NCCL, {} sequences each ({name} first; {dtype:?} products, f32 master weights)",
+            "training on {world} GPU{} over NCCL, {} sequences each ({name} first; {dtype:?} products, f32 master weights)",
+            if world == 1 { "" } else { "s" },
             a.batch_size / world
         );
     }

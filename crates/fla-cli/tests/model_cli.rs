@@ -280,7 +280,8 @@ fn fla_env(args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
 fn data_parallel_launch_errors_are_one_line() {
     let out = tmp("dp-errors");
     let o = s(&out);
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
         (
             &["train", "--gpus", "3", "--out", o],
             &[],
