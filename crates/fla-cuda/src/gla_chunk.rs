@@ -248,7 +248,7 @@ impl Shape {
     /// A sweep with outputs (chunk_states_out or chunk_dstates_dv), where one serves (chunks of
     /// 64 rows, K ≤ 128) and its blocks of 64 value columns (sequences x heads x tiles) fill
     /// the SMs. On the H100 at H=16, K=V=128 it took forward + backward from 2.31-2.46 to
-    /// 2.25-2.26 ms at T ≤ 4096 (256 blocks or more), but with 128 blocks or fewer (T ≥ 8192)
+    /// 2.24-2.31 ms at T ≤ 4096 (256 blocks or more), but with 128 blocks or fewer (T ≥ 8192)
     /// it lost 9-19%, and narrower tiles, which make more blocks, lost at every T. It keeps in
     /// flight the most chunks, up to 4, among those that fit the most blocks on an SM.
     /// FLA_SWEEP_OUT, FLA_SWEEP_BV and FLA_SWEEP_STAGES force the choice, the tile, the chunks.
