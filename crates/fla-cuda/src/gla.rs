@@ -213,6 +213,8 @@ pub struct DeviceGla {
     pub(crate) gv: Option<CudaSlice<f32>>,
     pub(crate) u: Option<CudaSlice<f32>>,
     pub(crate) h0: Option<CudaSlice<f32>>,
+    /// h0 is this rank's initial state from a sequence-parallel forward, not the caller's.
+    pub(crate) folded_h0: bool,
     pub(crate) cu_seqlens: CudaSlice<i32>,
     pub o: Buf,
     pub ht: CudaSlice<f32>,
@@ -324,6 +326,7 @@ impl DeviceGla {
             gv: upload_f32(gpu, x.gv.as_ref())?,
             u: upload_f32(gpu, x.u.as_ref())?,
             h0: upload_f32(gpu, x.h0.as_ref())?,
+            folded_h0: false,
             cu_seqlens: s.clone_htod(&cu).map_err(device_err("upload"))?,
             o: Buf::zeros(gpu, p.b * p.t * p.h * p.dv, dtype)?,
             ht: s
@@ -395,6 +398,7 @@ impl DeviceGla {
             gv: None,
             u: None,
             h0: None,
+            folded_h0: false,
             cu_seqlens: s.clone_htod(&cu).map_err(device_err("upload"))?,
             o: Buf::zeros(gpu, n * dv, dtype)?,
             ht: s

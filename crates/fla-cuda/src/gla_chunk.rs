@@ -9,7 +9,7 @@ use fla_ops::GateKind;
 use fla_tensor::{Error, Result};
 
 use crate::device::{device_err, Gpu};
-use crate::gla::{forced_tile, opt_ptr, Buf, DeviceGla};
+use crate::gla::{forced_tile, Buf, DeviceGla};
 use crate::gla_bwd::{ptr_mut, DeviceGrads, DeviceUpstream, Work};
 
 const SRC: &str = concat!(
@@ -517,11 +517,19 @@ impl DeviceGla {
 
     /// The forward in two levels: states, attention matrices, outputs.
     pub(crate) fn forward_two_level(&mut self, gpu: &Gpu) -> Result<()> {
+        self.two_level_local(gpu)?;
+        self.two_level_sweep(gpu, true)
+    }
+
+    /// chunk_local: what every chunk gives on its own (A, Q̃, K̂, Γ), kept for the sweeps and
+    /// the backward. Nothing it writes depends on the initial state.
+    pub(crate) fn two_level_local(&mut self, gpu: &Gpu) -> Result<()> {
         let plan = Plan::choose(gpu, self)?;
         let chunk = plan.chunk();
         let chunks = Chunks::new(gpu, &self.lens, chunk)?;
         let n_chunks = chunks.count;
-        // chunk_local writes every element of these (of attn, every element that is read).
+        // chunk_local writes every element of these (of attn, every element that is read);
+        // the sweep writes the states.
         let states = Buf::uninit(
             gpu,
             (n_chunks * self.h * self.dk * self.dv).max(1),
@@ -543,29 +551,48 @@ impl DeviceGla {
             qg,
             kh,
         };
-        let [q, k, v, g, _, _, h0] = self.input_ptrs(gpu);
+        let [q, k, _, g, _, _, _] = self.input_ptrs(gpu);
         let s = &gpu.stream;
         let cu = self.cu_seqlens.device_ptr(s).0;
         let (off, seq) = (tl.chunks.off.device_ptr(s).0, tl.chunks.seq.device_ptr(s).0);
-        let (st, a) = (tl.states.ptr_mut(gpu), tl.attn.ptr_mut(gpu));
+        let a = tl.attn.ptr_mut(gpu);
         let gam = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut tl.gam, s).0;
-        let o = self.o.ptr_mut(gpu);
-        let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
         let qg = tl.qg.as_mut().map_or(0, |b| b.ptr_mut(gpu));
         let kh = tl.kh.as_mut().map_or(0, |b| b.ptr_mut(gpu));
-        let p = &tl.plan;
         self.launch_chunk_kernel(
             gpu,
             "chunk_local",
-            &p.local,
+            &tl.plan.local,
             false,
             (n_chunks, self.h, 1),
             &[q, k, g, a, qg, kh, gam, cu, off, seq],
             true,
         )?;
-        let (qg, kh) = (if qg == 0 { q } else { qg }, if kh == 0 { k } else { kh });
-        if let Some(shape) = &p.states_out {
-            self.launch_chunk_kernel(
+        self.two_level = Some(tl);
+        Ok(())
+    }
+
+    /// The state sweep from h0 (every chunk's starting state and ht) after
+    /// [`DeviceGla::two_level_local`], and with `outputs` o as well.
+    pub(crate) fn two_level_sweep(&mut self, gpu: &Gpu, outputs: bool) -> Result<()> {
+        let mut tl = self
+            .two_level
+            .take()
+            .ok_or_else(|| Error::Invalid("the state sweep needs chunk_local first".into()))?;
+        let n_chunks = tl.chunks.count;
+        let [q, k, v, _, _, _, h0] = self.input_ptrs(gpu);
+        let s = &gpu.stream;
+        let cu = self.cu_seqlens.device_ptr(s).0;
+        let (off, seq) = (tl.chunks.off.device_ptr(s).0, tl.chunks.seq.device_ptr(s).0);
+        let (st, a) = (tl.states.ptr_mut(gpu), tl.attn.ptr(gpu));
+        let gam = tl.gam.device_ptr(s).0;
+        let o = self.o.ptr_mut(gpu);
+        let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
+        let qg = tl.qg.as_ref().map_or(q, |b| b.ptr(gpu));
+        let kh = tl.kh.as_ref().map_or(k, |b| b.ptr(gpu));
+        let p = &tl.plan;
+        let launched = match (&p.states_out, outputs) {
+            (Some(shape), true) => self.launch_chunk_kernel(
                 gpu,
                 "chunk_states_out",
                 shape,
@@ -573,33 +600,90 @@ impl DeviceGla {
                 (self.n_seqs * (self.dv / shape.bv), self.h, 1),
                 &[qg, kh, v, a, o, st, gam, h0, ht, cu, off],
                 true,
-            )?;
-        } else {
-            self.launch_chunk_kernel(
-                gpu,
-                "chunk_states",
-                &p.states,
-                false,
-                self.sweep_grid(&p.states),
-                &[kh, v, st, gam, h0, ht, cu, off],
-                false,
-            )?;
-            self.launch_chunk_kernel(
-                gpu,
-                "chunk_out",
-                &p.out,
-                false,
-                (n_chunks * (self.dv / p.out.bv), self.h, 1),
-                &[qg, v, st, a, o, cu, off, seq],
-                true,
-            )?;
-        }
+            ),
+            _ => self
+                .launch_chunk_kernel(
+                    gpu,
+                    "chunk_states",
+                    &p.states,
+                    false,
+                    self.sweep_grid(&p.states),
+                    &[kh, v, st, gam, h0, ht, cu, off],
+                    false,
+                )
+                .and_then(|()| {
+                    if !outputs {
+                        return Ok(());
+                    }
+                    self.launch_chunk_kernel(
+                        gpu,
+                        "chunk_out",
+                        &p.out,
+                        false,
+                        (n_chunks * (self.dv / p.out.bv), self.h, 1),
+                        &[qg, v, st, a, o, cu, off, seq],
+                        true,
+                    )
+                }),
+        };
         self.two_level = Some(tl);
-        Ok(())
+        launched
+    }
+
+    /// The backward state sweep alone, after the two-level forward: from the upstream `dht`
+    /// (a device address, or 0 for none), the gradient reaching h0 into `dh0` (f32
+    /// [sequences, H, K, V]). The kernels write dh0 only where h0 is present.
+    pub(crate) fn two_level_dh0(&self, gpu: &Gpu, d_o: &Buf, dht: u64, dh0: u64) -> Result<()> {
+        let tl = self
+            .two_level
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("the GPU backward needs the forward run first".into()))?;
+        if self.h0.is_none() {
+            return Err(Error::Invalid(
+                "the state gradient alone needs an initial state".into(),
+            ));
+        }
+        // Every chunk's dS' is written and not kept.
+        let mut dstates = Buf::uninit(
+            gpu,
+            (tl.chunks.count * self.h * self.dk * self.dv).max(1),
+            self.dtype,
+        )?;
+        let s = &gpu.stream;
+        let cu = self.cu_seqlens.device_ptr(s).0;
+        let off = tl.chunks.off.device_ptr(s).0;
+        let qg = tl.qg.as_ref().unwrap_or(&self.q).ptr(gpu);
+        let gam = tl.gam.device_ptr(s).0;
+        let dst = dstates.ptr_mut(gpu);
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_dstates",
+            &tl.plan.dstates,
+            dht != 0,
+            self.sweep_grid(&tl.plan.dstates),
+            &[qg, d_o.ptr(gpu), dst, gam, dht, dh0, cu, off],
+            true,
+        )
+    }
+
+    /// Every chunk's total gate Γ [chunks, H, K] and where each sequence's chunks start, from
+    /// the last two-level forward.
+    pub(crate) fn chunk_gates(&self) -> Option<(&CudaSlice<f32>, &CudaSlice<i32>)> {
+        self.two_level.as_ref().map(|tl| (&tl.gam, &tl.chunks.off))
     }
 
     /// The backward in two levels, after [`DeviceGla::forward_two_level`], with its chunks.
     pub(crate) fn backward_two_level(&mut self, gpu: &Gpu, up: &DeviceUpstream) -> Result<()> {
+        self.backward_two_level_from(gpu, &up.d_o, up.dht.as_ref())
+    }
+
+    /// The backward in two levels from do and, if given, dht.
+    pub(crate) fn backward_two_level_from(
+        &mut self,
+        gpu: &Gpu,
+        d_o: &Buf,
+        dht: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
         if !matches!(
             self.grads,
             Some(DeviceGrads {
@@ -629,8 +713,8 @@ impl DeviceGla {
         let qg = tl.qg.as_ref().map_or(q, |b| b.ptr(gpu));
         let kh = tl.kh.as_ref().map_or(k, |b| b.ptr(gpu));
         let dst = dstates.ptr_mut(gpu);
-        let (d_o, dht) = (up.d_o.ptr(gpu), opt_ptr(&up.dht, gpu));
-        let has_dht = up.dht.is_some();
+        let (d_o, has_dht) = (d_o.ptr(gpu), dht.is_some());
+        let dht = dht.map_or(0, |x| x.device_ptr(s).0);
         let (dk_, dv_) = (self.dk, self.dv);
         let gr = self.grads.as_mut().expect("allocated above");
         if let Some(x) = gr.dg_scalar.as_mut() {

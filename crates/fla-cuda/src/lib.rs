@@ -12,6 +12,7 @@ mod gla_rec;
 pub mod layers;
 mod nccl;
 mod nvrtc;
+mod seq_parallel;
 
 pub use blas::{Blas, Operand};
 /// The CUDA bindings these types are built on, for callers that hold device buffers.
@@ -21,3 +22,4 @@ pub use gla::{check_head_sizes, gla_forward, Buf, DType, DeviceGla};
 pub use gla_bwd::{gla_backward, DeviceUpstream};
 pub use gla_rec::{Decoder, StepInputs};
 pub use nccl::{nccl_ready, new_id, NcclGroup, ID_BYTES};
+pub use seq_parallel::Gather;

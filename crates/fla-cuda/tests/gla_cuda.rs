@@ -10,7 +10,9 @@
 mod common;
 
 use common::{cast_inputs, inputs, Rng, Shape};
-use fla_cuda::{gla_backward, gla_forward, Buf, DType, Decoder, Gpu, StepInputs};
+use fla_cuda::cudarc::driver::CudaSlice;
+use fla_cuda::{gla_backward, gla_forward, Buf, DType, Decoder, DeviceGla, Gpu, StepInputs};
+use fla_ops::gla::{put_t, segment, slice_t};
 use fla_ops::{Form, GateKind, GlaGrads, GlaInputs, GlaOutputs, Options};
 use fla_tensor::{Real, Tensor};
 
@@ -501,4 +503,187 @@ fn decode_steps_match_reference() {
     };
     let err = dec.step(&gpu, &step, &mut o).unwrap_err();
     assert!(err.to_string().contains("needs `g`"), "{err}");
+}
+
+/// Every rank's payload side by side, as an all-gather leaves them.
+fn gathered(gpu: &Gpu, parts: &[CudaSlice<f32>]) -> CudaSlice<f32> {
+    let len = parts[0].len();
+    let s = gpu.stream();
+    let mut all = s.alloc_zeros::<f32>(len * parts.len()).unwrap();
+    for (r, p) in parts.iter().enumerate() {
+        s.memcpy_dtod(p, &mut all.slice_mut(r * len..(r + 1) * len))
+            .unwrap();
+    }
+    all
+}
+
+/// A sequence-parallel call with one rank per segment `bounds` (ranks run one after another
+/// on one GPU; the all-gathers are copies) against the f64 reference on the whole sequences:
+/// o and every gradient put back together along T, the last rank's ht and rank 0's dh0.
+fn check_seq_parallel(
+    gpu: &Gpu,
+    gate: GateKind,
+    x: &GlaInputs<f64>,
+    bounds: &[usize],
+    rng: &mut Rng,
+    with_dht: bool,
+    what: &str,
+) {
+    let opts = Options {
+        form: Form::Recurrent,
+        ..Options::default()
+    };
+    let (b, t, h, dk, dv) = (
+        x.q.shape()[0],
+        x.q.shape()[1],
+        x.q.shape()[2],
+        x.q.shape()[3],
+        x.v.shape()[3],
+    );
+    let world = bounds.len() - 1;
+    let d_o = rng.tensor(&[b, t, h, dv]);
+    let dht = with_dht.then(|| rng.tensor(&[b, h, dk, dv]));
+    for dtype in [DType::F32, DType::Bf16] {
+        let tol = tolerance(dtype);
+        let x = &stored_inputs(x, dtype);
+        let d_o = as_stored(&d_o, dtype);
+        let dht = dht.as_ref().map(|t| as_stored(t, DType::F32));
+        let want_out = reference(gate, x);
+        let want = fla_ops::gla_backward(gate, x, &d_o, dht.as_ref(), &opts).unwrap();
+        let x32 = cast_inputs::<f32>(x);
+        let mut ranks: Vec<_> = (0..world)
+            .map(|r| {
+                let seg = segment(&x32, bounds[r], bounds[r + 1], None);
+                let seg = GlaInputs {
+                    h0: if r == 0 { x32.h0.clone() } else { None },
+                    ..seg
+                };
+                let d = DeviceGla::upload(gpu, gate, &seg, dtype).unwrap();
+                let dht = dht.as_ref().filter(|_| r + 1 == world).map(|t| t.cast());
+                let d_o = slice_t(&d_o.cast::<f32>(), bounds[r], bounds[r + 1]);
+                let up = d.upstream(gpu, &d_o, dht.as_ref()).unwrap();
+                (d, up)
+            })
+            .collect();
+        let parts: Vec<_> = ranks
+            .iter_mut()
+            .enumerate()
+            .map(|(r, (d, _))| d.segment_forward_local(gpu, r, world).unwrap())
+            .collect();
+        let all = gathered(gpu, &parts);
+        for (r, (d, _)) in ranks.iter_mut().enumerate() {
+            d.segment_forward_finish(gpu, &all, r, world).unwrap();
+        }
+        let parts: Vec<_> = ranks
+            .iter_mut()
+            .enumerate()
+            .map(|(r, (d, up))| d.segment_backward_local(gpu, up, r, world).unwrap())
+            .collect();
+        let all = gathered(gpu, &parts);
+        for (r, (d, up)) in ranks.iter_mut().enumerate() {
+            d.segment_backward_finish(gpu, up, &all, r, world).unwrap();
+        }
+        let mut o = Tensor::zeros(&[b, t, h, dv]);
+        let mut grads: Vec<Tensor<f32>> = named(&want)
+            .iter()
+            .filter(|p| p.0 != "dh0")
+            .map(|p| Tensor::zeros(p.1.shape()))
+            .collect();
+        for (r, (d, _)) in ranks.iter().enumerate() {
+            put_t(&mut o, &d.outputs(gpu).unwrap().o, bounds[r]);
+            let g = d.gradients(gpu).unwrap();
+            for (whole, (_, part)) in grads.iter_mut().zip(named(&g)) {
+                put_t(whole, part, bounds[r]);
+            }
+        }
+        let tag = |n: &str| format!("{what} {gate} {dtype:?} {world} ranks {n}");
+        let mut line = tag(":");
+        line += &format!(" o {:.1e}", check(&tag("o"), &o, &want_out.o, tol));
+        let ht = ranks[world - 1].0.outputs(gpu).unwrap().ht;
+        line += &format!(" ht {:.1e}", check(&tag("ht"), &ht, &want_out.ht, tol));
+        for (got, (n, w)) in grads.iter().zip(named(&want)) {
+            line += &format!(" {n} {:.1e}", check(&tag(n), got, w, tol));
+        }
+        if let Some(w) = &want.dh0 {
+            let got = ranks[0].0.gradients(gpu).unwrap().dh0.unwrap();
+            line += &format!(" dh0 {:.1e}", check(&tag("dh0"), &got, w, tol));
+        }
+        println!("{line}");
+    }
+}
+
+#[test]
+fn sequence_parallel_segments_match_the_whole_sequence() {
+    let Some(gpu) = gpu() else { return };
+    if !forms().contains(&Form::Chunk) {
+        println!("skipped: FLA_TEST_FORMS leaves out the chunk form");
+        return;
+    }
+    let mut rng = Rng::new(41);
+    let small = Shape {
+        b: 2,
+        t: 300,
+        h: 2,
+        k: 32,
+        v: 48,
+    };
+    // Three ranks, one with a segment shorter than a chunk; h0 on rank 0, dht on the last.
+    for gate in [GateKind::None, GateKind::Scalar, GateKind::Key] {
+        let x = inputs(&mut rng, gate, &small, true, 1.0);
+        check_seq_parallel(&gpu, gate, &x, &[0, 100, 130, 300], &mut rng, true, "small");
+    }
+    // The model's head sizes and the largest, without h0 or dht.
+    for (k, v, t, bounds) in [
+        (128, 128, 512, vec![0, 128, 320, 512]),
+        (256, 512, 300, vec![0, 200, 300]),
+    ] {
+        let s = Shape {
+            b: 1,
+            t,
+            h: 2,
+            k,
+            v,
+        };
+        let x = inputs(&mut rng, GateKind::Key, &s, false, 1.0);
+        check_seq_parallel(&gpu, GateKind::Key, &x, &bounds, &mut rng, false, "heads");
+    }
+}
+
+#[test]
+fn sequence_parallel_misuse_is_named() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(43);
+    let s = Shape {
+        b: 1,
+        t: 20,
+        h: 1,
+        k: 16,
+        v: 16,
+    };
+    let x = cast_inputs::<f32>(&inputs(&mut rng, GateKind::Key, &s, true, 1.0));
+    // h0 belongs to rank 0.
+    let mut d = DeviceGla::upload(&gpu, GateKind::Key, &x, DType::F32).unwrap();
+    let err = d.segment_forward_local(&gpu, 1, 2).unwrap_err();
+    assert!(err.to_string().contains("only rank 0"), "{err}");
+    // The value gate has no two-level kernels.
+    let both = cast_inputs::<f32>(&inputs(&mut rng, GateKind::Both, &s, false, 1.0));
+    let mut d = DeviceGla::upload(&gpu, GateKind::Both, &both, DType::F32).unwrap();
+    let err = d.segment_forward_local(&gpu, 0, 2).unwrap_err();
+    assert!(err.to_string().contains("two-level chunk form"), "{err}");
+    // dht belongs to the last rank; the backward needs the sequence-parallel forward.
+    let mut d = DeviceGla::upload(&gpu, GateKind::Key, &x, DType::F32).unwrap();
+    let d_o = Tensor::zeros(&[1, 20, 1, 16]);
+    let dht = Tensor::zeros(&[1, 1, 16, 16]);
+    let up = d.upstream(&gpu, &d_o, Some(&dht)).unwrap();
+    let err = d.segment_backward_local(&gpu, &up, 0, 2).unwrap_err();
+    assert!(err.to_string().contains("forward first"), "{err}");
+    let part = d.segment_forward_local(&gpu, 0, 2).unwrap();
+    let all = gathered(&gpu, &[part.clone(), part]);
+    d.segment_forward_finish(&gpu, &all, 0, 2).unwrap();
+    let err = d.segment_backward_local(&gpu, &up, 0, 2).unwrap_err();
+    assert!(err.to_string().contains("only the last rank"), "{err}");
+    // A gathered buffer of the wrong size.
+    let short = gpu.stream().alloc_zeros::<f32>(3).unwrap();
+    let err = d.segment_forward_finish(&gpu, &short, 1, 2).unwrap_err();
+    assert!(err.to_string().contains("gathered segment states"), "{err}");
 }

@@ -2,10 +2,16 @@
 //! skipped; with FLA_REQUIRE_CUDA=1 a missing GPU fails it, with FLA_REQUIRE_NCCL=1 a missing
 //! NCCL does.
 
+#[path = "../../fla-ops/tests/common/mod.rs"]
+mod common;
 #[path = "support/gpu_and_nccl.rs"]
 mod support;
 
-use fla_cuda::{new_id, Gpu, NcclGroup};
+use common::{cast_inputs, inputs, Rng, Shape};
+use fla_cuda::{gla_backward, new_id, DType, DeviceGla, Gpu, NcclGroup};
+use fla_ops::gla::{put_t, segment, slice_t};
+use fla_ops::{Form, GateKind, GlaInputs};
+use fla_tensor::Tensor;
 use support::gpu_and_nccl;
 
 /// Rank r's buffer: element i is (r + 1) * (i + 1) / 8, exact in f32.
@@ -64,6 +70,18 @@ fn check_ranks(world: usize) {
     }
 }
 
+/// Whether GPUs 0 and 1 and NCCL are usable; if not, says why the test skipped.
+fn two_gpus() -> bool {
+    if gpu_and_nccl().is_none() {
+        return false;
+    }
+    if fla_cuda::cudarc::driver::CudaContext::device_count().map_or(0, |n| n) < 2 {
+        eprintln!("skipped: one GPU (NCCL refuses two ranks on one)");
+        return false;
+    }
+    true
+}
+
 #[test]
 fn one_rank_collectives() {
     if gpu_and_nccl().is_none() {
@@ -78,11 +96,7 @@ fn one_rank_collectives() {
 #[test]
 #[ignore]
 fn two_ranks_on_two_gpus() {
-    if gpu_and_nccl().is_none() {
-        return;
-    }
-    if fla_cuda::cudarc::driver::CudaContext::device_count().map_or(0, |n| n) < 2 {
-        eprintln!("skipped: one GPU (NCCL refuses two ranks on one)");
+    if !two_gpus() {
         return;
     }
     check_ranks(2);
@@ -103,4 +117,101 @@ fn bad_ranks_and_buffers_are_named() {
         err.contains("all-gather of 4 floats from each of 1 ranks into 5"),
         "{err}"
     );
+}
+
+/// Sequence parallelism over a communicator of `world` ranks (rank r on GPU r, one thread
+/// each, holding rows [r T / world, (r + 1) T / world) of every sequence; h0 on rank 0, dht on
+/// the last) against GPU 0 running the whole sequences, in f32: o, dq, dk, dv, dg, the last
+/// rank's ht and rank 0's dh0, to 1e-4 relative.
+fn check_seq_parallel(world: usize) {
+    let mut rng = Rng::new(47);
+    let s = Shape {
+        b: 2,
+        t: 384,
+        h: 2,
+        k: 64,
+        v: 64,
+    };
+    let x = cast_inputs::<f32>(&inputs(&mut rng, GateKind::Key, &s, true, 1.0));
+    let d_o = rng.tensor(&[s.b, s.t, s.h, s.v]).cast::<f32>();
+    let dht = rng.tensor(&[s.b, s.h, s.k, s.v]).cast::<f32>();
+    let gpu = Gpu::new(0).unwrap();
+    let (want_out, want) = gla_backward(
+        &gpu,
+        GateKind::Key,
+        &x,
+        &d_o,
+        Some(&dht),
+        DType::F32,
+        Form::Chunk,
+    )
+    .unwrap();
+    let id = new_id().unwrap();
+    let bounds: Vec<usize> = (0..=world).map(|r| r * s.t / world).collect();
+    let ranks: Vec<_> = (0..world)
+        .map(|rank| {
+            let (t0, t1) = (bounds[rank], bounds[rank + 1]);
+            let seg = GlaInputs {
+                h0: if rank == 0 { x.h0.clone() } else { None },
+                ..segment(&x, t0, t1, None)
+            };
+            let d_o = slice_t(&d_o, t0, t1);
+            let dht = (rank + 1 == world).then(|| dht.clone());
+            std::thread::spawn(move || {
+                let gpu = Gpu::new(rank).unwrap();
+                let group = NcclGroup::new(&gpu, rank, world, id).unwrap();
+                let mut d = DeviceGla::upload(&gpu, GateKind::Key, &seg, DType::F32).unwrap();
+                let up = d.upstream(&gpu, &d_o, dht.as_ref()).unwrap();
+                d.forward_seq_parallel(&gpu, &group).unwrap();
+                d.backward_seq_parallel(&gpu, &group, &up).unwrap();
+                (d.outputs(&gpu).unwrap(), d.gradients(&gpu).unwrap())
+            })
+        })
+        .map(|t| t.join().unwrap())
+        .collect();
+    let close = |what: &str, got: &Tensor<f32>, want: &Tensor<f32>| {
+        let e = got.cast::<f64>().rel_err(&want.cast::<f64>());
+        assert!(e < 1e-4, "{world} ranks: {what} relative error {e:.3e}");
+    };
+    let mut o = Tensor::zeros(want_out.o.shape());
+    let mut grads = [&want.dq, &want.dk, &want.dv, want.dg.as_ref().unwrap()]
+        .map(|w| Tensor::<f32>::zeros(w.shape()));
+    for (r, (out, g)) in ranks.iter().enumerate() {
+        put_t(&mut o, &out.o, bounds[r]);
+        for (whole, part) in grads
+            .iter_mut()
+            .zip([&g.dq, &g.dk, &g.dv, g.dg.as_ref().unwrap()])
+        {
+            put_t(whole, part, bounds[r]);
+        }
+    }
+    close("o", &o, &want_out.o);
+    close("ht", &ranks[world - 1].0.ht, &want_out.ht);
+    let wants = [&want.dq, &want.dk, &want.dv, want.dg.as_ref().unwrap()];
+    for ((n, got), w) in ["dq", "dk", "dv", "dg"].iter().zip(&grads).zip(wants) {
+        close(n, got, w);
+    }
+    close(
+        "dh0",
+        ranks[0].1.dh0.as_ref().unwrap(),
+        want.dh0.as_ref().unwrap(),
+    );
+}
+
+#[test]
+fn sequence_parallel_over_one_rank() {
+    if gpu_and_nccl().is_none() {
+        return;
+    }
+    check_seq_parallel(1);
+}
+
+/// Two ranks on GPUs 0 and 1, run by hand (`--ignored`) on a machine with two.
+#[test]
+#[ignore]
+fn sequence_parallel_over_two_gpus() {
+    if !two_gpus() {
+        return;
+    }
+    check_seq_parallel(2);
 }

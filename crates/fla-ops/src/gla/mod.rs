@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use fla_tensor::{Error, Real, Result, Tensor};
 use rayon::prelude::*;
-pub use segments::{backward_in_segments, forward_in_segments};
+pub use segments::{backward_in_segments, forward_in_segments, put_t, segment, slice_t};
 use seq::{Seq, SeqGrads, SeqOut, SeqUpstream};
 
 /// Which forget gates the recurrence has (../../docs/ARCHITECTURE.md, the family table).

@@ -14,7 +14,7 @@ use fla_tensor::{Error, Real, Result, Tensor};
 use super::{gla_backward, gla_forward, GateKind, GlaGrads, GlaInputs, GlaOutputs, Options};
 
 /// Rows t0..t1 of a [B, T, ...] tensor.
-fn slice_t<F: Real>(x: &Tensor<F>, t0: usize, t1: usize) -> Tensor<F> {
+pub fn slice_t<F: Real>(x: &Tensor<F>, t0: usize, t1: usize) -> Tensor<F> {
     let s = x.shape();
     let (b, t) = (s[0], s[1]);
     let row: usize = s[2..].iter().product();
@@ -28,7 +28,7 @@ fn slice_t<F: Real>(x: &Tensor<F>, t0: usize, t1: usize) -> Tensor<F> {
 }
 
 /// Writes `part` ([B, t1-t0, ...]) into rows t0..t1 of `dst` ([B, T, ...]).
-fn put_t<F: Real>(dst: &mut Tensor<F>, part: &Tensor<F>, t0: usize) {
+pub fn put_t<F: Real>(dst: &mut Tensor<F>, part: &Tensor<F>, t0: usize) {
     let (b, t) = (dst.shape()[0], dst.shape()[1]);
     let row: usize = dst.shape()[2..].iter().product();
     let len = part.shape()[1];
@@ -39,7 +39,12 @@ fn put_t<F: Real>(dst: &mut Tensor<F>, part: &Tensor<F>, t0: usize) {
 }
 
 /// The inputs of segment t0..t1, starting from `h0`.
-fn segment<F: Real>(x: &GlaInputs<F>, t0: usize, t1: usize, h0: Option<Tensor<F>>) -> GlaInputs<F> {
+pub fn segment<F: Real>(
+    x: &GlaInputs<F>,
+    t0: usize,
+    t1: usize,
+    h0: Option<Tensor<F>>,
+) -> GlaInputs<F> {
     GlaInputs {
         q: slice_t(&x.q, t0, t1),
         k: slice_t(&x.k, t0, t1),
