@@ -6,8 +6,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
-use fla_cuda::{Buf, DType, Decoder, DeviceGla, Gpu, StepInputs};
-use fla_ops::GateKind;
+use fla_cuda::{gather_in_turn, Buf, DType, Decoder, DeviceGla, Gpu, StepInputs};
+use fla_ops::gla::segment;
+use fla_ops::{GateKind, GlaInputs};
 use fla_tensor::{Error, Result};
 
 use crate::bench::inputs;
@@ -41,6 +42,11 @@ pub struct CudaArgs {
     /// Batch sizes of the decode-step rows (key gate, one token per sequence)
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     decode_batches: Vec<usize>,
+    /// Also time sequence parallelism over these numbers of ranks (e.g. 2,4): rank r holds
+    /// rows [r T/N, (r+1) T/N) of every sequence; the ranks run one after another on this GPU
+    /// and the slowest rank's time is reported (all-gathers, here device copies, excluded)
+    #[arg(long, value_delimiter = ',')]
+    seq_parallel: Vec<usize>,
     /// Also write the records as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -128,6 +134,19 @@ pub fn run(a: &CudaArgs) -> Result<()> {
                 records.push(format!(
                     "{{\"op\":\"{op}\",\"impl\":\"ours\",\"B\":{b},\"T\":{t},\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{fwd:.4},\"fwdbwd_ms\":{fwdbwd:.4}}}"
                 ));
+                drop(d);
+                for &world in &a.seq_parallel {
+                    let (fwd, fwdbwd) = seq_parallel_ms(&gpu, gate, &x, dtype, world)?;
+                    let sp = format!("{op}/sp{world}");
+                    let line = format!(
+                        "{sp:<18} {b:>3} {t:>5} {h:>3} {dk:>4} {dv:>4} {fwd:>9.3} {fwdbwd:>10.3}\n"
+                    );
+                    print!("{line}");
+                    table.push_str(&line);
+                    records.push(format!(
+                        "{{\"op\":\"{op}\",\"impl\":\"ours-sp{world}\",\"B\":{b},\"T\":{t},\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{fwd:.4},\"fwdbwd_ms\":{fwdbwd:.4}}}"
+                    ));
+                }
             }
         }
     }
@@ -151,6 +170,63 @@ pub fn run(a: &CudaArgs) -> Result<()> {
             .map_err(|e| Error::Invalid(format!("writing the JSON: {e}")))?;
     }
     Ok(())
+}
+
+/// The slowest rank's (forward, forward + backward) ms of a sequence-parallel call over `world`
+/// ranks: each rank's phases timed in turn on this GPU, with every rank's payloads gathered
+/// beforehand (they do not change between repetitions). On `world` GPUs the ranks run at once,
+/// so this is a rank's time there, less its two all-gathers per pass.
+fn seq_parallel_ms(
+    gpu: &Gpu,
+    gate: GateKind,
+    x: &GlaInputs<f32>,
+    dtype: DType,
+    world: usize,
+) -> Result<(f64, f64)> {
+    let t = x.q.shape()[1];
+    if world == 0 || !t.is_multiple_of(world) {
+        return Err(Error::Invalid(format!(
+            "--seq-parallel {world}: the ranks must split T={t} evenly"
+        )));
+    }
+    let len = t / world;
+    let mut ranks = (0..world)
+        .map(|r| {
+            let seg = segment(x, r * len, (r + 1) * len, None);
+            let d = DeviceGla::upload(gpu, gate, &seg, dtype)?;
+            let up = d.upstream(gpu, &seg.v, None)?;
+            Ok((d, up))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parts = (0..world)
+        .map(|r| ranks[r].0.segment_forward_local(gpu, r, world))
+        .collect::<Result<Vec<_>>>()?;
+    let fwd_all = gather_in_turn(gpu, &parts)?;
+    for (r, (d, _)) in ranks.iter_mut().enumerate() {
+        d.segment_forward_finish(gpu, &fwd_all, r, world)?;
+    }
+    let parts = (0..world)
+        .map(|r| {
+            let (d, up) = &mut ranks[r];
+            d.segment_backward_local(gpu, up, r, world)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bwd_all = gather_in_turn(gpu, &parts)?;
+    let mut slowest = (0.0f64, 0.0f64);
+    for (r, (d, up)) in ranks.iter_mut().enumerate() {
+        let forward = |d: &mut DeviceGla| {
+            d.segment_forward_local(gpu, r, world)?;
+            d.segment_forward_finish(gpu, &fwd_all, r, world)
+        };
+        let fwd = gpu.time_ms(3, 20, || forward(d))?;
+        let fwdbwd = gpu.time_ms(3, 20, || {
+            forward(d)?;
+            d.segment_backward_local(gpu, up, r, world)?;
+            d.segment_backward_finish(gpu, up, &bwd_all, r, world)
+        })?;
+        slowest = (slowest.0.max(fwd), slowest.1.max(fwdbwd));
+    }
+    Ok(slowest)
 }
 
 /// One decode step (key gate): b sequences, one token each, states on the device.

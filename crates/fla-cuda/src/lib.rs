@@ -22,4 +22,4 @@ pub use gla::{check_head_sizes, gla_forward, Buf, DType, DeviceGla};
 pub use gla_bwd::{gla_backward, DeviceUpstream};
 pub use gla_rec::{Decoder, StepInputs};
 pub use nccl::{nccl_ready, new_id, NcclGroup, ID_BYTES};
-pub use seq_parallel::Gather;
+pub use seq_parallel::{gather_in_turn, Gather};

@@ -295,6 +295,22 @@ impl DeviceGla {
     }
 }
 
+/// What an all-gather would leave, for ranks run one after another on one GPU (tests,
+/// benchmarks): every rank's payload side by side, in rank order.
+pub fn gather_in_turn(gpu: &Gpu, parts: &[CudaSlice<f32>]) -> Result<CudaSlice<f32>> {
+    let len = parts.first().map_or(0, |p| p.len());
+    if parts.iter().any(|p| p.len() != len) {
+        return Err(Error::Invalid("ranks' payloads of different sizes".into()));
+    }
+    let mut all = uninit::<f32>(gpu, (len * parts.len()).max(1))?;
+    for (r, p) in parts.iter().enumerate() {
+        gpu.stream
+            .memcpy_dtod(p, &mut all.slice_mut(r * len..(r + 1) * len))
+            .map_err(device_err("device copy"))?;
+    }
+    Ok(all)
+}
+
 fn gathered(gpu: &Gpu, group: &dyn Gather, part: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
     let mut all = uninit::<f32>(gpu, part.len() * group.world())?;
     group.all_gather(part, &mut all)?;

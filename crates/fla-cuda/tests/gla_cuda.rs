@@ -10,8 +10,9 @@
 mod common;
 
 use common::{cast_inputs, inputs, Rng, Shape};
-use fla_cuda::cudarc::driver::CudaSlice;
-use fla_cuda::{gla_backward, gla_forward, Buf, DType, Decoder, DeviceGla, Gpu, StepInputs};
+use fla_cuda::{
+    gather_in_turn, gla_backward, gla_forward, Buf, DType, Decoder, DeviceGla, Gpu, StepInputs,
+};
 use fla_ops::gla::{put_t, segment, slice_t};
 use fla_ops::{Form, GateKind, GlaGrads, GlaInputs, GlaOutputs, Options};
 use fla_tensor::{Real, Tensor};
@@ -505,18 +506,6 @@ fn decode_steps_match_reference() {
     assert!(err.to_string().contains("needs `g`"), "{err}");
 }
 
-/// Every rank's payload side by side, as an all-gather leaves them.
-fn gathered(gpu: &Gpu, parts: &[CudaSlice<f32>]) -> CudaSlice<f32> {
-    let len = parts[0].len();
-    let s = gpu.stream();
-    let mut all = s.alloc_zeros::<f32>(len * parts.len()).unwrap();
-    for (r, p) in parts.iter().enumerate() {
-        s.memcpy_dtod(p, &mut all.slice_mut(r * len..(r + 1) * len))
-            .unwrap();
-    }
-    all
-}
-
 /// A sequence-parallel call with one rank per segment `bounds` (ranks run one after another
 /// on one GPU; the all-gathers are copies) against the f64 reference on the whole sequences:
 /// o and every gradient put back together along T, the last rank's ht and rank 0's dh0.
@@ -570,7 +559,7 @@ fn check_seq_parallel(
             .enumerate()
             .map(|(r, (d, _))| d.segment_forward_local(gpu, r, world).unwrap())
             .collect();
-        let all = gathered(gpu, &parts);
+        let all = gather_in_turn(gpu, &parts).unwrap();
         for (r, (d, _)) in ranks.iter_mut().enumerate() {
             d.segment_forward_finish(gpu, &all, r, world).unwrap();
         }
@@ -579,7 +568,7 @@ fn check_seq_parallel(
             .enumerate()
             .map(|(r, (d, up))| d.segment_backward_local(gpu, up, r, world).unwrap())
             .collect();
-        let all = gathered(gpu, &parts);
+        let all = gather_in_turn(gpu, &parts).unwrap();
         for (r, (d, up)) in ranks.iter_mut().enumerate() {
             d.segment_backward_finish(gpu, up, &all, r, world).unwrap();
         }
@@ -678,7 +667,7 @@ fn sequence_parallel_misuse_is_named() {
     let err = d.segment_backward_local(&gpu, &up, 0, 2).unwrap_err();
     assert!(err.to_string().contains("forward first"), "{err}");
     let part = d.segment_forward_local(&gpu, 0, 2).unwrap();
-    let all = gathered(&gpu, &[part.clone(), part]);
+    let all = gather_in_turn(&gpu, &[part.clone(), part]).unwrap();
     d.segment_forward_finish(&gpu, &all, 0, 2).unwrap();
     let err = d.segment_backward_local(&gpu, &up, 0, 2).unwrap_err();
     assert!(err.to_string().contains("only the last rank"), "{err}");
