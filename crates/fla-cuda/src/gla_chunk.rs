@@ -572,8 +572,8 @@ impl DeviceGla {
         Ok(())
     }
 
-    /// The state sweep from h0 (every chunk's starting state and ht) after
-    /// [`DeviceGla::two_level_local`], and with `outputs` o as well.
+    /// The state sweep from h0 after [`DeviceGla::two_level_local`]: with `outputs`, every
+    /// chunk's starting state, ht and o; without, ht alone (sequence parallelism's first pass).
     pub(crate) fn two_level_sweep(&mut self, gpu: &Gpu, outputs: bool) -> Result<()> {
         let mut tl = self
             .two_level
@@ -608,7 +608,7 @@ impl DeviceGla {
                     &p.states,
                     false,
                     self.sweep_grid(&p.states),
-                    &[kh, v, st, gam, h0, ht, cu, off],
+                    &[kh, v, if outputs { st } else { 0 }, gam, h0, ht, cu, off],
                     false,
                 )
                 .and_then(|()| {
@@ -643,25 +643,19 @@ impl DeviceGla {
                 "the state gradient alone needs an initial state".into(),
             ));
         }
-        // Every chunk's dS' is written and not kept.
-        let mut dstates = Buf::uninit(
-            gpu,
-            (tl.chunks.count * self.h * self.dk * self.dv).max(1),
-            self.dtype,
-        )?;
         let s = &gpu.stream;
         let cu = self.cu_seqlens.device_ptr(s).0;
         let off = tl.chunks.off.device_ptr(s).0;
         let qg = tl.qg.as_ref().unwrap_or(&self.q).ptr(gpu);
         let gam = tl.gam.device_ptr(s).0;
-        let dst = dstates.ptr_mut(gpu);
+        // No slots: the sweep keeps no chunk's dS'.
         self.launch_chunk_kernel(
             gpu,
             "chunk_dstates",
             &tl.plan.dstates,
             dht != 0,
             self.sweep_grid(&tl.plan.dstates),
-            &[qg, d_o.ptr(gpu), dst, gam, dht, dh0, cu, off],
+            &[qg, d_o.ptr(gpu), 0, gam, dht, dh0, cu, off],
             true,
         )
     }
