@@ -43,12 +43,16 @@
 // kernel's tiles), HAS_G, G_SCALAR, GATE_BF16 (the gates and the key gate's gradient in bf16,
 // else f32), HAS_H0, HAS_DHT, MIN_BLOCKS (the blocks per SM that the kernel's shared memory
 // allows: its registers are held to that occupancy), STAGES (chunks, or chunk_dqk's value
-// tiles, in flight). The sweeps with outputs take BK = KD and KD / 32 warps per 16 columns of BV.
+// tiles, in flight), KEEP_SLOTS (the state sweeps: 0 writes only the final state; default 1). The
+// sweeps with outputs take BK = KD and KD / 32 warps per 16 columns of BV.
 
 #define KD HEAD_K
 #define C CHUNK
 #define SWEEP (KERNEL == 1 || KERNEL == 3)
 #define SWEEP_OUT (KERNEL == 6 || KERNEL == 7)
+#ifndef KEEP_SLOTS
+#define KEEP_SLOTS 1
+#endif
 #if (C != 64 && C != 128) || (NT != 4 * C && !SWEEP && !SWEEP_OUT)
 #error "chunks of 64 or 128 rows, 4 threads per row"
 #endif
@@ -393,8 +397,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
 // S_0 = h0 (or 0), S_{i+1} = e^Γ_i ⊙ S_i + K̂_i^T v_i, and ht = the state after the last
 // chunk. Backward (chunk_dstates), the chunks last to first: slot i gets dS'_i, the gradient
 // of the state at chunk i's end: dS'_last = dht (or 0), dS'_{i-1} = e^Γ_i ⊙ dS'_i + scale
-// Q̃_i^T do_i, and dh0 = the gradient at the first chunk's start (no slots given: only ht or
-// dh0, as sequence parallelism's first passes want). The backward carries
+// Q̃_i^T do_i, and dh0 = the gradient at the first chunk's start. With KEEP_SLOTS=0 no slot is
+// written, only ht or dh0 (sequence parallelism's first passes). The backward carries
 // dS' / scale, so that both add a plain product. A chunk's product does not depend on the
 // state: the rows of the next STAGES - 1 chunks are loading while it runs. Grid (sequences x
 // tiles, H): the tiles of one sequence and head run side by side, so that a chunk's rows come
@@ -453,7 +457,6 @@ __device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __
                 acc[t][j][e + 1] = inv * h.y;
             }
     }
-    const bool keep = slots != nullptr;  // null: only the final state is wanted
     for (int step = 0; step < chunks; step++) {
         cp_async_wait_group<STAGES - 2>();
         __syncthreads();  // this step's slot filled; every thread past the last step's products
@@ -468,7 +471,7 @@ __device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __
 #pragma unroll
                 for (int e = 0; e < 4; e += 2) {
                     const int r = m0 + frag_row(e), c = n0 + frag_col(j, e);
-                    if (keep && c < BV)
+                    if (KEEP_SLOTS && c < BV)
                         store_pair(out + (size_t)r * HEAD_V + c, alpha * acc[t][j][e],
                                    alpha * acc[t][j][e + 1]);
                 }

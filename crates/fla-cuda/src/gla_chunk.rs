@@ -164,6 +164,7 @@ const KERNELS: [&str; 8] = [
 
 /// The rows per chunk of one kernel, its tiles, the chunks (sweeps) or value tiles
 /// (chunk_dqk) it keeps in flight, its threads and its shared memory.
+#[derive(Clone)]
 struct Shape {
     chunk: usize,
     bk: usize,
@@ -171,6 +172,8 @@ struct Shape {
     stages: usize,
     threads: u32,
     smem: usize,
+    /// A sweep writes every chunk's state (else only the final one: KEEP_SLOTS=0).
+    keep_slots: bool,
 }
 
 impl Shape {
@@ -336,6 +339,16 @@ impl Shape {
             stages,
             threads,
             smem: carve(&regions),
+            keep_slots: true,
+        }
+    }
+
+    /// This sweep built to write only the final state (ht, or dh0 backwards): sequence
+    /// parallelism's first passes.
+    fn final_only(&self) -> Shape {
+        Shape {
+            keep_slots: false,
+            ..self.clone()
         }
     }
 
@@ -438,6 +451,9 @@ impl DeviceGla {
             ("STAGES", shape.stages as i64),
             ("HAS_DHT", i64::from(has_dht)),
         ]);
+        if !shape.keep_slots {
+            d.push(("KEEP_SLOTS", 0));
+        }
         d
     }
 
@@ -605,7 +621,11 @@ impl DeviceGla {
                 .launch_chunk_kernel(
                     gpu,
                     "chunk_states",
-                    &p.states,
+                    &if outputs {
+                        p.states.clone()
+                    } else {
+                        p.states.final_only()
+                    },
                     false,
                     self.sweep_grid(&p.states),
                     &[kh, v, if outputs { st } else { 0 }, gam, h0, ht, cu, off],
@@ -648,11 +668,11 @@ impl DeviceGla {
         let off = tl.chunks.off.device_ptr(s).0;
         let qg = tl.qg.as_ref().unwrap_or(&self.q).ptr(gpu);
         let gam = tl.gam.device_ptr(s).0;
-        // No slots: the sweep keeps no chunk's dS'.
+        // No chunk's dS' is kept.
         self.launch_chunk_kernel(
             gpu,
             "chunk_dstates",
-            &tl.plan.dstates,
+            &tl.plan.dstates.final_only(),
             dht != 0,
             self.sweep_grid(&tl.plan.dstates),
             &[qg, d_o.ptr(gpu), 0, gam, dht, dh0, cu, off],
