@@ -2,7 +2,6 @@
 //! side-by-side comparison with fla and PyTorch's SDPA, and the floors, are in
 //! bench/compare.py, which reads the JSON this writes.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -92,21 +91,15 @@ pub fn run(a: &CudaArgs) -> Result<()> {
         .iter()
         .map(|c| parse_config(c))
         .collect::<Result<_>>()?;
-    let mut table = String::new();
-    writeln!(
-        table,
+    println!(
         "fla bench cuda on {}: {dtype:?}, {} form, {TOKENS} tokens per batch",
         gpu.describe(),
         a.form
-    )
-    .unwrap();
-    writeln!(
-        table,
+    );
+    println!(
         "{:<18} {:>3} {:>5} {:>3} {:>4} {:>4} {:>9} {:>10}",
         "op", "B", "T", "H", "K", "V", "fwd ms", "fwdbwd ms"
-    )
-    .unwrap();
-    print!("{table}");
+    );
     let mut records = Vec::new();
     for &gate in &gates {
         for &(h, dk, dv) in &configs {
@@ -125,27 +118,13 @@ pub fn run(a: &CudaArgs) -> Result<()> {
                     d.forward(&gpu)?;
                     d.backward(&gpu, &up)
                 })?;
-                let op = op_name(gate);
-                let line = format!(
-                    "{op:<18} {b:>3} {t:>5} {h:>3} {dk:>4} {dv:>4} {fwd:>9.3} {fwdbwd:>10.3}\n"
-                );
-                print!("{line}");
-                table.push_str(&line);
-                records.push(format!(
-                    "{{\"op\":\"{op}\",\"impl\":\"ours\",\"B\":{b},\"T\":{t},\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{fwd:.4},\"fwdbwd_ms\":{fwdbwd:.4}}}"
-                ));
+                let (op, dims) = (op_name(gate), (b, t, h, dk, dv));
+                row(&mut records, (op, "ours", op), dims, fwd, fwdbwd);
                 drop(d);
                 for &world in &a.seq_parallel {
                     let (fwd, fwdbwd) = seq_parallel_ms(&gpu, gate, &x, dtype, world)?;
-                    let sp = format!("{op}/sp{world}");
-                    let line = format!(
-                        "{sp:<18} {b:>3} {t:>5} {h:>3} {dk:>4} {dv:>4} {fwd:>9.3} {fwdbwd:>10.3}\n"
-                    );
-                    print!("{line}");
-                    table.push_str(&line);
-                    records.push(format!(
-                        "{{\"op\":\"{op}\",\"impl\":\"ours-sp{world}\",\"B\":{b},\"T\":{t},\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{fwd:.4},\"fwdbwd_ms\":{fwdbwd:.4}}}"
-                    ));
+                    let (imp, label) = (format!("ours-sp{world}"), format!("{op}/sp{world}"));
+                    row(&mut records, (op, &imp, &label), dims, fwd, fwdbwd);
                 }
             }
         }
@@ -153,12 +132,10 @@ pub fn run(a: &CudaArgs) -> Result<()> {
     for &(h, dk, dv) in &configs {
         for &b in &a.decode_batches {
             let ms = decode_ms(&gpu, dtype, b, (h, dk, dv))?;
-            let line = format!(
-                "{:<18} {b:>3} {:>5} {h:>3} {dk:>4} {dv:>4} {ms:>9.4} {:>10}\n",
+            println!(
+                "{:<18} {b:>3} {:>5} {h:>3} {dk:>4} {dv:>4} {ms:>9.4} {:>10}",
                 "decode", 1, "-"
             );
-            print!("{line}");
-            table.push_str(&line);
             records.push(format!(
                 "{{\"op\":\"decode\",\"impl\":\"ours\",\"B\":{b},\"T\":1,\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{ms:.5},\"fwdbwd_ms\":null}}"
             ));
@@ -170,6 +147,20 @@ pub fn run(a: &CudaArgs) -> Result<()> {
             .map_err(|e| Error::Invalid(format!("writing the JSON: {e}")))?;
     }
     Ok(())
+}
+
+/// Prints one timed row, `label` first, and keeps its JSON record (op, impl, shape, times).
+fn row(
+    records: &mut Vec<String>,
+    (op, imp, label): (&str, &str, &str),
+    (b, t, h, dk, dv): (usize, usize, usize, usize, usize),
+    fwd: f64,
+    fwdbwd: f64,
+) {
+    println!("{label:<18} {b:>3} {t:>5} {h:>3} {dk:>4} {dv:>4} {fwd:>9.3} {fwdbwd:>10.3}");
+    records.push(format!(
+        "{{\"op\":\"{op}\",\"impl\":\"{imp}\",\"B\":{b},\"T\":{t},\"H\":{h},\"K\":{dk},\"V\":{dv},\"fwd_ms\":{fwd:.4},\"fwdbwd_ms\":{fwdbwd:.4}}}"
+    ));
 }
 
 /// The slowest rank's (forward, forward + backward) ms of a sequence-parallel call over `world`
