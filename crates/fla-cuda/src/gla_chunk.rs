@@ -591,24 +591,28 @@ impl DeviceGla {
     /// The state sweep from h0 after [`DeviceGla::two_level_local`]: with `outputs`, every
     /// chunk's starting state, ht and o; without, ht alone (sequence parallelism's first pass).
     pub(crate) fn two_level_sweep(&mut self, gpu: &Gpu, outputs: bool) -> Result<()> {
-        let mut tl = self
+        let missing = || Error::Invalid("the state sweep needs chunk_local first".into());
+        let st = self
             .two_level
-            .take()
-            .ok_or_else(|| Error::Invalid("the state sweep needs chunk_local first".into()))?;
+            .as_mut()
+            .ok_or_else(missing)?
+            .states
+            .ptr_mut(gpu);
+        let o = self.o.ptr_mut(gpu);
+        let s = &gpu.stream;
+        let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
+        let tl = self.two_level.as_ref().ok_or_else(missing)?;
         let n_chunks = tl.chunks.count;
         let [q, k, v, _, _, _, h0] = self.input_ptrs(gpu);
-        let s = &gpu.stream;
         let cu = self.cu_seqlens.device_ptr(s).0;
         let (off, seq) = (tl.chunks.off.device_ptr(s).0, tl.chunks.seq.device_ptr(s).0);
-        let (st, a) = (tl.states.ptr_mut(gpu), tl.attn.ptr(gpu));
+        let a = tl.attn.ptr(gpu);
         let gam = tl.gam.device_ptr(s).0;
-        let o = self.o.ptr_mut(gpu);
-        let ht = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.ht, s).0;
         let qg = tl.qg.as_ref().map_or(q, |b| b.ptr(gpu));
         let kh = tl.kh.as_ref().map_or(k, |b| b.ptr(gpu));
         let p = &tl.plan;
-        let launched = match (&p.states_out, outputs) {
-            (Some(shape), true) => self.launch_chunk_kernel(
+        if let (Some(shape), true) = (&p.states_out, outputs) {
+            return self.launch_chunk_kernel(
                 gpu,
                 "chunk_states_out",
                 shape,
@@ -616,38 +620,37 @@ impl DeviceGla {
                 (self.n_seqs * (self.dv / shape.bv), self.h, 1),
                 &[qg, kh, v, a, o, st, gam, h0, ht, cu, off],
                 true,
-            ),
-            _ => self
-                .launch_chunk_kernel(
-                    gpu,
-                    "chunk_states",
-                    &if outputs {
-                        p.states.clone()
-                    } else {
-                        p.states.final_only()
-                    },
-                    false,
-                    self.sweep_grid(&p.states),
-                    &[kh, v, if outputs { st } else { 0 }, gam, h0, ht, cu, off],
-                    false,
-                )
-                .and_then(|()| {
-                    if !outputs {
-                        return Ok(());
-                    }
-                    self.launch_chunk_kernel(
-                        gpu,
-                        "chunk_out",
-                        &p.out,
-                        false,
-                        (n_chunks * (self.dv / p.out.bv), self.h, 1),
-                        &[qg, v, st, a, o, cu, off, seq],
-                        true,
-                    )
-                }),
-        };
-        self.two_level = Some(tl);
-        launched
+            );
+        }
+        if !outputs {
+            return self.launch_chunk_kernel(
+                gpu,
+                "chunk_states",
+                &p.states.final_only(),
+                false,
+                self.sweep_grid(&p.states),
+                &[kh, v, 0, gam, h0, ht, cu, off],
+                false,
+            );
+        }
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_states",
+            &p.states,
+            false,
+            self.sweep_grid(&p.states),
+            &[kh, v, st, gam, h0, ht, cu, off],
+            false,
+        )?;
+        self.launch_chunk_kernel(
+            gpu,
+            "chunk_out",
+            &p.out,
+            false,
+            (n_chunks * (self.dv / p.out.bv), self.h, 1),
+            &[qg, v, st, a, o, cu, off, seq],
+            true,
+        )
     }
 
     /// The backward state sweep alone, after the two-level forward: from the upstream `dht`

@@ -28,6 +28,7 @@ use fla_tensor::{Error, Result};
 use crate::device::{device_err, Gpu};
 use crate::gla::{uninit, DeviceGla};
 use crate::gla_bwd::DeviceUpstream;
+use crate::layers::Arg;
 use crate::nccl::NcclGroup;
 
 const SRC: &str = include_str!("../kernels/seq_parallel.cu");
@@ -53,7 +54,8 @@ impl Gather for NcclGroup {
     }
 }
 
-fn launch(gpu: &Gpu, name: &str, n: usize, args: &[&dyn ArgRef]) -> Result<()> {
+/// Kernel `name` of seq_parallel.cu over `n` threads.
+fn launch(gpu: &Gpu, name: &str, n: usize, args: &[Arg]) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
@@ -65,20 +67,15 @@ fn launch(gpu: &Gpu, name: &str, n: usize, args: &[&dyn ArgRef]) -> Result<()> {
     };
     let mut l = gpu.stream.launch_builder(&f);
     for a in args {
-        a.push(&mut l);
+        match a {
+            Arg::P(p) => l.arg(p),
+            Arg::I(i) => l.arg(i),
+            Arg::L(x) => l.arg(x),
+            Arg::F(x) => l.arg(x),
+        };
     }
     unsafe { l.launch(cfg) }.map_err(device_err(name))?;
     Ok(())
-}
-
-/// A kernel argument of this module's launches.
-trait ArgRef {
-    fn push<'a>(&'a self, l: &mut cudarc::driver::LaunchArgs<'a>);
-}
-impl<T: cudarc::driver::DeviceRepr> ArgRef for T {
-    fn push<'a>(&'a self, l: &mut cudarc::driver::LaunchArgs<'a>) {
-        l.arg(self);
-    }
 }
 
 impl DeviceGla {
@@ -122,14 +119,15 @@ impl DeviceGla {
         let (gam, off) = (gam.device_ptr(s).0, off.device_ptr(s).0);
         let out = payload.device_ptr_mut(s).0 + (states * 4) as u64;
         let n_keys = self.n_seqs * self.h * self.dk;
-        let (n, hk) = (n_keys as i32, (self.h * self.dk) as i32);
-        let has_g = i32::from(self.gate != GateKind::None);
-        launch(
-            gpu,
-            "segment_log_decay",
-            n_keys,
-            &[&gam, &off, &out, &n, &hk, &has_g],
-        )
+        let args = [
+            Arg::P(gam),
+            Arg::P(off),
+            Arg::P(out),
+            Arg::I(n_keys as i32),
+            Arg::I((self.h * self.dk) as i32),
+            Arg::I(i32::from(self.gate != GateKind::None)),
+        ];
+        launch(gpu, "segment_log_decay", n_keys, &args)
     }
 
     /// Folds the gathered payloads into this rank's initial state (forward) or the gradient
@@ -152,14 +150,16 @@ impl DeviceGla {
         let mut out = uninit::<f32>(gpu, states.max(1))?;
         let s = &gpu.stream;
         let (src, dst) = (gathered.device_ptr(s).0, out.device_ptr_mut(s).0);
-        let (n, dv) = (states as i64, self.dv as i32);
-        let (r, w, b) = (rank as i32, world as i32, i32::from(backward));
-        launch(
-            gpu,
-            "fold_states",
-            states,
-            &[&src, &dst, &n, &dv, &r, &w, &b],
-        )?;
+        let args = [
+            Arg::P(src),
+            Arg::P(dst),
+            Arg::L(states as i64),
+            Arg::I(self.dv as i32),
+            Arg::I(rank as i32),
+            Arg::I(world as i32),
+            Arg::I(i32::from(backward)),
+        ];
+        launch(gpu, "fold_states", states, &args)?;
         Ok(out)
     }
 
@@ -180,9 +180,9 @@ impl DeviceGla {
                      initial state"
                 )));
             }
-            // A previous call's folded state is not this one's.
+            // A previous call's folded state is not this one's (the finish resets the gradient
+            // buffers).
             self.h0 = None;
-            self.grads = None;
         }
         self.forward_done = false;
         self.two_level_local(gpu)?;
