@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use fla_cuda::{DType, Gpu};
-use fla_model::gpu::GpuModel;
+use fla_cuda::{new_id, DType, Gpu, NcclGroup};
+use fla_model::gpu::{GpuModel, BUCKET_BYTES};
 use fla_model::{GlaConfig, Model, Rng};
 use fla_tensor::{write_atomic, Result};
 
@@ -28,6 +28,14 @@ pub struct TrainBenchArgs {
     dtype: String,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run each step as the one rank of data-parallel training over NCCL: the gradients'
+    /// bucketed sum during the backward, on the communicator's stream (what data parallelism
+    /// costs where there is nothing to sum with)
+    #[arg(long)]
+    nccl: bool,
+    /// With --nccl: ZeRO-1 (reduce-scatter, the optimizer's shard, the weights' all-gather)
+    #[arg(long, requires = "nccl")]
+    zero: bool,
 }
 
 /// fla's GLA 340M configuration (fla's configs/gla_340M.json shape).
@@ -53,6 +61,18 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
     let params = cpu.layout.num_params();
     let mut model = GpuModel::new(gpu, &cpu, dtype)?;
     drop(cpu);
+    let how = match (a.nccl, a.zero) {
+        (false, _) => "",
+        (true, zero) => {
+            let group = NcclGroup::new(model.gpu(), 0, 1, new_id()?)?;
+            model.distribute(Box::new(group), BUCKET_BYTES, zero)?;
+            if zero {
+                ", one NCCL rank with ZeRO-1"
+            } else {
+                ", one NCCL rank"
+            }
+        }
+    };
     let (b, t) = (a.batch_size, a.seq_len);
     let mut rng = Rng::new(1);
     let vocab = model.config.vocab_size;
@@ -67,7 +87,9 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
         })
         .collect();
     let step = |m: &mut GpuModel| -> Result<f64> {
-        let loss = m.loss_and_grads(&ids, b, t, &targets)?;
+        m.zero_grads()?;
+        m.reduce_in_backward();
+        let loss = m.accumulate(&ids, b, t, &targets, 1.0)?;
         let norm = m.grad_norm()?;
         m.adamw(3e-4, 0.1, false, (1.0 / norm.max(1e-12)).min(1.0))?;
         m.gpu().synchronize()?;
@@ -86,7 +108,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
     let tokens_per_s = (b * t) as f64 / secs;
     let gib = model.peak_bytes as f64 / (1u64 << 30) as f64;
     println!(
-        "{device}: GLA {:.0}M parameters, batch {b} x {t}, {dtype:?}",
+        "{device}: GLA {:.0}M parameters, batch {b} x {t}, {dtype:?}{how}",
         params as f64 / 1e6
     );
     println!("step {:.1} ms, {tokens_per_s:.0} tokens/s, device memory in use after the forward {gib:.2} GiB, loss {loss:.4}", secs * 1e3);
@@ -109,8 +131,10 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
     }
     if let Some(path) = &a.json {
         let rec = format!(
-            "{{\"impl\": \"ours\", \"params\": {params}, \"B\": {b}, \"T\": {t}, \"dtype\": \"{dtype:?}\", \"step_ms\": {:.3}, \"tokens_per_s\": {tokens_per_s:.1}, \"memory_gib\": {gib:.3}, \"device\": \"{device}\"}}\n",
-            secs * 1e3
+            "{{\"impl\": \"ours\", \"params\": {params}, \"B\": {b}, \"T\": {t}, \"dtype\": \"{dtype:?}\", \"step_ms\": {:.3}, \"tokens_per_s\": {tokens_per_s:.1}, \"memory_gib\": {gib:.3}, \"device\": \"{device}\", \"nccl\": {}, \"zero\": {}}}\n",
+            secs * 1e3,
+            a.nccl,
+            a.zero
         );
         write_atomic(path, rec.as_bytes())?;
     }

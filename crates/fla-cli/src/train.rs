@@ -84,6 +84,14 @@ pub struct TrainCmd {
     /// MASTER_ADDR and MASTER_PORT set instead, this process is one rank of a multi-process run
     #[arg(long)]
     gpus: Option<usize>,
+    /// Data-parallel training: shard the optimizer state (AdamW's moments and the f32 master
+    /// weights it steps) over the ranks (ZeRO-1)
+    #[arg(long)]
+    zero: bool,
+    /// Data-parallel training: MB of f32 gradients per all-reduce, each issued as soon as the
+    /// backward has finished its gradients
+    #[arg(long, default_value_t = 25)]
+    bucket_mb: usize,
     /// Element type of the GPU's products and activations: bf16 or f32 (master weights,
     /// gradients and optimizer state stay f32)
     #[arg(long, default_value = "bf16")]
@@ -271,6 +279,11 @@ fn fit<T: Task + Clone + Send>(
 ) -> Result<Metrics> {
     let launch = Launch::from_env()?;
     let world = match (&launch, a.gpus) {
+        (None, None) if a.zero => {
+            return Err(Error::Invalid(
+                "--zero shards the optimizer over data-parallel ranks: use it with --gpus or WORLD_SIZE".into(),
+            ))
+        }
         (None, None) => {
             let mut learner = learner(a, model)?;
             return train(learner.as_mut(), task, evaluate, &args, a.resume);
@@ -347,7 +360,13 @@ fn rank_learner(
             a.batch_size / world
         );
     }
-    Ok(Box::new(GpuDataParallel::new(inner, group)))
+    let bucket_bytes = a.bucket_mb.max(1) << 20;
+    Ok(Box::new(GpuDataParallel::new(
+        inner,
+        Box::new(group),
+        bucket_bytes,
+        a.zero,
+    )?))
 }
 
 /// The model on the device asked for: `auto` takes the GPU when one opens and runs this

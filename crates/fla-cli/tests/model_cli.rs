@@ -281,7 +281,12 @@ fn data_parallel_launch_errors_are_one_line() {
     let out = tmp("dp-errors");
     let o = s(&out);
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
+        (
+            &["train", "--zero", "--out", o],
+            &[],
+            "--zero shards the optimizer over data-parallel ranks",
+        ),
         (
             &["train", "--gpus", "3", "--out", o],
             &[],

@@ -503,13 +503,28 @@ extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict_
     }
 }
 
-// Σ x^2 into *out (f32 atomics per block), for the global gradient norm.
-extern "C" __global__ void sum_squares(const float* __restrict__ x, float* __restrict__ out, long n) {
+// y = x in the element type, n elements: the weights' copies after ZeRO-1's all-gather.
+extern "C" __global__ void narrow(const float* __restrict__ x, io_t* __restrict__ y, long n) {
+    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) y[i] = from_f(x[i]);
+}
+
+// Σ x^2 per block into partials[block], for the global gradient norm; sum_partials adds them
+// in order, so that the same x gives the same bits (data-parallel ranks clip alike).
+extern "C" __global__ void sum_squares(const float* __restrict__ x, float* __restrict__ partials, long n) {
     __shared__ float red[NW];
     float s = 0.f;
     for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) s += x[i] * x[i];
     s = block_sum(s, red);
-    if (threadIdx.x == 0) atomicAdd(out, s);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// *out = Σ partials[0..n), one block.
+extern "C" __global__ void sum_partials(const float* __restrict__ partials, float* __restrict__ out, int n) {
+    __shared__ float red[NW];
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += NT) s += partials[i];
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) *out = s;
 }
 
 // One generation step of the short convolution for [B, C] inputs x: window [B, W-1, C] holds

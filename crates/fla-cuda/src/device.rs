@@ -96,6 +96,9 @@ impl Gpu {
             .map_err(device_err("no multiprocessor count"))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         keep_freed_memory(&ctx)?;
+        // Every stream's order is kept by hand: the kernels take raw addresses, and a second
+        // stream (a communicator's) must not make cudarc wait on every buffer it has touched.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,

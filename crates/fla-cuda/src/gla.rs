@@ -101,7 +101,7 @@ impl Buf {
     }
 
     /// Sets every element to zero.
-    pub(crate) fn zero(&mut self, gpu: &Gpu) -> Result<()> {
+    pub fn zero(&mut self, gpu: &Gpu) -> Result<()> {
         let s = &gpu.stream;
         match self {
             Buf::F32(b) => s.memset_zeros(b),

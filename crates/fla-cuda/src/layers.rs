@@ -526,9 +526,19 @@ impl Layers {
         self.launch(gpu, "adamw", Self::elem_blocks(gpu, n), &args)
     }
 
-    /// Σ x² added into `out` (one f32).
+    /// y = x (f32) in the element type, `n` elements.
+    pub fn narrow(&self, gpu: &Gpu, x: u64, y: u64, n: usize) -> Result<()> {
+        let args = [Arg::P(x), Arg::P(y), Arg::L(n as i64)];
+        self.launch(gpu, "narrow", Self::elem_blocks(gpu, n), &args)
+    }
+
+    /// Σ x² written into `out` (one f32), the same bits for the same x: per-block sums, then
+    /// their sum in order.
     pub fn sum_squares(&self, gpu: &Gpu, x: u64, out: u64, n: usize) -> Result<()> {
-        let args = [Arg::P(x), Arg::P(out), Arg::L(n as i64)];
-        self.launch(gpu, "sum_squares", Self::elem_blocks(gpu, n), &args)
+        let blocks = Self::elem_blocks(gpu, n).max(1);
+        let partials = crate::gla::uninit::<f32>(gpu, blocks)?;
+        let p = ptr(gpu, &partials);
+        self.launch(gpu, "sum_squares", blocks, &[Arg::P(x), Arg::P(p), Arg::L(n as i64)])?;
+        self.launch(gpu, "sum_partials", 1, &[Arg::P(p), Arg::P(out), Arg::I(blocks as i32)])
     }
 }

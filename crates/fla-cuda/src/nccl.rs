@@ -3,13 +3,14 @@
 //! NCCL; a machine without it gets a one-line error. NVLink multicast (NVLS) stays off: the
 //! first call here sets NCCL_NVLS_ENABLE=0 before any communicator exists.
 
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
-use cudarc::driver::CudaSlice;
-use cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use fla_tensor::{Error, Result};
 
-use crate::device::Gpu;
+use crate::device::{device_err, Gpu};
+use crate::group::{check_pieces, DeviceGroup};
 
 /// Bytes of a communicator's unique id, as ranks hand it to each other.
 pub const ID_BYTES: usize = 128;
@@ -41,68 +42,104 @@ pub fn new_id() -> Result<[u8; ID_BYTES]> {
     Ok(id.internal().map(|c| c as u8))
 }
 
-/// This rank's member of a communicator of `world` ranks, on `gpu`'s stream: collectives are
-/// queued on that stream behind the kernels before them.
+/// This rank's member of a communicator of `world` ranks. Its collectives run on a stream of
+/// their own, each after an event on the compute stream, so that they overlap the kernels
+/// queued after them; [`DeviceGroup::join`] makes the compute stream wait for them.
 pub struct NcclGroup {
     comm: Comm,
+    stream: Arc<CudaStream>,
 }
 
 impl NcclGroup {
-    /// Joins the communicator `id` as `rank` of `world`; blocks until every rank has joined.
+    /// Joins the communicator `id` as `rank` of `world` on `gpu`; blocks until every rank has
+    /// joined.
     pub fn new(gpu: &Gpu, rank: usize, world: usize, id: [u8; ID_BYTES]) -> Result<NcclGroup> {
         nccl_ready()?;
         if rank >= world {
             return Err(Error::Invalid(format!("rank {rank} of a group of {world}")));
         }
         // ncclCommInitRank takes the calling thread's current device.
-        gpu.ctx.bind_to_thread().map_err(crate::device::device_err(
-            "cannot bind the GPU to this thread",
-        ))?;
+        gpu.ctx
+            .bind_to_thread()
+            .map_err(device_err("cannot bind the GPU to this thread"))?;
+        let stream = gpu
+            .ctx
+            .new_stream()
+            .map_err(device_err("cannot make the communicator's stream"))?;
         let id = Id::uninit(id.map(|b| b as std::ffi::c_char));
-        let comm = Comm::from_rank(gpu.stream.clone(), rank, world, id)
+        let comm = Comm::from_rank(stream.clone(), rank, world, id)
             .map_err(nccl_err("cannot join the communicator"))?;
-        Ok(NcclGroup { comm })
+        Ok(NcclGroup { comm, stream })
     }
 
-    pub fn rank(&self) -> usize {
+    /// The communicator's stream waits for the work queued on `gpu`'s so far.
+    fn after(&self, gpu: &Gpu) -> Result<()> {
+        self.stream
+            .join(gpu.stream())
+            .map_err(device_err("cannot order the collective after the kernels"))
+    }
+}
+
+impl DeviceGroup for NcclGroup {
+    fn rank(&self) -> usize {
         self.comm.rank()
     }
 
-    pub fn world(&self) -> usize {
+    fn world(&self) -> usize {
         self.comm.world_size()
     }
 
-    /// Replaces `buf` on every rank by the sum over the ranks, element by element (f32
-    /// gradients, or an f64 loss).
-    pub fn all_reduce_sum<T: NcclType>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
+    fn all_reduce_sum(&self, gpu: &Gpu, buf: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        self.after(gpu)?;
         self.comm
             .all_reduce_in_place(buf, &ReduceOp::Sum)
             .map_err(nccl_err("all-reduce"))?;
         Ok(())
     }
 
-    /// Every rank's `send` side by side in `recv` (world x send's length), rank order.
-    pub fn all_gather(&self, send: &CudaSlice<f32>, recv: &mut CudaSlice<f32>) -> Result<()> {
-        if recv.len() != send.len() * self.world() {
-            return Err(Error::Invalid(format!(
-                "all-gather of {} floats from each of {} ranks into {}",
-                send.len(),
-                self.world(),
-                recv.len()
-            )));
-        }
+    fn reduce_scatter_sum(
+        &self,
+        gpu: &Gpu,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        check_pieces("reduce-scatter", recv.len(), self.world(), send.len())?;
+        self.after(gpu)?;
+        self.comm
+            .reduce_scatter(send, recv, &ReduceOp::Sum)
+            .map_err(nccl_err("reduce-scatter"))?;
+        Ok(())
+    }
+
+    fn all_gather(
+        &self,
+        gpu: &Gpu,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        check_pieces("all-gather", send.len(), self.world(), recv.len())?;
+        self.after(gpu)?;
         self.comm
             .all_gather(send, recv)
             .map_err(nccl_err("all-gather"))?;
         Ok(())
     }
 
-    /// The sum over the ranks of every buffer of `bufs`, in place, as one NCCL group (NCCL
-    /// fuses the small ones).
-    pub fn all_reduce_sum_all(&self, bufs: &mut [&mut CudaSlice<f32>]) -> Result<()> {
-        cudarc::nccl::safe::group_start().map_err(nccl_err("group start"))?;
-        let queued: Result<()> = bufs.iter_mut().try_for_each(|b| self.all_reduce_sum(b));
-        cudarc::nccl::safe::group_end().map_err(nccl_err("group end"))?;
-        queued
+    fn join(&self, gpu: &Gpu) -> Result<()> {
+        gpu.stream()
+            .join(&self.stream)
+            .map_err(device_err("cannot wait for the collectives"))
+    }
+
+    fn sum_f64(&self, gpu: &Gpu, x: f64) -> Result<f64> {
+        let s = gpu.stream();
+        let dev = device_err("the sum's buffer");
+        let mut buf = s.clone_htod(&[x]).map_err(&dev)?;
+        self.after(gpu)?;
+        self.comm
+            .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
+            .map_err(nccl_err("all-reduce"))?;
+        self.join(gpu)?;
+        Ok(s.clone_dtoh(&buf).map_err(&dev)?[0])
     }
 }

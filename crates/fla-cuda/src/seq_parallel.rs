@@ -29,30 +29,10 @@ use crate::device::{device_err, Gpu};
 use crate::gla::{uninit, DeviceGla};
 use crate::gla_bwd::DeviceUpstream;
 use crate::layers::Arg;
-use crate::nccl::NcclGroup;
+use crate::group::DeviceGroup;
 
 const SRC: &str = include_str!("../kernels/seq_parallel.cu");
 const THREADS: u32 = 256;
-
-/// What sequence parallelism needs of a communicator: this rank, the number of ranks, and
-/// every rank's buffer side by side in rank order.
-pub trait Gather {
-    fn rank(&self) -> usize;
-    fn world(&self) -> usize;
-    fn all_gather(&self, send: &CudaSlice<f32>, recv: &mut CudaSlice<f32>) -> Result<()>;
-}
-
-impl Gather for NcclGroup {
-    fn rank(&self) -> usize {
-        NcclGroup::rank(self)
-    }
-    fn world(&self) -> usize {
-        NcclGroup::world(self)
-    }
-    fn all_gather(&self, send: &CudaSlice<f32>, recv: &mut CudaSlice<f32>) -> Result<()> {
-        NcclGroup::all_gather(self, send, recv)
-    }
-}
 
 /// Kernel `name` of seq_parallel.cu over `n` threads.
 fn launch(gpu: &Gpu, name: &str, n: usize, args: &[Arg]) -> Result<()> {
@@ -274,7 +254,7 @@ impl DeviceGla {
     }
 
     /// The forward of this rank's segment of a sequence-parallel call over `group`.
-    pub fn forward_seq_parallel(&mut self, gpu: &Gpu, group: &dyn Gather) -> Result<()> {
+    pub fn forward_seq_parallel(&mut self, gpu: &Gpu, group: &dyn DeviceGroup) -> Result<()> {
         let (rank, world) = (group.rank(), group.world());
         let part = self.segment_forward_local(gpu, rank, world)?;
         let all = gathered(gpu, group, &part)?;
@@ -285,7 +265,7 @@ impl DeviceGla {
     pub fn backward_seq_parallel(
         &mut self,
         gpu: &Gpu,
-        group: &dyn Gather,
+        group: &dyn DeviceGroup,
         up: &DeviceUpstream,
     ) -> Result<()> {
         let (rank, world) = (group.rank(), group.world());
@@ -311,8 +291,9 @@ pub fn gather_in_turn(gpu: &Gpu, parts: &[CudaSlice<f32>]) -> Result<CudaSlice<f
     Ok(all)
 }
 
-fn gathered(gpu: &Gpu, group: &dyn Gather, part: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+fn gathered(gpu: &Gpu, group: &dyn DeviceGroup, part: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
     let mut all = uninit::<f32>(gpu, part.len() * group.world())?;
-    group.all_gather(part, &mut all)?;
+    group.all_gather(gpu, &part.as_view(), &mut all.as_view_mut())?;
+    group.join(gpu)?;
     Ok(all)
 }

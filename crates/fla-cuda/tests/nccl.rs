@@ -8,7 +8,7 @@ mod common;
 mod support;
 
 use common::{cast_inputs, inputs, Rng, Shape};
-use fla_cuda::{gla_backward, new_id, DType, DeviceGla, Gpu, NcclGroup};
+use fla_cuda::{gla_backward, new_id, DType, DeviceGla, DeviceGroup, Gpu, NcclGroup};
 use fla_ops::gla::{put_t, segment, slice_t};
 use fla_ops::{Form, GateKind, GlaInputs};
 use fla_tensor::Tensor;
@@ -21,9 +21,10 @@ fn values(rank: usize, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The ranks of a communicator of `world`, rank r on GPU r, one thread each: every rank all-reduces
-/// its buffer, all-gathers it, and all-reduces two more as one group; returns what each saw.
-fn run_ranks(world: usize, n: usize) -> Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+/// The ranks of a communicator of `world`, rank r on GPU r, one thread each: every rank
+/// all-reduces its buffer, all-gathers it, reduce-scatters a buffer of `world` pieces and sums
+/// a number; returns what each saw.
+fn run_ranks(world: usize, n: usize) -> Vec<(Vec<f32>, Vec<f32>, Vec<f32>, f64)> {
     let id = new_id().unwrap();
     let threads: Vec<_> = (0..world)
         .map(|rank| {
@@ -34,18 +35,23 @@ fn run_ranks(world: usize, n: usize) -> Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> {
                 let s = gpu.stream();
                 let mine = s.clone_htod(&values(rank, n)).unwrap();
                 let mut summed = s.clone_htod(&values(rank, n)).unwrap();
-                group.all_reduce_sum(&mut summed).unwrap();
+                group.all_reduce_sum(&gpu, &mut summed.as_view_mut()).unwrap();
                 let mut gathered = s.alloc_zeros::<f32>(world * n).unwrap();
-                group.all_gather(&mine, &mut gathered).unwrap();
-                let mut a = s.clone_htod(&values(rank, 3)).unwrap();
-                let mut b = s.clone_htod(&values(rank, n)).unwrap();
-                group.all_reduce_sum_all(&mut [&mut a, &mut b]).unwrap();
-                let mut grouped = s.clone_dtoh(&a).unwrap();
-                grouped.extend(s.clone_dtoh(&b).unwrap());
+                group
+                    .all_gather(&gpu, &mine.as_view(), &mut gathered.as_view_mut())
+                    .unwrap();
+                let pieces = s.clone_htod(&values(rank, world * n)).unwrap();
+                let mut scattered = s.alloc_zeros::<f32>(n).unwrap();
+                group
+                    .reduce_scatter_sum(&gpu, &pieces.as_view(), &mut scattered.as_view_mut())
+                    .unwrap();
+                group.join(&gpu).unwrap();
+                let loss = group.sum_f64(&gpu, 0.1 * (rank + 1) as f64).unwrap();
                 (
                     s.clone_dtoh(&summed).unwrap(),
                     s.clone_dtoh(&gathered).unwrap(),
-                    grouped,
+                    s.clone_dtoh(&scattered).unwrap(),
+                    loss,
                 )
             })
         })
@@ -61,12 +67,12 @@ fn check_ranks(world: usize) {
             .collect()
     };
     let gathered: Vec<f32> = (0..world).flat_map(|r| values(r, n)).collect();
-    let mut grouped = total(3);
-    grouped.extend(total(n));
-    for (rank, (s, g, gr)) in run_ranks(world, n).into_iter().enumerate() {
+    let losses: f64 = (0..world).map(|r| 0.1 * (r + 1) as f64).sum();
+    for (rank, (s, g, sc, loss)) in run_ranks(world, n).into_iter().enumerate() {
         assert_eq!(s, total(n), "rank {rank}: all-reduce");
         assert_eq!(g, gathered, "rank {rank}: all-gather");
-        assert_eq!(gr, grouped, "rank {rank}: grouped all-reduce");
+        assert_eq!(sc, total(world * n)[rank * n..(rank + 1) * n], "rank {rank}: reduce-scatter");
+        assert!((loss - losses).abs() < 1e-15, "rank {rank}: sum {loss}");
     }
 }
 
@@ -110,11 +116,22 @@ fn bad_ranks_and_buffers_are_named() {
     assert!(err.contains("rank 1 of a group of 1"), "{err}");
     let group = NcclGroup::new(&gpu, 0, 1, id).unwrap();
     let s = gpu.stream();
-    let send = s.alloc_zeros::<f32>(4).unwrap();
+    let mut send = s.alloc_zeros::<f32>(4).unwrap();
     let mut recv = s.alloc_zeros::<f32>(5).unwrap();
-    let err = group.all_gather(&send, &mut recv).unwrap_err().to_string();
+    let err = group
+        .all_gather(&gpu, &send.as_view(), &mut recv.as_view_mut())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("all-gather of 4 floats from each of 1 ranks into 5"),
+        "{err}"
+    );
+    let err = group
+        .reduce_scatter_sum(&gpu, &recv.as_view(), &mut send.as_view_mut())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("reduce-scatter of 4 floats from each of 1 ranks into 5"),
         "{err}"
     );
 }

@@ -157,6 +157,122 @@ pub fn shard(n: usize, world: usize, rank: usize) -> Range<usize> {
     start..start + base + usize::from(rank < extra)
 }
 
+/// Where every parameter lives in one flat f32 vector (the GPU model's master weights,
+/// gradients and moments): the buckets' regions one after another in layout order, each
+/// padded to a multiple of `world` elements so that it splits into `world` equal pieces (the
+/// shards of ZeRO-1: rank r owns piece r of every bucket).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatPlan {
+    /// Each parameter's first element and length, in layout order.
+    pub offsets: Vec<usize>,
+    pub lens: Vec<usize>,
+    /// In the order the backward finishes them, last parameter first.
+    pub buckets: Vec<FlatBucket>,
+    pub world: usize,
+    /// Elements of the flat vector, padding included.
+    pub total: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatBucket {
+    /// Parameter indices.
+    pub params: Range<usize>,
+    /// Elements of the flat vector, a multiple of `world` long.
+    pub region: Range<usize>,
+}
+
+/// A run of one parameter's elements inside one rank's piece of a bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub param: usize,
+    /// Where it is in the flat vector.
+    pub flat: Range<usize>,
+    /// Where it is in the rank's shard: its pieces of the buckets one after another in layout
+    /// order (the flat vector itself when `world` is 1).
+    pub shard: Range<usize>,
+}
+
+impl FlatPlan {
+    /// Parameters of `lens` elements in buckets of at least `bucket_elems` ([`buckets`]),
+    /// each region padded to a multiple of `world`.
+    pub fn new(lens: &[usize], bucket_elems: usize, world: usize) -> FlatPlan {
+        assert!(world > 0, "a plan for no ranks");
+        let mut buckets: Vec<FlatBucket> = buckets(lens, bucket_elems)
+            .into_iter()
+            .map(|params| FlatBucket {
+                params,
+                region: 0..0,
+            })
+            .collect();
+        let mut offsets = vec![0; lens.len()];
+        let mut at = 0;
+        // Regions in layout order: the buckets come last parameter first.
+        for b in buckets.iter_mut().rev() {
+            let start = at;
+            for i in b.params.clone() {
+                offsets[i] = at;
+                at += lens[i];
+            }
+            at = start + (at - start).div_ceil(world) * world;
+            b.region = start..at;
+        }
+        FlatPlan {
+            offsets,
+            lens: lens.to_vec(),
+            buckets,
+            world,
+            total: at,
+        }
+    }
+
+    /// Parameter `i`'s elements in the flat vector.
+    pub fn param(&self, i: usize) -> Range<usize> {
+        self.offsets[i]..self.offsets[i] + self.lens[i]
+    }
+
+    /// Elements of each rank's shard.
+    pub fn shard_len(&self) -> usize {
+        self.total / self.world
+    }
+
+    /// Rank `rank`'s piece of `bucket`'s region.
+    pub fn piece(&self, bucket: &FlatBucket, rank: usize) -> Range<usize> {
+        let len = bucket.region.len() / self.world;
+        let start = bucket.region.start + rank * len;
+        start..start + len
+    }
+
+    /// Where rank `rank`'s piece of `bucket` sits in its shard.
+    pub fn piece_in_shard(&self, bucket: &FlatBucket) -> Range<usize> {
+        let len = bucket.region.len() / self.world;
+        let start = bucket.region.start / self.world;
+        start..start + len
+    }
+
+    /// The runs of parameters that rank `rank` owns, in layout order: with `world` 1, every
+    /// parameter whole at the same place in the shard as in the flat vector.
+    pub fn owned(&self, rank: usize) -> Vec<Segment> {
+        let mut out = Vec::new();
+        for b in self.buckets.iter().rev() {
+            let piece = self.piece(b, rank);
+            let in_shard = self.piece_in_shard(b).start;
+            for i in b.params.clone() {
+                let p = self.param(i);
+                let (start, end) = (p.start.max(piece.start), p.end.min(piece.end));
+                if start < end {
+                    let at = in_shard + (start - piece.start);
+                    out.push(Segment {
+                        param: i,
+                        flat: start..end,
+                        shard: at..at + (end - start),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +388,60 @@ mod tests {
                 next = s.end;
             }
             assert_eq!(next, n);
+        }
+    }
+
+    #[test]
+    fn flat_plans_pad_buckets_into_equal_pieces() {
+        let lens = [5, 1, 1, 8, 2, 2, 2, 30, 1];
+        let one = FlatPlan::new(&lens, 4, 1);
+        // Without padding the flat vector is the parameters back to back.
+        assert_eq!(one.total, 52);
+        assert_eq!(one.offsets, vec![0, 5, 6, 7, 15, 17, 19, 21, 51]);
+        let owned = one.owned(0);
+        assert_eq!(owned.len(), lens.len());
+        for s in &owned {
+            assert_eq!(s.flat, one.param(s.param));
+            assert_eq!(s.shard, s.flat);
+        }
+        for world in [2, 3, 4] {
+            let plan = FlatPlan::new(&lens, 4, world);
+            assert_eq!(plan.buckets.len(), 4);
+            let mut next = 0;
+            for b in plan.buckets.iter().rev() {
+                assert_eq!(b.region.start, next);
+                assert_eq!(b.region.len() % world, 0);
+                let used: usize = b.params.clone().map(|i| lens[i]).sum();
+                assert!(b.region.len() >= used && b.region.len() < used + world);
+                next = b.region.end;
+            }
+            assert_eq!(next, plan.total);
+            // The ranks' segments cover every parameter's elements once, and each rank's
+            // segments tile its shard's used places without overlap.
+            let mut seen = vec![0u8; plan.total];
+            for rank in 0..world {
+                let mut in_shard = vec![false; plan.shard_len()];
+                for s in plan.owned(rank) {
+                    assert_eq!(s.flat.len(), s.shard.len());
+                    let p = plan.param(s.param);
+                    assert!(p.start <= s.flat.start && s.flat.end <= p.end);
+                    seen[s.flat.clone()].iter_mut().for_each(|x| *x += 1);
+                    for j in s.shard.clone() {
+                        assert!(!in_shard[j]);
+                        in_shard[j] = true;
+                    }
+                    // The piece maps to the shard by one offset per bucket.
+                    let b = plan.buckets.iter().find(|b| b.params.contains(&s.param)).unwrap();
+                    assert_eq!(
+                        s.flat.start - plan.piece(b, rank).start,
+                        s.shard.start - plan.piece_in_shard(b).start
+                    );
+                }
+            }
+            for i in 0..lens.len() {
+                assert!(seen[plan.param(i)].iter().all(|&x| x == 1));
+            }
+            assert_eq!(seen.iter().map(|&x| x as usize).sum::<usize>(), 52);
         }
     }
 }

@@ -10,9 +10,15 @@ use fla_ops::GateKind;
 use fla_tensor::{Error, Result, Tensor};
 
 use crate::config::{GlaConfig, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK};
+use crate::dist::FlatPlan;
 use crate::layout::{LayerSlots, Layout, Role};
 use crate::learner::OptState;
 use crate::model::Model;
+
+mod sync;
+
+/// The gradient all-reduce's unit without a `distribute` call (NCCL runs best at a few MB).
+pub const BUCKET_BYTES: usize = 25 << 20;
 
 fn dev(what: &'static str) -> impl Fn(fla_cuda::cudarc::driver::DriverError) -> Error {
     move |e| Error::Device(format!("{what}: {e:?}"))
@@ -33,6 +39,22 @@ fn clone_buf(gpu: &Gpu, x: &Buf) -> Result<Buf> {
         Buf::F32(b) => Buf::F32(s.clone_dtod(b).map_err(dev("copy"))?),
         Buf::Bf16(b) => Buf::Bf16(s.clone_dtod(b).map_err(dev("copy"))?),
     })
+}
+
+fn f32_mut(x: &mut Buf) -> &mut CudaSlice<f32> {
+    match x {
+        Buf::F32(b) => b,
+        Buf::Bf16(_) => unreachable!("an f32 buffer"),
+    }
+}
+
+/// Parameters laid out as `plan` says, padding zero.
+fn flatten(plan: &FlatPlan, params: &[Tensor<f32>]) -> Vec<f32> {
+    let mut flat = vec![0.0; plan.total];
+    for (i, p) in params.iter().enumerate() {
+        flat[plan.param(i)].copy_from_slice(p.data());
+    }
+    flat
 }
 
 fn f32_slice(x: Buf) -> CudaSlice<f32> {
@@ -119,11 +141,15 @@ pub struct GpuModel {
     blas: Blas,
     ops: Layers,
     dtype: DType,
-    /// f32 master weights, gradients and AdamW moments, in layout order.
-    master: Vec<Buf>,
-    grads: Vec<Buf>,
-    m: Vec<Buf>,
-    v: Vec<Buf>,
+    /// Where each parameter sits in the flat f32 vectors below.
+    plan: FlatPlan,
+    /// f32 master weights and gradients, flat ([`FlatPlan`]; padding stays zero).
+    master: Buf,
+    grads: Buf,
+    /// AdamW's moments of the elements this rank steps: all of them, laid out as `master`,
+    /// or under ZeRO-1 its shard.
+    m: Buf,
+    v: Buf,
     /// Element-type copies of the weights products read (matrices and the embeddings).
     weights: Vec<Option<Buf>>,
     pub step: u64,
@@ -136,6 +162,8 @@ pub struct GpuModel {
     /// Logits the loss computes at a time (rows x vocabulary).
     pub logit_block_elements: usize,
     profile: Option<Profile>,
+    /// Data parallelism: the ranks' communicator and what this rank keeps of it (sync.rs).
+    dist: Option<sync::Dist>,
 }
 
 impl GpuModel {
@@ -158,29 +186,24 @@ impl GpuModel {
         }
         let blas = Blas::new(&gpu)?;
         let ops = Layers::new(dtype);
-        let mut master = Vec::new();
+        let lens: Vec<usize> = model.params.iter().map(|p| p.len()).collect();
+        let plan = FlatPlan::new(&lens, BUCKET_BYTES / 4, 1);
         let mut weights = Vec::new();
         for (spec, p) in model.layout.specs.iter().zip(&model.params) {
-            master.push(Buf::upload(&gpu, p.data(), DType::F32)?);
             let copy = matches!(spec.role, Role::Matrix | Role::Embedding);
             weights.push(
                 copy.then(|| Buf::upload(&gpu, p.data(), dtype))
                     .transpose()?,
             );
         }
-        let zeros_like = |gpu: &Gpu| -> Result<Vec<Buf>> {
-            model
-                .params
-                .iter()
-                .map(|p| zeros(gpu, p.len(), DType::F32))
-                .collect()
-        };
+        let master = Buf::upload(&gpu, &flatten(&plan, &model.params), DType::F32)?;
         Ok(GpuModel {
             config: c.clone(),
             layout: model.layout.clone(),
-            grads: zeros_like(&gpu)?,
-            m: zeros_like(&gpu)?,
-            v: zeros_like(&gpu)?,
+            grads: zeros(&gpu, plan.total, DType::F32)?,
+            m: zeros(&gpu, plan.total, DType::F32)?,
+            v: zeros(&gpu, plan.total, DType::F32)?,
+            plan,
             gpu,
             blas,
             ops,
@@ -195,6 +218,7 @@ impl GpuModel {
                 marks: Default::default(),
                 totals: Default::default(),
             }),
+            dist: None,
         })
     }
 
@@ -236,26 +260,18 @@ impl GpuModel {
     /// The parameters as a CPU model (for saving and checking).
     pub fn to_model(&self) -> Result<Model<f32>> {
         let mut model = Model::<f32>::new(self.config.clone(), 0);
-        for (p, b) in model.params.iter_mut().zip(&self.master) {
-            *p = Tensor::new(p.shape().to_vec(), b.download(&self.gpu)?)?;
-        }
+        model.params = self.unflatten(&self.master.download(&self.gpu)?)?;
         Ok(model)
     }
 
-    /// AdamW's step count and moments, as host tensors in layout order.
+    /// AdamW's step count and moments, as host tensors in layout order. Under ZeRO-1 the
+    /// ranks' shards are gathered first: every rank must call it.
     pub fn optimizer_state(&self) -> Result<OptState> {
-        let get = |xs: &[Buf]| -> Result<Vec<Tensor<f32>>> {
-            self.layout
-                .specs
-                .iter()
-                .zip(xs)
-                .map(|(s, x)| Tensor::new(s.shape.clone(), x.download(&self.gpu)?))
-                .collect()
-        };
+        let (m, v) = self.full_moments()?;
         Ok(OptState {
             step: self.step,
-            m: get(&self.m)?,
-            v: get(&self.v)?,
+            m: self.unflatten(&m)?,
+            v: self.unflatten(&v)?,
         })
     }
 
@@ -272,25 +288,41 @@ impl GpuModel {
                 "the checkpoint's config differs from the model's".into(),
             ));
         }
-        for i in 0..self.master.len() {
-            self.master[i] = Buf::upload(&self.gpu, model.params[i].data(), DType::F32)?;
-            if self.weights[i].is_some() {
-                self.weights[i] = Some(Buf::upload(&self.gpu, model.params[i].data(), self.dtype)?);
-            }
-            self.m[i] = Buf::upload(&self.gpu, m[i].data(), DType::F32)?;
-            self.v[i] = Buf::upload(&self.gpu, v[i].data(), DType::F32)?;
+        let shapes_match = |xs: &[Tensor<f32>]| {
+            xs.len() == self.plan.lens.len()
+                && xs.iter().zip(&self.plan.lens).all(|(x, &n)| x.len() == n)
+        };
+        if !shapes_match(m) || !shapes_match(v) {
+            return Err(Error::Invalid(
+                "the checkpoint's optimizer moments do not match the model's parameters".into(),
+            ));
         }
+        self.master = Buf::upload(&self.gpu, &flatten(&self.plan, &model.params), DType::F32)?;
+        for (w, p) in self.weights.iter_mut().zip(&model.params) {
+            if let Some(w) = w {
+                *w = Buf::upload(&self.gpu, p.data(), self.dtype)?;
+            }
+        }
+        let (m, v) = (flatten(&self.plan, m), flatten(&self.plan, v));
+        self.m = Buf::upload(&self.gpu, &self.my_share(&m), DType::F32)?;
+        self.v = Buf::upload(&self.gpu, &self.my_share(&v), DType::F32)?;
+        self.restore_shards()?;
         self.step = step;
         Ok(())
     }
 
     /// The gradients of the last backward, in layout order.
     pub fn gradients(&self) -> Result<Vec<Tensor<f32>>> {
+        self.unflatten(&self.grads.download(&self.gpu)?)
+    }
+
+    /// Per parameter, in layout order, its elements of a flat vector.
+    fn unflatten(&self, flat: &[f32]) -> Result<Vec<Tensor<f32>>> {
         self.layout
             .specs
             .iter()
-            .zip(&self.grads)
-            .map(|(s, g)| Tensor::new(s.shape.clone(), g.download(&self.gpu)?))
+            .enumerate()
+            .map(|(i, s)| Tensor::new(s.shape.clone(), flat[self.plan.param(i)].to_vec()))
             .collect()
     }
 
@@ -301,11 +333,11 @@ impl GpuModel {
     }
 
     fn p(&self, slot: usize) -> u64 {
-        buf_ptr(&self.gpu, &self.master[slot])
+        buf_ptr(&self.gpu, &self.master) + 4 * self.plan.offsets[slot] as u64
     }
 
     fn pg(&self, slot: usize) -> u64 {
-        buf_ptr(&self.gpu, &self.grads[slot])
+        buf_ptr(&self.gpu, &self.grads) + 4 * self.plan.offsets[slot] as u64
     }
 
     /// out[n, o] (= or +=) x[n, i] W^T for the weight in `slot` [o, i].
@@ -376,11 +408,12 @@ impl GpuModel {
     fn linear_dw(&mut self, x: &Buf, dy: &Buf, n: usize, slot: usize) -> Result<()> {
         let shape = &self.layout.specs[slot].shape;
         let (o, i) = (shape[0], shape[1]);
-        self.blas.matmul(
+        self.blas.matmul_at(
             &self.gpu,
             Operand::new(dy, true),
             Operand::new(x, false),
-            &mut self.grads[slot],
+            &mut self.grads,
+            self.plan.offsets[slot],
             (o, i, n),
             1.0,
             1.0,
@@ -401,13 +434,8 @@ impl GpuModel {
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
-        let s = self.gpu.stream();
-        for gr in &mut self.grads {
-            if let Buf::F32(x) = gr {
-                s.memset_zeros(x).map_err(dev("memset"))?;
-            }
-        }
-        Ok(())
+        self.grads.zero(&self.gpu)?;
+        self.start_step()
     }
 
     /// Adds `scale` times the gradients of the batch's mean loss to the gradients; returns
@@ -434,6 +462,7 @@ impl GpuModel {
             .collect();
         let tg_d: CudaSlice<i32> = self.gpu.stream().clone_htod(&tg32).map_err(dev("upload"))?;
         let count = targets.iter().filter(|&&x| x >= 0).count();
+        self.check_unsummed()?;
         let submit = std::time::Instant::now();
         // Forward.
         self.mark("start");
@@ -497,11 +526,12 @@ impl GpuModel {
                 1.0,
                 0.0,
             )?;
-            self.blas.matmul(
+            self.blas.matmul_at(
                 g,
                 Operand::new(&dlogits, true),
                 Operand::new(&hf, false).at(h_at),
-                &mut self.grads[out_slot],
+                &mut self.grads,
+                self.plan.offsets[out_slot],
                 (vocab, d, rows),
                 1.0,
                 1.0,
@@ -529,10 +559,16 @@ impl GpuModel {
             n,
             d,
         )?;
+        // Each layer's parameters lie together, its attn_norm first, after the embeddings:
+        // the backward finishes every parameter from `norm` on, then each layer's from its
+        // attn_norm on, then the embeddings (with the tied output projection). Under data
+        // parallelism the buckets so finished start their sums over the ranks at once.
+        self.grads_done(norm)?;
         for l in (0..tapes.len()).rev() {
             let slots = self.layout.layers[l].clone();
             let tape = tapes.pop().expect("one tape per layer");
             (dx, dx_io) = self.layer_backward(&slots, tape, b, t, dx, dx_io)?;
+            self.grads_done(slots.attn_norm)?;
         }
         let g = &self.gpu;
         self.ops.embed_bwd(
@@ -544,9 +580,10 @@ impl GpuModel {
             d,
         )?;
         self.mark("bwd: embedding");
+        self.grads_done(0)?;
         self.submit_secs += submit.elapsed().as_secs_f64();
         // Read only now, so that the step never waits for the device in the middle.
-        let loss_sum: f64 = loss_rows.download(g)?.iter().map(|&x| x as f64).sum();
+        let loss_sum: f64 = loss_rows.download(&self.gpu)?.iter().map(|&x| x as f64).sum();
         Ok(if count == 0 {
             f64::NAN
         } else {
@@ -1124,36 +1161,21 @@ impl GpuModel {
         self.logits_of_rows(&x, &rows)
     }
 
-    /// Global L2 norm of the gradients.
-    /// Replaces the gradients on every rank of `group` by their sum over the ranks (one
-    /// NCCL group call over all the buffers, after the backward).
-    pub fn sum_grads(&mut self, group: &fla_cuda::NcclGroup) -> Result<()> {
-        let mut bufs: Vec<_> = self
-            .grads
-            .iter_mut()
-            .filter_map(|g| match g {
-                Buf::F32(x) => Some(x),
-                Buf::Bf16(_) => None,
-            })
-            .collect();
-        group.all_reduce_sum_all(&mut bufs)?;
-        self.mark("gradient all-reduce");
-        Ok(())
-    }
-
-    pub fn grad_norm(&self) -> Result<f64> {
+    /// Global L2 norm of the gradients (after the ranks' sum, under data parallelism).
+    pub fn grad_norm(&mut self) -> Result<f64> {
+        self.finish_grads()?;
         let g = &self.gpu;
-        let acc = zeros(g, 1, DType::F32)?;
-        for gr in &self.grads {
-            self.ops
-                .sum_squares(g, buf_ptr(g, gr), buf_ptr(g, &acc), gr.len())?;
-        }
+        let acc = empty(g, 1, DType::F32)?;
+        let (grads, n) = self.stepped_grads();
+        self.ops.sum_squares(g, grads, buf_ptr(g, &acc), n)?;
         self.mark("gradient norm");
-        Ok((acc.download(g)?[0] as f64).sqrt())
+        let mine = acc.download(g)?[0] as f64;
+        Ok(self.sum_over_shards(mine)?.sqrt())
     }
 
     /// One AdamW step (β 0.9/0.95, ε 1e-8, decay on matrices unless `decay_all`), with the
-    /// gradients scaled by `grad_scale` (clipping); refreshes the element-type weights.
+    /// gradients scaled by `grad_scale` (clipping); refreshes the element-type weights. Steps
+    /// the elements this rank owns ([`FlatPlan::owned`]: all of them but under ZeRO-1).
     pub fn adamw(
         &mut self,
         lr: f64,
@@ -1161,10 +1183,14 @@ impl GpuModel {
         decay_all: bool,
         grad_scale: f64,
     ) -> Result<()> {
+        self.finish_grads()?;
         self.step += 1;
         let t = self.step as i32;
         let g = &self.gpu;
-        for i in 0..self.master.len() {
+        let (params, grads) = self.stepped();
+        let elem = if self.dtype == DType::Bf16 { 2 } else { 4 };
+        for seg in self.plan.owned(self.shard_rank()) {
+            let i = seg.param;
             let decays = decay_all || self.layout.specs[i].role == Role::Matrix;
             let h = AdamStep {
                 lr: lr as f32,
@@ -1180,19 +1206,24 @@ impl GpuModel {
                 eps: 1e-8,
                 grad_scale: grad_scale as f32,
             };
-            let copy = self.weights[i].as_ref().map_or(0, |w| buf_ptr(g, w));
-            let p = &self.master[i];
+            // Under ZeRO-1 the copies are refreshed whole after the weights' all-gather.
+            let copy = match (&self.weights[i], self.sharded()) {
+                (Some(w), false) => buf_ptr(g, w) + elem * (seg.flat.start - self.plan.offsets[i]) as u64,
+                _ => 0,
+            };
+            let at = 4 * seg.shard.start as u64;
             self.ops.adamw(
                 g,
-                buf_ptr(g, p),
-                buf_ptr(g, &self.grads[i]),
-                buf_ptr(g, &self.m[i]),
-                buf_ptr(g, &self.v[i]),
+                params + at,
+                grads + at,
+                buf_ptr(g, &self.m) + at,
+                buf_ptr(g, &self.v) + at,
                 copy,
-                p.len(),
+                seg.shard.len(),
                 &h,
             )?;
         }
+        self.gather_weights()?;
         self.mark("AdamW");
         self.close_profile();
         Ok(())

@@ -81,6 +81,14 @@ pub trait Learner {
     fn restore(&mut self, model: Model<f32>, opt: OptState) -> Result<()>;
     /// The model, to evaluate.
     fn scorer(&mut self) -> &mut dyn Scorer;
+    /// Each step accumulates `n` micro-batches (a data-parallel learner sums the gradients
+    /// over its ranks during the last one's backward).
+    fn plan_micro_batches(&mut self, _n: usize) {}
+    /// Whether [`Learner::optimizer`] gathers from the ranks (ZeRO-1), so that every rank
+    /// must call it when one does.
+    fn optimizer_is_collective(&self) -> bool {
+        false
+    }
 }
 
 pub struct CpuLearner {

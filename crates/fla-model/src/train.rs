@@ -124,6 +124,7 @@ pub fn train(
     } else {
         None
     };
+    learner.plan_micro_batches(args.grad_accum);
     let started = Instant::now();
     let (first, tokens_start) = (learner.steps(), tokens);
     let mut last_eval = Vec::new();
@@ -188,14 +189,11 @@ pub fn train(
             }
         }
         let save_now = (args.save_every > 0 && done.is_multiple_of(args.save_every)) || done == end;
-        if lead && save_now {
-            save_checkpoint(
-                &args.out,
-                &learner.snapshot()?,
-                &learner.optimizer()?,
-                rng.state(),
-                tokens,
-            )?;
+        if save_now && (lead || learner.optimizer_is_collective()) {
+            let opt = learner.optimizer()?;
+            if lead {
+                save_checkpoint(&args.out, &learner.snapshot()?, &opt, rng.state(), tokens)?;
+            }
         }
     }
     if !lead {
