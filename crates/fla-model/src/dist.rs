@@ -159,8 +159,13 @@ pub fn shard(n: usize, world: usize, rank: usize) -> Range<usize> {
 
 /// Where every parameter lives in one flat f32 vector (the GPU model's master weights,
 /// gradients and moments): the buckets' regions one after another in layout order, each
-/// padded to a multiple of `world` elements so that it splits into `world` equal pieces (the
-/// shards of ZeRO-1: rank r owns piece r of every bucket).
+/// padded to a multiple of `world` x [`ALIGN`] elements so that it splits into `world` equal
+/// pieces (the shards of ZeRO-1: rank r owns piece r of every bucket). Every parameter and
+/// every piece starts [`ALIGN`] elements from the last boundary: the kernels' vector loads and
+/// cuBLAS want aligned addresses.
+/// Elements between aligned starts (256 bytes of f32).
+pub const ALIGN: usize = 64;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlatPlan {
     /// Each parameter's first element and length, in layout order.
@@ -177,7 +182,7 @@ pub struct FlatPlan {
 pub struct FlatBucket {
     /// Parameter indices.
     pub params: Range<usize>,
-    /// Elements of the flat vector, a multiple of `world` long.
+    /// Elements of the flat vector, a multiple of `world` x [`ALIGN`] long.
     pub region: Range<usize>,
 }
 
@@ -194,7 +199,7 @@ pub struct Segment {
 
 impl FlatPlan {
     /// Parameters of `lens` elements in buckets of at least `bucket_elems` ([`buckets`]),
-    /// each region padded to a multiple of `world`.
+    /// each region padded to a multiple of `world` x [`ALIGN`].
     pub fn new(lens: &[usize], bucket_elems: usize, world: usize) -> FlatPlan {
         assert!(world > 0, "a plan for no ranks");
         let mut buckets: Vec<FlatBucket> = buckets(lens, bucket_elems)
@@ -211,9 +216,9 @@ impl FlatPlan {
             let start = at;
             for i in b.params.clone() {
                 offsets[i] = at;
-                at += lens[i];
+                at += lens[i].next_multiple_of(ALIGN);
             }
-            at = start + (at - start).div_ceil(world) * world;
+            at = start + (at - start).next_multiple_of(world * ALIGN);
             b.region = start..at;
         }
         FlatPlan {
@@ -395,9 +400,10 @@ mod tests {
     fn flat_plans_pad_buckets_into_equal_pieces() {
         let lens = [5, 1, 1, 8, 2, 2, 2, 30, 1];
         let one = FlatPlan::new(&lens, 4, 1);
-        // Without padding the flat vector is the parameters back to back.
-        assert_eq!(one.total, 52);
-        assert_eq!(one.offsets, vec![0, 5, 6, 7, 15, 17, 19, 21, 51]);
+        // Each parameter at the next aligned place; the last bucket (parameter 0) ends the
+        // vector.
+        assert_eq!(one.offsets, (0..9).map(|i| i * ALIGN).collect::<Vec<_>>());
+        assert_eq!(one.total, 9 * ALIGN);
         let owned = one.owned(0);
         assert_eq!(owned.len(), lens.len());
         for s in &owned {
@@ -410,9 +416,13 @@ mod tests {
             let mut next = 0;
             for b in plan.buckets.iter().rev() {
                 assert_eq!(b.region.start, next);
-                assert_eq!(b.region.len() % world, 0);
+                assert_eq!(b.region.len() % (world * ALIGN), 0);
                 let used: usize = b.params.clone().map(|i| lens[i]).sum();
-                assert!(b.region.len() >= used && b.region.len() < used + world);
+                assert!(b.region.len() >= used);
+                for i in b.params.clone() {
+                    assert_eq!(plan.offsets[i] % ALIGN, 0);
+                    assert!(b.region.contains(&plan.offsets[i]));
+                }
                 next = b.region.end;
             }
             assert_eq!(next, plan.total);
@@ -442,6 +452,11 @@ mod tests {
                 assert!(seen[plan.param(i)].iter().all(|&x| x == 1));
             }
             assert_eq!(seen.iter().map(|&x| x as usize).sum::<usize>(), 52);
+            for rank in 0..world {
+                for b in &plan.buckets {
+                    assert_eq!(plan.piece(b, rank).start % ALIGN, 0);
+                }
+            }
         }
     }
 }
