@@ -538,7 +538,17 @@ impl Layers {
         let blocks = Self::elem_blocks(gpu, n).max(1);
         let partials = crate::gla::uninit::<f32>(gpu, blocks)?;
         let p = ptr(gpu, &partials);
-        self.launch(gpu, "sum_squares", blocks, &[Arg::P(x), Arg::P(p), Arg::L(n as i64)])?;
-        self.launch(gpu, "sum_partials", 1, &[Arg::P(p), Arg::P(out), Arg::I(blocks as i32)])
+        self.launch(
+            gpu,
+            "sum_squares",
+            blocks,
+            &[Arg::P(x), Arg::P(p), Arg::L(n as i64)],
+        )?;
+        self.launch(
+            gpu,
+            "sum_partials",
+            1,
+            &[Arg::P(p), Arg::P(out), Arg::I(blocks as i32)],
+        )
     }
 }

@@ -28,8 +28,8 @@ use fla_tensor::{Error, Result};
 use crate::device::{device_err, Gpu};
 use crate::gla::{uninit, DeviceGla};
 use crate::gla_bwd::DeviceUpstream;
-use crate::layers::Arg;
 use crate::group::DeviceGroup;
+use crate::layers::Arg;
 
 const SRC: &str = include_str!("../kernels/seq_parallel.cu");
 const THREADS: u32 = 256;

@@ -35,7 +35,9 @@ fn run_ranks(world: usize, n: usize) -> Vec<(Vec<f32>, Vec<f32>, Vec<f32>, f64)>
                 let s = gpu.stream();
                 let mine = s.clone_htod(&values(rank, n)).unwrap();
                 let mut summed = s.clone_htod(&values(rank, n)).unwrap();
-                group.all_reduce_sum(&gpu, &mut summed.as_view_mut()).unwrap();
+                group
+                    .all_reduce_sum(&gpu, &mut summed.as_view_mut())
+                    .unwrap();
                 let mut gathered = s.alloc_zeros::<f32>(world * n).unwrap();
                 group
                     .all_gather(&gpu, &mine.as_view(), &mut gathered.as_view_mut())
@@ -71,7 +73,11 @@ fn check_ranks(world: usize) {
     for (rank, (s, g, sc, loss)) in run_ranks(world, n).into_iter().enumerate() {
         assert_eq!(s, total(n), "rank {rank}: all-reduce");
         assert_eq!(g, gathered, "rank {rank}: all-gather");
-        assert_eq!(sc, total(world * n)[rank * n..(rank + 1) * n], "rank {rank}: reduce-scatter");
+        assert_eq!(
+            sc,
+            total(world * n)[rank * n..(rank + 1) * n],
+            "rank {rank}: reduce-scatter"
+        );
         assert!((loss - losses).abs() < 1e-15, "rank {rank}: sum {loss}");
     }
 }

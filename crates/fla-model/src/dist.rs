@@ -441,7 +441,11 @@ mod tests {
                         in_shard[j] = true;
                     }
                     // The piece maps to the shard by one offset per bucket.
-                    let b = plan.buckets.iter().find(|b| b.params.contains(&s.param)).unwrap();
+                    let b = plan
+                        .buckets
+                        .iter()
+                        .find(|b| b.params.contains(&s.param))
+                        .unwrap();
                     assert_eq!(
                         s.flat.start - plan.piece(b, rank).start,
                         s.shard.start - plan.piece_in_shard(b).start

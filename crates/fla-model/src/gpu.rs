@@ -583,7 +583,11 @@ impl GpuModel {
         self.grads_done(0)?;
         self.submit_secs += submit.elapsed().as_secs_f64();
         // Read only now, so that the step never waits for the device in the middle.
-        let loss_sum: f64 = loss_rows.download(&self.gpu)?.iter().map(|&x| x as f64).sum();
+        let loss_sum: f64 = loss_rows
+            .download(&self.gpu)?
+            .iter()
+            .map(|&x| x as f64)
+            .sum();
         Ok(if count == 0 {
             f64::NAN
         } else {
@@ -1208,7 +1212,9 @@ impl GpuModel {
             };
             // Under ZeRO-1 the copies are refreshed whole after the weights' all-gather.
             let copy = match (&self.weights[i], self.sharded()) {
-                (Some(w), false) => buf_ptr(g, w) + elem * (seg.flat.start - self.plan.offsets[i]) as u64,
+                (Some(w), false) => {
+                    buf_ptr(g, w) + elem * (seg.flat.start - self.plan.offsets[i]) as u64
+                }
                 _ => 0,
             };
             let at = 4 * seg.shard.start as u64;

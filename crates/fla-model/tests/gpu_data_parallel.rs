@@ -19,9 +19,9 @@ mod support;
 
 use fla_cuda::{new_id, DType, DeviceGroup, Gpu, NcclGroup};
 use fla_model::data_parallel::share;
+use fla_model::data_parallel::train_ranks;
 use fla_model::gpu::GpuModel;
 use fla_model::gpu_data_parallel::{GpuDataParallel, HostStagedGroup};
-use fla_model::data_parallel::train_ranks;
 use fla_model::learner::{GpuLearner, Learner, OptState, Scorer};
 use fla_model::mqar::Mqar;
 use fla_model::rng::Rng;
@@ -122,7 +122,9 @@ fn on_shared_gpu<T: Send>(world: usize, f: impl Fn(HostStagedGroup, Gpu) -> T + 
 
 fn close_all(what: &str, a: &[f64], b: &[f64]) {
     assert!(
-        a.iter().zip(b).all(|(&x, &y)| (x - y).abs() <= 1e-5 * y.abs()),
+        a.iter()
+            .zip(b)
+            .all(|(&x, &y)| (x - y).abs() <= 1e-5 * y.abs()),
         "{what}: {a:?} vs {b:?}"
     );
 }
@@ -202,12 +204,18 @@ fn ranks_sharing_a_gpu_train_like_one_learner_with_and_without_zero() {
                 let norms: Vec<f64> = first.1.iter().chain(&rest.1).copied().collect();
                 close_all(&format!("{how} rank {rank}: losses"), &losses, &want_losses);
                 close_all(&format!("{how} rank {rank}: norms"), &norms, &want_norms);
-                assert_eq!(rest.2, got[0].2 .2, "{how}: rank {rank} drifted from rank 0");
+                assert_eq!(
+                    rest.2, got[0].2 .2,
+                    "{how}: rank {rank} drifted from rank 0"
+                );
                 assert_eq!(opt.step, 1);
                 for (what, a, b) in [("m", &opt.m, &plain_opt.m), ("v", &opt.v, &plain_opt.v)] {
                     for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
                         let e = x.rel_err(y);
-                        assert!(e <= 1e-5, "{how} rank {rank}: {what} of parameter {i} off by {e:e}");
+                        assert!(
+                            e <= 1e-5,
+                            "{how} rank {rank}: {what} of parameter {i} off by {e:e}"
+                        );
                     }
                 }
             }
@@ -221,10 +229,16 @@ fn misuse_of_a_distributed_model_is_named() {
     let batch = batches(1).pop().unwrap();
     let got = on_shared_gpu(1, |group, gpu| {
         let mut l = learner(gpu);
-        l.model.distribute(Box::new(group), BUCKET_BYTES, true).unwrap();
+        l.model
+            .distribute(Box::new(group), BUCKET_BYTES, true)
+            .unwrap();
         let again = l
             .model
-            .distribute(Box::new(HostStagedGroup::new(1).pop().unwrap()), BUCKET_BYTES, true)
+            .distribute(
+                Box::new(HostStagedGroup::new(1).pop().unwrap()),
+                BUCKET_BYTES,
+                true,
+            )
             .unwrap_err()
             .to_string();
         l.zero_grads().unwrap();
@@ -238,7 +252,10 @@ fn misuse_of_a_distributed_model_is_named() {
     });
     let (again, late, fresh) = &got[0];
     assert!(again.contains("already distributed"), "{again}");
-    assert!(late.contains("after the gradients' sum over the ranks began"), "{late}");
+    assert!(
+        late.contains("after the gradients' sum over the ranks began"),
+        "{late}"
+    );
     assert!(fresh.is_ok(), "{fresh:?}");
 }
 
@@ -258,7 +275,10 @@ fn one_rank_over_nccl_steps_like_one_learner() {
         for (i, (a, b)) in plain.2.iter().zip(&over_nccl.2).enumerate() {
             let diff: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
             let size: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
-            assert!(diff.sqrt() <= 1e-5 * size.sqrt(), "zero {zero}: parameter {i}");
+            assert!(
+                diff.sqrt() <= 1e-5 * size.sqrt(),
+                "zero {zero}: parameter {i}"
+            );
         }
     }
 }
@@ -284,13 +304,9 @@ fn two_ranks_on_two_gpus_train_like_one_learner() {
                     s.spawn(move || {
                         let gpu = Gpu::new(rank).unwrap();
                         let group = NcclGroup::new(&gpu, rank, world, id).unwrap();
-                        let mut dp = GpuDataParallel::new(
-                            learner(gpu),
-                            Box::new(group),
-                            BUCKET_BYTES,
-                            zero,
-                        )
-                        .unwrap();
+                        let mut dp =
+                            GpuDataParallel::new(learner(gpu), Box::new(group), BUCKET_BYTES, zero)
+                                .unwrap();
                         run(&mut dp, batches, 2)
                     })
                 })
@@ -298,9 +314,16 @@ fn two_ranks_on_two_gpus_train_like_one_learner() {
             ranks.into_iter().map(|t| t.join().unwrap()).collect()
         });
         for (rank, (losses, norms, params)) in got.iter().enumerate() {
-            close_all(&format!("zero {zero} rank {rank}: losses"), losses, &plain.0);
+            close_all(
+                &format!("zero {zero} rank {rank}: losses"),
+                losses,
+                &plain.0,
+            );
             close_all(&format!("zero {zero} rank {rank}: norms"), norms, &plain.1);
-            assert_eq!(params, &got[0].2, "zero {zero}: rank {rank} drifted from rank 0");
+            assert_eq!(
+                params, &got[0].2,
+                "zero {zero}: rank {rank} drifted from rank 0"
+            );
         }
     }
 }
@@ -354,14 +377,32 @@ fn zero_checkpoints_resume_on_one_gpu() {
     let _ = std::fs::remove_dir_all(&dir);
     let (one, two) = (dir.join("one"), dir.join("two"));
     let mut no_eval = |_: &mut dyn Scorer| Ok(Vec::new());
-    train(&mut learner(gpu), &mut task.clone(), &mut no_eval, &train_args(&one, None, 2), false)
-        .unwrap();
+    train(
+        &mut learner(gpu),
+        &mut task.clone(),
+        &mut no_eval,
+        &train_args(&one, None, 2),
+        false,
+    )
+    .unwrap();
 
-    let groups = Mutex::new(HostStagedGroup::new(2).into_iter().map(Some).collect::<Vec<_>>());
+    let groups = Mutex::new(
+        HostStagedGroup::new(2)
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+    );
     let make = |rank: usize| -> fla_tensor::Result<Box<dyn Learner>> {
-        let group = groups.lock().unwrap()[rank].take().expect("one learner per rank");
+        let group = groups.lock().unwrap()[rank]
+            .take()
+            .expect("one learner per rank");
         let gpu = Gpu::new(0)?;
-        Ok(Box::new(GpuDataParallel::new(learner(gpu), Box::new(group), BUCKET_BYTES, true)?))
+        Ok(Box::new(GpuDataParallel::new(
+            learner(gpu),
+            Box::new(group),
+            BUCKET_BYTES,
+            true,
+        )?))
     };
     train_ranks(
         2,
@@ -373,12 +414,25 @@ fn zero_checkpoints_resume_on_one_gpu() {
         &|rank, e| panic!("rank {rank} failed: {e}"),
     )
     .unwrap();
-    assert!(two.join("checkpoint/trainer.json").exists(), "rank 0 wrote no checkpoint");
+    assert!(
+        two.join("checkpoint/trainer.json").exists(),
+        "rank 0 wrote no checkpoint"
+    );
     let gpu = Gpu::new(0).unwrap();
-    train(&mut learner(gpu), &mut task.clone(), &mut no_eval, &train_args(&two, None, 2), true)
-        .unwrap();
+    train(
+        &mut learner(gpu),
+        &mut task.clone(),
+        &mut no_eval,
+        &train_args(&two, None, 2),
+        true,
+    )
+    .unwrap();
     let (want, got) = (recorded_losses(&one), recorded_losses(&two));
-    assert_eq!(got.len(), 6, "four steps on two ranks, two resumed on one: {got:?}");
+    assert_eq!(
+        got.len(),
+        6,
+        "four steps on two ranks, two resumed on one: {got:?}"
+    );
     close_all("losses", &got, &want);
     let _ = std::fs::remove_dir_all(&dir);
 }

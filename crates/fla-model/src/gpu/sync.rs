@@ -212,8 +212,12 @@ impl GpuModel {
         for (i, w) in self.weights.iter().enumerate() {
             if let Some(w) = w {
                 let at = 4 * self.plan.offsets[i] as u64;
-                self.ops
-                    .narrow(gpu, buf_ptr(gpu, &self.master) + at, buf_ptr(gpu, w), w.len())?;
+                self.ops.narrow(
+                    gpu,
+                    buf_ptr(gpu, &self.master) + at,
+                    buf_ptr(gpu, w),
+                    w.len(),
+                )?;
             }
         }
         self.mark("weights' all-gather");
