@@ -24,7 +24,10 @@ fn values(rank: usize, n: usize) -> Vec<f32> {
 /// The ranks of a communicator of `world`, rank r on GPU r, one thread each: every rank
 /// all-reduces its buffer, all-gathers it, reduce-scatters a buffer of `world` pieces and sums
 /// a number; returns what each saw.
-fn run_ranks(world: usize, n: usize) -> Vec<(Vec<f32>, Vec<f32>, Vec<f32>, f64)> {
+/// What a rank saw: the all-reduced, all-gathered and reduce-scattered buffers, and the sum.
+type Seen = (Vec<f32>, Vec<f32>, Vec<f32>, f64);
+
+fn run_ranks(world: usize, n: usize) -> Vec<Seen> {
     let id = new_id().unwrap();
     let threads: Vec<_> = (0..world)
         .map(|rank| {
