@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Data parallelism on the lent GPU (issue 5), in one device call: the data-parallel, NCCL,
 # model and layer tests, the training step with one NCCL rank (with and without ZeRO-1)
-# against the plain step, and MQAR trained plain, on --gpus 1 and on --gpus 1 --zero.
+# against the plain step, and MQAR trained plain, on --gpus 1, on --gpus 1 --zero and on
+# --gpus 1 --seq-parallel.
 # Here: bash bench/gpu-build.sh; there: bash bench/dp-check.sh (results under $OUT).
 export FLA_CACHE_DIR=${FLA_CACHE_DIR:-/tmp/fla-kernels} FLA_REQUIRE_CUDA=1 FLA_REQUIRE_NCCL=1
 # cudarc opens libnccl.so; the system has only libnccl.so.2.
@@ -24,7 +25,7 @@ for m in "" "--nccl" "--nccl --zero"; do
   echo "== fla bench train $m --steps 10"
   $G/fla bench train $m --steps 10
 done > "$O/bench-train.txt" 2>&1
-for r in "" "--gpus 1" "--gpus 1 --zero"; do
+for r in "" "--gpus 1" "--gpus 1 --zero" "--gpus 1 --seq-parallel"; do
   d=/tmp/mqar-$(echo "plain $r" | tr -d ' -')
   echo "== fla train --steps 40 --eval-every 20 --quiet $r"
   $G/fla train --steps 40 --eval-every 20 --quiet $r --out "$d"
@@ -33,7 +34,7 @@ python3 - >> "$O/summary.txt" <<'PY'
 import json
 def losses(d): return [json.loads(l)["loss"] for l in open(d + "/metrics.jsonl")]
 p = losses("/tmp/mqar-plain")
-for d in ["/tmp/mqar-plaingpus1", "/tmp/mqar-plaingpus1zero"]:
+for d in ["/tmp/mqar-plaingpus1", "/tmp/mqar-plaingpus1zero", "/tmp/mqar-plaingpus1seqparallel"]:
     try:
         q = losses(d)
         print(d, len(q), "steps, worst relative loss difference from plain %.2e"

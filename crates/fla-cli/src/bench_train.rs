@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 use fla_cuda::{new_id, DType, Gpu, NcclGroup};
-use fla_model::gpu::{GpuModel, BUCKET_BYTES};
+use fla_model::gpu::{GpuModel, Split, BUCKET_BYTES};
 use fla_model::{GlaConfig, Model, Rng};
 use fla_tensor::{write_atomic, Result};
 
@@ -65,7 +65,7 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
         (false, _) => "",
         (true, zero) => {
             let group = NcclGroup::new(model.gpu(), 0, 1, new_id()?)?;
-            model.distribute(Box::new(group), BUCKET_BYTES, zero)?;
+            model.distribute(Box::new(group), Split::Batch, BUCKET_BYTES, zero)?;
             if zero {
                 ", one NCCL rank with ZeRO-1"
             } else {

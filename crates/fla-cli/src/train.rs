@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Args;
 use fla_model::data_parallel::train_ranks;
 use fla_model::dist::{share_id, Launch};
-use fla_model::gpu_data_parallel::GpuDataParallel;
+use fla_model::gpu::Split;
+use fla_model::gpu_data_parallel::GpuParallel;
 use fla_model::mqar::Mqar;
 use fla_model::text::{evaluate_lm, Corpus, TextTask, Tokenizer};
 use fla_model::train::{train, Evaluate, Metrics, Task, TrainArgs};
@@ -88,6 +89,10 @@ pub struct TrainCmd {
     /// weights it steps) over the ranks (ZeRO-1)
     #[arg(long)]
     zero: bool,
+    /// Several GPUs: split every sequence along its tokens over the ranks instead of the batch
+    /// over them (sequence parallelism: the GLA layers pass their states between the ranks)
+    #[arg(long)]
+    seq_parallel: bool,
     /// Data-parallel training: MB of f32 gradients per all-reduce, each issued as soon as the
     /// backward has finished its gradients
     #[arg(long, default_value_t = 25)]
@@ -279,9 +284,9 @@ fn fit<T: Task + Clone + Send>(
 ) -> Result<Metrics> {
     let launch = Launch::from_env()?;
     let world = match (&launch, a.gpus) {
-        (None, None) if a.zero => {
+        (None, None) if a.zero || a.seq_parallel => {
             return Err(Error::Invalid(
-                "--zero shards the optimizer over data-parallel ranks: use it with --gpus or WORLD_SIZE".into(),
+                "--zero and --seq-parallel split the work over ranks: use them with --gpus or WORLD_SIZE".into(),
             ))
         }
         (None, None) => {
@@ -308,7 +313,15 @@ fn fit<T: Task + Clone + Send>(
             a.device
         )));
     }
-    if !a.batch_size.is_multiple_of(world) {
+    if let Some(t) = a
+        .seq_len
+        .filter(|t| a.seq_parallel && !t.is_multiple_of(world))
+    {
+        return Err(Error::Invalid(format!(
+            "--seq-len {t} does not split evenly over {world} GPUs"
+        )));
+    }
+    if !a.seq_parallel && !a.batch_size.is_multiple_of(world) {
         return Err(Error::Invalid(format!(
             "--batch-size {} does not split evenly over {world} GPUs",
             a.batch_size
@@ -354,16 +367,25 @@ fn rank_learner(
         decay_all: a.decay_all,
     };
     if rank == 0 {
+        let each = match a.seq_parallel {
+            true => "a segment of every sequence".to_string(),
+            false => format!("{} sequences", a.batch_size / world),
+        };
         eprintln!(
-            "training on {world} GPU{} over NCCL, {} sequences each ({name} first; {dtype:?} products, f32 master weights)",
+            "training on {world} GPU{} over NCCL, {each} each ({name} first; {dtype:?} products, f32 master weights{})",
             if world == 1 { "" } else { "s" },
-            a.batch_size / world
+            if a.zero { ", optimizer sharded" } else { "" }
         );
     }
     let bucket_bytes = a.bucket_mb.max(1) << 20;
-    Ok(Box::new(GpuDataParallel::new(
+    let split = match a.seq_parallel {
+        true => Split::Sequence,
+        false => Split::Batch,
+    };
+    Ok(Box::new(GpuParallel::new(
         inner,
         Box::new(group),
+        split,
         bucket_bytes,
         a.zero,
     )?))

@@ -281,11 +281,25 @@ fn data_parallel_launch_errors_are_one_line() {
     let out = tmp("dp-errors");
     let o = s(&out);
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
+        (
+            &[
+                "train",
+                "--gpus",
+                "2",
+                "--seq-parallel",
+                "--seq-len",
+                "33",
+                "--out",
+                o,
+            ],
+            &[],
+            "--seq-len 33 does not split evenly over 2 GPUs",
+        ),
         (
             &["train", "--zero", "--out", o],
             &[],
-            "--zero shards the optimizer over data-parallel ranks",
+            "--zero and --seq-parallel split the work over ranks",
         ),
         (
             &["train", "--gpus", "3", "--out", o],

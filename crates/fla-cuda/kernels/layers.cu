@@ -378,30 +378,44 @@ extern "C" __global__ void gate_bwd(const float* __restrict__ raw, const float* 
 }
 
 // Short convolution and SiLU over [B, T, C] (f32 in): pre = Σ_i w[c, i] x[t - W + 1 + i],
-// out = silu(pre) in io_t. pre is kept (f32) for the backward.
-extern "C" __global__ void conv_silu_fwd(const float* __restrict__ x, const float* __restrict__ w,
-                                         float* __restrict__ pre, io_t* __restrict__ out, int b, int t,
-                                         int c, int width) {
+// out = silu(pre) in io_t. pre is kept (f32) for the backward. Rows before a sequence's start
+// are zero, or, with `halo` ([B, W-1, C] f32: sequence parallelism, the previous rank's last
+// rows), taken from it.
+extern "C" __global__ void conv_silu_fwd(const float* __restrict__ x, const float* __restrict__ halo,
+                                         const float* __restrict__ w, float* __restrict__ pre,
+                                         io_t* __restrict__ out, int b, int t, int c, int width) {
     long n = (long)b * t * c;
     for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
         int ch = i % c, s = (i / c) % t;
+        long seq = i / ((long)t * c);
         float acc = 0.f;
         for (int k = 0; k < width; k++) {
             int src = s - width + 1 + k;
-            if (src >= 0) acc += w[ch * width + k] * x[i + (long)(src - s) * c];
+            if (src >= 0)
+                acc += w[ch * width + k] * x[i + (long)(src - s) * c];
+            else if (halo)
+                acc += w[ch * width + k] * halo[(seq * (width - 1) + width - 1 + src) * c + ch];
         }
         pre[i] = acc;
         out[i] = from_f(acc * sigmoidf_(acc));
     }
 }
 
+// The gradient of silu(pre) at output row `at` (the flat index of [B, T, C]).
+__device__ __forceinline__ float conv_dpre(const float* pre, const io_t* dout, long at) {
+    float p = pre[at], sg = sigmoidf_(p);
+    return to_f(dout[at]) * sg * (1.f + p * (1.f - sg));
+}
+
 // From dout (io_t, the GLA gradient): dpre = dout silu'(pre); dx[t'] = Σ_k w[c, k]
 // dpre[t' + W - 1 - k] (gathered, no atomics; io_t for the products); dw[c, k] += Σ dpre[t]
-// x[t - W + 1 + k] (an atomic per element and tap).
+// x[t - W + 1 + k] (an atomic per element and tap). With `next` ([B, W-1, C] f32: sequence
+// parallelism, what the next rank's first outputs send back to this rank's last W-1 rows),
+// those rows add it.
 extern "C" __global__ void conv_silu_bwd(const float* __restrict__ x, const float* __restrict__ w,
                                          const float* __restrict__ pre, const io_t* __restrict__ dout,
-                                         io_t* __restrict__ dx, float* __restrict__ dw, int b, int t,
-                                         int c, int width) {
+                                         const float* __restrict__ next, io_t* __restrict__ dx,
+                                         float* __restrict__ dw, int b, int t, int c, int width) {
     long n = (long)b * t * c;
     for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
         int ch = i % c, s = (i / c) % t;
@@ -409,14 +423,42 @@ extern "C" __global__ void conv_silu_bwd(const float* __restrict__ x, const floa
         for (int k = 0; k < width; k++) {
             int dst = s + width - 1 - k;  // the output that read x[s] through tap k
             if (dst < t) {
-                long at = i + (long)(dst - s) * c;
-                float p = pre[at], sg = sigmoidf_(p);
-                float dp = to_f(dout[at]) * sg * (1.f + p * (1.f - sg));
+                float dp = conv_dpre(pre, dout, i + (long)(dst - s) * c);
                 acc += w[ch * width + k] * dp;
                 atomicAdd(dw + ch * width + k, dp * x[i]);
             }
         }
+        int from_end = t - 1 - s;  // rows after this one in the sequence
+        if (next && from_end < width - 1) {
+            long seq = i / ((long)t * c);
+            acc += next[(seq * (width - 1) + width - 2 - from_end) * c + ch];
+        }
         dx[i] = from_f(acc);
+    }
+}
+
+// Sequence parallelism: the gradient of the halo rows ([B, W-1, C], the previous rank's last
+// rows) through this rank's first outputs, dhalo (f32, written: the previous rank's `next`),
+// and their terms of dw (added).
+extern "C" __global__ void conv_silu_halo_bwd(const float* __restrict__ halo, const float* __restrict__ w,
+                                              const float* __restrict__ pre, const io_t* __restrict__ dout,
+                                              float* __restrict__ dhalo, float* __restrict__ dw, int b,
+                                              int t, int c, int width) {
+    long n = (long)b * (width - 1) * c;
+    for (long i = blockIdx.x * (long)NT + threadIdx.x; i < n; i += (long)gridDim.x * NT) {
+        int ch = i % c, r = (i / c) % (width - 1);
+        long seq = i / ((long)(width - 1) * c);
+        int s = r - (width - 1);  // the halo row's place before the segment
+        float acc = 0.f;
+        for (int k = 0; k < width; k++) {
+            int dst = s + width - 1 - k;
+            if (dst >= 0 && dst < t) {
+                float dp = conv_dpre(pre, dout, (seq * t + dst) * c + ch);
+                acc += w[ch * width + k] * dp;
+                atomicAdd(dw + ch * width + k, dp * halo[i]);
+            }
+        }
+        dhalo[i] = acc;
     }
 }
 

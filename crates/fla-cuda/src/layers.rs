@@ -330,12 +330,14 @@ impl Layers {
         self.launch(gpu, "gate_bwd", Self::row_blocks(gpu, rows), &args)
     }
 
-    /// pre = causal depthwise conv of x [b, t, c] with w [c, width]; out = silu(pre).
+    /// pre = causal depthwise conv of x [b, t, c] with w [c, width]; out = silu(pre). The
+    /// rows before each sequence are zero, or `halo`'s ([b, width-1, c] f32) where not null.
     #[allow(clippy::too_many_arguments)]
     pub fn conv_silu_fwd(
         &self,
         gpu: &Gpu,
         x: u64,
+        halo: u64,
         w: u64,
         pre: u64,
         out: u64,
@@ -344,6 +346,7 @@ impl Layers {
     ) -> Result<()> {
         let args = [
             Arg::P(x),
+            Arg::P(halo),
             Arg::P(w),
             Arg::P(pre),
             Arg::P(out),
@@ -385,7 +388,8 @@ impl Layers {
         self.launch(gpu, "conv_silu_step", Self::elem_blocks(gpu, b * c), &args)
     }
 
-    /// dx (element type, written) and dw (f32, added) from dout (element type).
+    /// dx (element type, written) and dw (f32, added) from dout (element type); where `next`
+    /// ([b, width-1, c] f32) is not null, each sequence's last width-1 rows of dx add it.
     #[allow(clippy::too_many_arguments)]
     pub fn conv_silu_bwd(
         &self,
@@ -394,6 +398,7 @@ impl Layers {
         w: u64,
         pre: u64,
         dout: u64,
+        next: u64,
         dx: u64,
         dw: u64,
         (b, t, c): (usize, usize, usize),
@@ -404,6 +409,7 @@ impl Layers {
             Arg::P(w),
             Arg::P(pre),
             Arg::P(dout),
+            Arg::P(next),
             Arg::P(dx),
             Arg::P(dw),
             Arg::I(b as i32),
@@ -417,6 +423,37 @@ impl Layers {
             Self::elem_blocks(gpu, b * t * c),
             &args,
         )
+    }
+
+    /// The halo's gradient dhalo ([b, width-1, c] f32, written) through the first outputs of
+    /// [`Layers::conv_silu_fwd`] with that halo, and its terms of dw (added).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_silu_halo_bwd(
+        &self,
+        gpu: &Gpu,
+        halo: u64,
+        w: u64,
+        pre: u64,
+        dout: u64,
+        dhalo: u64,
+        dw: u64,
+        (b, t, c): (usize, usize, usize),
+        width: usize,
+    ) -> Result<()> {
+        let args = [
+            Arg::P(halo),
+            Arg::P(w),
+            Arg::P(pre),
+            Arg::P(dout),
+            Arg::P(dhalo),
+            Arg::P(dw),
+            Arg::I(b as i32),
+            Arg::I(t as i32),
+            Arg::I(c as i32),
+            Arg::I(width as i32),
+        ];
+        let n = b * (width - 1) * c;
+        self.launch(gpu, "conv_silu_halo_bwd", Self::elem_blocks(gpu, n), &args)
     }
 
     pub fn embed_fwd(

@@ -17,6 +17,8 @@ use crate::model::Model;
 
 mod sync;
 
+pub use sync::Split;
+
 /// The gradient all-reduce's unit without a `distribute` call (NCCL runs best at a few MB).
 pub const BUCKET_BYTES: usize = 25 << 20;
 
@@ -95,7 +97,7 @@ struct AttnInputs {
     q: Buf,
     k: Buf,
     v: Buf,
-    conv: Option<[(Buf, Buf); 3]>,
+    conv: Option<[ConvTape; 3]>,
     gk_low: Buf,
     raw: Buf,
     gate: CudaSlice<f32>,
@@ -115,12 +117,20 @@ struct BlockRest {
 }
 
 /// One block's activations kept for the backward.
+/// A short convolution's input (the projection, f32), its pre-activation, and under sequence
+/// parallelism the previous rank's last rows it read first.
+struct ConvTape {
+    lin: Buf,
+    pre: Buf,
+    halo: Option<CudaSlice<f32>>,
+}
+
 struct LayerTape {
     x_in: Buf,
     h1: Buf,
     rstd1: Buf,
-    /// Per q, k, v with short convolutions: the projection and the convolution's output.
-    conv: Option<[(Buf, Buf); 3]>,
+    /// Per q, k, v with short convolutions.
+    conv: Option<[ConvTape; 3]>,
     gk_low: Buf,
     raw: Buf,
     gla: DeviceGla,
@@ -463,6 +473,8 @@ impl GpuModel {
         let tg_d: CudaSlice<i32> = self.gpu.stream().clone_htod(&tg32).map_err(dev("upload"))?;
         let count = targets.iter().filter(|&&x| x >= 0).count();
         self.check_unsummed()?;
+        // Sequence-parallel training: every rank holds a segment of the same sequences.
+        let seq = self.seq_group().is_some();
         let submit = std::time::Instant::now();
         // Forward.
         self.mark("start");
@@ -471,7 +483,7 @@ impl GpuModel {
         let mut tapes = Vec::with_capacity(self.layout.layers.len());
         for l in 0..self.layout.layers.len() {
             let slots = self.layout.layers[l].clone();
-            let (tape, out) = self.layer_forward(&slots, x, b, t)?;
+            let (tape, out) = self.layer_forward(&slots, x, b, t, seq)?;
             tapes.push(tape);
             x = out;
         }
@@ -567,7 +579,7 @@ impl GpuModel {
         for l in (0..tapes.len()).rev() {
             let slots = self.layout.layers[l].clone();
             let tape = tapes.pop().expect("one tape per layer");
-            (dx, dx_io) = self.layer_backward(&slots, tape, b, t, dx, dx_io)?;
+            (dx, dx_io) = self.layer_backward(&slots, tape, (b, t), dx, dx_io, seq)?;
             self.grads_done(slots.attn_norm)?;
         }
         let g = &self.gpu;
@@ -604,6 +616,7 @@ impl GpuModel {
         x_in: &Buf,
         (b, t): (usize, usize),
         mut windows: Option<&mut [Buf]>,
+        seq: bool,
     ) -> Result<AttnInputs> {
         let (g, c, dt) = (&self.gpu, &self.config, self.dtype);
         let (n, d, eps) = (b * t, c.hidden_size, c.norm_eps as f32);
@@ -642,16 +655,21 @@ impl GpuModel {
                         )?;
                     } else {
                         let pre = empty(g, n * widths[i], DType::F32)?;
+                        let halo = match seq {
+                            true => self.conv_halo(&lin, (b, t, widths[i]))?,
+                            false => None,
+                        };
                         self.ops.conv_silu_fwd(
                             g,
                             buf_ptr(g, &lin),
+                            halo.as_ref().map_or(0, |h| fla_cuda::layers::ptr(g, h)),
                             w,
                             buf_ptr(g, &pre),
                             buf_ptr(g, &out),
                             (b, t, widths[i]),
                             width,
                         )?;
-                        convs.push((lin, pre));
+                        convs.push(ConvTape { lin, pre, halo });
                     }
                 }
                 None => self.linear(&h1, n, projs[i], &mut out, false)?,
@@ -778,15 +796,17 @@ impl GpuModel {
         })
     }
 
+    /// One block's forward; with `seq`, this rank's segment of sequence-parallel training.
     fn layer_forward(
         &self,
         s: &LayerSlots,
         x_in: Buf,
         b: usize,
         t: usize,
+        seq: bool,
     ) -> Result<(LayerTape, Buf)> {
         let c = &self.config;
-        let a = self.attn_inputs(s, &x_in, (b, t), None)?;
+        let a = self.attn_inputs(s, &x_in, (b, t), None, seq)?;
         self.mark("fwd: norm, q k v, gates");
         let (h, hk, hv) = (c.num_heads, c.head_k_dim(), c.head_v_dim());
         let mut gla = DeviceGla::from_device(
@@ -798,7 +818,10 @@ impl GpuModel {
             a.v,
             Buf::F32(a.gate),
         )?;
-        gla.forward(&self.gpu)?;
+        match self.seq_group().filter(|_| seq) {
+            Some(group) => gla.forward_seq_parallel(&self.gpu, group)?,
+            None => gla.forward(&self.gpu)?,
+        }
         self.mark("fwd: GLA");
         let r = self.attn_output_and_mlp(s, &x_in, &a.h1, &gla.o, b * t)?;
         self.mark("fwd: output gate, o_proj, MLP");
@@ -828,10 +851,10 @@ impl GpuModel {
         &mut self,
         s: &LayerSlots,
         mut lt: LayerTape,
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
         dx_out: Buf,
         dx_io: Buf,
+        seq: bool,
     ) -> Result<(Buf, Buf)> {
         let (c, dt) = (self.config.clone(), self.dtype);
         let (n, d) = (b * t, c.hidden_size);
@@ -909,7 +932,11 @@ impl GpuModel {
         self.mark("bwd: o_proj, output gate");
         // Attention.
         let g = &self.gpu;
-        lt.gla.backward(g, &DeviceUpstream::from_device(d_o))?;
+        let up = DeviceUpstream::from_device(d_o);
+        match self.seq_group().filter(|_| seq) {
+            Some(group) => lt.gla.backward_seq_parallel(g, group, &up)?,
+            None => lt.gla.backward(g, &up)?,
+        }
         let (dq, dk, dv, dgk) = lt
             .gla
             .device_grads()
@@ -943,14 +970,19 @@ impl GpuModel {
             let conv_grad = match (&lt.conv, s.convs) {
                 (Some(conv), Some(cv)) => {
                     let g = &self.gpu;
-                    let (lin, pre) = &conv[i];
+                    let ct = &conv[i];
                     let dlin = empty(g, n * widths[i], dt)?;
+                    let next = match seq {
+                        true => self.conv_halo_grad(ct, dout, cv[i], (b, t, widths[i]))?,
+                        false => None,
+                    };
                     self.ops.conv_silu_bwd(
                         g,
-                        buf_ptr(g, lin),
+                        buf_ptr(g, &ct.lin),
                         self.p(cv[i]),
-                        buf_ptr(g, pre),
+                        buf_ptr(g, &ct.pre),
                         buf_ptr(g, dout),
+                        next.as_ref().map_or(0, |x| fla_cuda::layers::ptr(g, x)),
                         buf_ptr(g, &dlin),
                         self.pg(cv[i]),
                         (b, t, widths[i]),
@@ -1002,7 +1034,7 @@ impl GpuModel {
         }
         let (mut x, _ids) = self.embed(ids)?;
         for slots in &self.layout.layers {
-            x = self.layer_forward(slots, x, b, t)?.1;
+            x = self.layer_forward(slots, x, b, t, false)?.1;
         }
         let rows: Vec<usize> = (0..n).collect();
         let logits = self.logits_of_rows(&x, &rows)?;
@@ -1092,7 +1124,7 @@ impl GpuModel {
         let past = c.conv_size.saturating_sub(1);
         let mut layers = Vec::with_capacity(self.layout.layers.len());
         for slots in &self.layout.layers {
-            let (tape, out) = self.layer_forward(slots, x, b, t)?;
+            let (tape, out) = self.layer_forward(slots, x, b, t, false)?;
             x = out;
             let state = Tensor::new(
                 vec![b, h, hk, hv],
@@ -1112,7 +1144,7 @@ impl GpuModel {
             dec.set_state(&self.gpu, &state)?;
             // Each window: the last conv_size - 1 projections of each prompt, zeros before it.
             let mut windows = Vec::new();
-            for (lin, _) in tape.conv.iter().flatten() {
+            for ConvTape { lin, .. } in tape.conv.iter().flatten() {
                 let width = lin.len() / (b * t);
                 let all = lin.download(&self.gpu)?;
                 let mut w = vec![0.0f32; b * past * width];
@@ -1147,7 +1179,7 @@ impl GpuModel {
         let (mut x, _ids) = self.embed(tokens)?;
         for (slots, lc) in self.layout.layers.iter().zip(&mut cache.layers) {
             let windows = (!lc.windows.is_empty()).then_some(&mut lc.windows[..]);
-            let a = self.attn_inputs(slots, &x, (b, 1), windows)?;
+            let a = self.attn_inputs(slots, &x, (b, 1), windows, false)?;
             let mut o = zeros(&self.gpu, b * c.value_dim(), self.dtype)?;
             let inputs = StepInputs {
                 q: &a.q,

@@ -8,6 +8,11 @@
 //! the whole batches. With ZeRO-1 the sums are reduce-scatters, each rank steps its shard,
 //! and the weights are all-gathered.
 //!
+//! With [`Split::Sequence`] the ranks hold segments of every sequence instead (sequence
+//! parallelism: sequences longer than one GPU holds); the GLA layers pass their states between
+//! the ranks and the short convolutions their boundary rows, so the ranks together compute the
+//! whole sequences, and the weights' gradients are summed as in data parallelism.
+//!
 //! [`HostStagedGroup`] runs ranks that share one GPU (NCCL refuses them), for tests.
 
 use std::sync::Mutex;
@@ -17,12 +22,16 @@ use fla_cuda::{check_pieces, DeviceGroup, Gpu};
 use fla_tensor::{Error, Result};
 
 use crate::data_parallel::{share, Collective, ThreadGroup};
+use crate::dist::shard;
+use crate::gpu::Split;
 use crate::learner::{GpuLearner, Learner, OptState, Scorer};
 use crate::train::Batch;
 use crate::Model;
 
-pub struct GpuDataParallel {
+/// One rank of data- or sequence-parallel training on GPUs.
+pub struct GpuParallel {
     inner: GpuLearner,
+    split: Split,
     rank: usize,
     world: usize,
     /// Micro-batches per step, and those accumulated since the last zero_grads.
@@ -30,19 +39,22 @@ pub struct GpuDataParallel {
     seen: usize,
 }
 
-impl GpuDataParallel {
-    /// `inner` on this rank's GPU, `group` its member of the communicator; gradients are summed
-    /// in buckets of about `bucket_bytes`, and with `zero` the optimizer state is sharded.
+impl GpuParallel {
+    /// `inner` on this rank's GPU, `group` its member of the communicator, each rank holding
+    /// what `split` says of every batch; gradients are summed in buckets of about
+    /// `bucket_bytes`, and with `zero` the optimizer state is sharded.
     pub fn new(
         mut inner: GpuLearner,
         group: Box<dyn DeviceGroup>,
+        split: Split,
         bucket_bytes: usize,
         zero: bool,
-    ) -> Result<GpuDataParallel> {
+    ) -> Result<GpuParallel> {
         let (rank, world) = (group.rank(), group.world());
-        inner.model.distribute(group, bucket_bytes, zero)?;
-        Ok(GpuDataParallel {
+        inner.model.distribute(group, split, bucket_bytes, zero)?;
+        Ok(GpuParallel {
             inner,
+            split,
             rank,
             world,
             micro_batches: 1,
@@ -55,28 +67,76 @@ impl GpuDataParallel {
     }
 }
 
-impl Learner for GpuDataParallel {
+/// Rank `rank`'s segment of every sequence of `batch`: tokens `shard(t, world, rank)`. Segments
+/// must be equal (the GLA layers' states pass between ranks sequence by sequence), so `t` must
+/// be a multiple of `world`.
+pub fn segment(batch: &Batch, world: usize, rank: usize) -> Result<Batch> {
+    if !batch.t.is_multiple_of(world) {
+        return Err(Error::Invalid(format!(
+            "sequences of {} tokens do not split evenly over {world} ranks",
+            batch.t
+        )));
+    }
+    let cols = shard(batch.t, world, rank);
+    fn take<T: Copy>(x: &[T], b: usize, t: usize, cols: &std::ops::Range<usize>) -> Vec<T> {
+        (0..b)
+            .flat_map(|s| x[s * t + cols.start..s * t + cols.end].iter().copied())
+            .collect()
+    }
+    Ok(Batch {
+        ids: take(&batch.ids, batch.b, batch.t, &cols),
+        targets: take(&batch.targets, batch.b, batch.t, &cols),
+        b: batch.b,
+        t: cols.len(),
+    })
+}
+
+impl Learner for GpuParallel {
     fn zero_grads(&mut self) -> Result<()> {
         self.seen = 0;
         self.inner.zero_grads()
     }
 
-    /// The loss of this rank's share of `batch`, averaged over the ranks (the batch's mean
-    /// loss).
+    /// The batch's mean loss. Data parallelism: this rank's share's mean loss, averaged over
+    /// the ranks (equal shares). Sequence parallelism: this rank's segment's mean loss times
+    /// its part of the batch's counted targets (with that weight on its gradients), summed.
     fn accumulate(&mut self, batch: &Batch, scale: f64) -> Result<f64> {
-        let mine = share(batch, self.world, self.rank)?;
+        let (mine, weight) = match self.split {
+            Split::Batch => (share(batch, self.world, self.rank)?, 1.0),
+            Split::Sequence => {
+                let mine = segment(batch, self.world, self.rank)?;
+                let counted = |b: &Batch| b.targets.iter().filter(|&&x| x >= 0).count();
+                let (all, own) = (counted(batch), counted(&mine));
+                (
+                    mine,
+                    if own == 0 {
+                        0.0
+                    } else {
+                        own as f64 / all as f64
+                    },
+                )
+            }
+        };
         self.seen += 1;
         if self.seen == self.micro_batches {
             self.inner.model.reduce_in_backward();
         }
-        let loss = self.inner.accumulate(&mine, scale)?;
-        Ok(self.inner.model.sum_over_ranks(loss)? / self.world as f64)
+        let loss = self.inner.accumulate(&mine, scale * weight)?;
+        Ok(match self.split {
+            Split::Batch => self.inner.model.sum_over_ranks(loss)? / self.world as f64,
+            Split::Sequence if weight == 0.0 => self.inner.model.sum_over_ranks(0.0)?,
+            Split::Sequence => self.inner.model.sum_over_ranks(loss * weight)?,
+        })
     }
 
-    /// The gradients summed over the ranks, then clipped and stepped as their average.
+    /// The gradients summed over the ranks, then clipped and stepped: as their average under
+    /// data parallelism, as they are (the batch's) under sequence parallelism.
     fn clip_and_step(&mut self, lr: f64, max_norm: f64) -> Result<f64> {
-        let average = 1.0 / self.world as f64;
-        self.inner.clip_and_step_scaled(lr, max_norm, average)
+        let scale = match self.split {
+            Split::Batch => 1.0 / self.world as f64,
+            Split::Sequence => 1.0,
+        };
+        self.inner.clip_and_step_scaled(lr, max_norm, scale)
     }
 
     fn steps(&self) -> u64 {

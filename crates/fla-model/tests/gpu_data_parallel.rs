@@ -21,7 +21,8 @@ use fla_cuda::{new_id, DType, DeviceGroup, Gpu, NcclGroup};
 use fla_model::data_parallel::share;
 use fla_model::data_parallel::train_ranks;
 use fla_model::gpu::GpuModel;
-use fla_model::gpu_data_parallel::{GpuDataParallel, HostStagedGroup};
+use fla_model::gpu::Split;
+use fla_model::gpu_data_parallel::{segment, GpuParallel, HostStagedGroup};
 use fla_model::learner::{GpuLearner, Learner, OptState, Scorer};
 use fla_model::mqar::Mqar;
 use fla_model::rng::Rng;
@@ -68,9 +69,13 @@ fn learner(gpu: Gpu) -> GpuLearner {
 }
 
 fn batches(steps: usize) -> Vec<Batch> {
+    batches_of(steps, 32)
+}
+
+fn batches_of(steps: usize, seq_len: usize) -> Vec<Batch> {
     let mut task = Mqar {
         vocab_size: 64,
-        seq_len: 32,
+        seq_len,
         num_pairs: 4,
         batch_size: 12,
     };
@@ -154,7 +159,7 @@ fn ranks_sharing_a_gpu_sum_buckets_in_the_backward_like_one_learner() {
             let (rank, world) = (group.rank(), group.world());
             let mut l = learner(gpu);
             l.model
-                .distribute(Box::new(group), BUCKET_BYTES, false)
+                .distribute(Box::new(group), Split::Batch, BUCKET_BYTES, false)
                 .unwrap();
             l.zero_grads().unwrap();
             l.model.reduce_in_backward();
@@ -189,9 +194,14 @@ fn ranks_sharing_a_gpu_train_like_one_learner_with_and_without_zero() {
     for world in [2, 3] {
         for zero in [false, true] {
             let got = on_shared_gpu(world, |group, gpu| {
-                let mut dp =
-                    GpuDataParallel::new(learner(gpu), Box::new(group), BUCKET_BYTES, zero)
-                        .unwrap();
+                let mut dp = GpuParallel::new(
+                    learner(gpu),
+                    Box::new(group),
+                    Split::Batch,
+                    BUCKET_BYTES,
+                    zero,
+                )
+                .unwrap();
                 let first = run(&mut dp, &batches[..1], micro);
                 // Every rank gathers under ZeRO-1.
                 let opt: OptState = dp.optimizer().unwrap();
@@ -223,6 +233,97 @@ fn ranks_sharing_a_gpu_train_like_one_learner_with_and_without_zero() {
     }
 }
 
+/// Sequence parallelism: 2 and 3 ranks sharing GPU 0, each holding a segment of every
+/// sequence (48 tokens: segments of 24 and 16, shorter than a chunk, with the short
+/// convolutions' rows passing between them), sum to one learner's gradients on the whole
+/// sequences (f32, 1e-5 of the largest).
+#[test]
+fn sequence_parallel_ranks_sum_like_one_learner_on_the_whole_sequences() {
+    let Some(gpu) = gpu() else { return };
+    let batch = batches_of(1, 48).pop().unwrap();
+    let mut whole = learner(gpu);
+    whole.zero_grads().unwrap();
+    whole.accumulate(&batch, 1.0).unwrap();
+    let want = whole.model.gradients().unwrap();
+    let counted = |b: &Batch| b.targets.iter().filter(|&&x| x >= 0).count() as f64;
+    for world in [2, 3] {
+        let got = on_shared_gpu(world, |group, gpu| {
+            let (rank, world) = (group.rank(), group.world());
+            let mut l = learner(gpu);
+            l.model
+                .distribute(Box::new(group), Split::Sequence, BUCKET_BYTES, false)
+                .unwrap();
+            l.zero_grads().unwrap();
+            l.model.reduce_in_backward();
+            let mine = segment(&batch, world, rank).unwrap();
+            l.accumulate(&mine, counted(&mine) / counted(&batch))
+                .unwrap();
+            l.model.grad_norm().unwrap();
+            l.model.gradients().unwrap()
+        });
+        for (rank, g) in got.iter().enumerate() {
+            let (diff, size) = worst(g, &want);
+            assert!(
+                diff <= 1e-5 * size,
+                "world {world} rank {rank}: gradients off by {diff} (largest {size})"
+            );
+        }
+    }
+}
+
+/// Sequence-parallel learners (2 and 3 ranks, with and without ZeRO-1, two micro-batches a
+/// step) report one learner's losses and gradient norms on the whole sequences over three
+/// steps (1e-5) and hold the same weights bit for bit.
+#[test]
+fn sequence_parallel_ranks_train_like_one_learner() {
+    let Some(gpu) = gpu() else { return };
+    let batches = batches_of(3, 48);
+    let want = run(&mut learner(gpu), &batches, 2);
+    for world in [2, 3] {
+        for zero in [false, true] {
+            let got = on_shared_gpu(world, |group, gpu| {
+                let mut sp = GpuParallel::new(
+                    learner(gpu),
+                    Box::new(group),
+                    Split::Sequence,
+                    BUCKET_BYTES,
+                    zero,
+                )
+                .unwrap();
+                run(&mut sp, &batches, 2)
+            });
+            let how = format!("world {world}, zero {zero}");
+            for (rank, (losses, norms, params)) in got.iter().enumerate() {
+                close_all(&format!("{how} rank {rank}: losses"), losses, &want.0);
+                close_all(&format!("{how} rank {rank}: norms"), norms, &want.1);
+                assert_eq!(params, &got[0].2, "{how}: rank {rank} drifted from rank 0");
+            }
+        }
+    }
+}
+
+/// Segments shorter than the short convolution's history are refused by name.
+#[test]
+fn sequence_parallel_segments_shorter_than_the_convolution_are_named() {
+    let Some(_) = gpu() else { return };
+    let batch = batches_of(1, 4).pop().unwrap();
+    let errs = on_shared_gpu(2, |group, gpu| {
+        let mut sp = GpuParallel::new(
+            learner(gpu),
+            Box::new(group),
+            Split::Sequence,
+            BUCKET_BYTES,
+            false,
+        )
+        .unwrap();
+        sp.zero_grads().unwrap();
+        sp.accumulate(&batch, 1.0).unwrap_err().to_string()
+    });
+    for e in errs {
+        assert!(e.contains("segments of 2 tokens are shorter"), "{e}");
+    }
+}
+
 #[test]
 fn misuse_of_a_distributed_model_is_named() {
     let Some(_) = gpu() else { return };
@@ -230,12 +331,13 @@ fn misuse_of_a_distributed_model_is_named() {
     let got = on_shared_gpu(1, |group, gpu| {
         let mut l = learner(gpu);
         l.model
-            .distribute(Box::new(group), BUCKET_BYTES, true)
+            .distribute(Box::new(group), Split::Batch, BUCKET_BYTES, true)
             .unwrap();
         let again = l
             .model
             .distribute(
                 Box::new(HostStagedGroup::new(1).pop().unwrap()),
+                Split::Batch,
                 BUCKET_BYTES,
                 true,
             )
@@ -267,8 +369,14 @@ fn one_rank_over_nccl_steps_like_one_learner() {
     for zero in [false, true] {
         let gpu = Gpu::new(0).unwrap();
         let group = NcclGroup::new(&gpu, 0, 1, new_id().unwrap()).unwrap();
-        let mut dp =
-            GpuDataParallel::new(learner(gpu), Box::new(group), BUCKET_BYTES, zero).unwrap();
+        let mut dp = GpuParallel::new(
+            learner(gpu),
+            Box::new(group),
+            Split::Batch,
+            BUCKET_BYTES,
+            zero,
+        )
+        .unwrap();
         let over_nccl = run(&mut dp, &batches, 1);
         close_all(&format!("zero {zero}: losses"), &over_nccl.0, &plain.0);
         close_all(&format!("zero {zero}: norms"), &over_nccl.1, &plain.1);
@@ -304,9 +412,14 @@ fn two_ranks_on_two_gpus_train_like_one_learner() {
                     s.spawn(move || {
                         let gpu = Gpu::new(rank).unwrap();
                         let group = NcclGroup::new(&gpu, rank, world, id).unwrap();
-                        let mut dp =
-                            GpuDataParallel::new(learner(gpu), Box::new(group), BUCKET_BYTES, zero)
-                                .unwrap();
+                        let mut dp = GpuParallel::new(
+                            learner(gpu),
+                            Box::new(group),
+                            Split::Batch,
+                            BUCKET_BYTES,
+                            zero,
+                        )
+                        .unwrap();
                         run(&mut dp, batches, 2)
                     })
                 })
@@ -397,9 +510,10 @@ fn zero_checkpoints_resume_on_one_gpu() {
             .take()
             .expect("one learner per rank");
         let gpu = Gpu::new(0)?;
-        Ok(Box::new(GpuDataParallel::new(
+        Ok(Box::new(GpuParallel::new(
             learner(gpu),
             Box::new(group),
+            Split::Batch,
             BUCKET_BYTES,
             true,
         )?))

@@ -422,6 +422,7 @@ fn swiglu_gates_and_conv() {
         l.conv_silu_fwd(
             &g,
             ptr(&g, &xg),
+            0,
             ptr(&g, &wg),
             ptr(&g, &pre),
             buf_ptr(&g, &out),
@@ -435,6 +436,7 @@ fn swiglu_gates_and_conv() {
             ptr(&g, &wg),
             ptr(&g, &pre),
             buf_ptr(&g, &doutg),
+            0,
             buf_ptr(&g, &dx),
             ptr(&g, &dw),
             (b, t, c),
@@ -450,6 +452,102 @@ fn swiglu_gates_and_conv() {
         );
         check("conv dx", &dx.download(&g).unwrap(), &dx_ref, tol(d));
         check("conv dw", &down(&g, &dw), &dw_ref, 1e-5);
+
+        // The same sequences as two segments (sequence parallelism): the second reads the
+        // first's last kw - 1 rows as its halo, and sends their gradient back.
+        let (t1, t2, hr) = (11, t - 11, kw - 1);
+        let rows = |v: &[f32], r: std::ops::Range<usize>| -> Vec<f32> {
+            (0..b)
+                .flat_map(|s| v[(s * t + r.start) * c..(s * t + r.end) * c].to_vec())
+                .collect()
+        };
+        let dout_all = doutg.download(&g).unwrap();
+        let (x1, x2, halo) = (
+            up(&g, &rows(&x, 0..t1)),
+            up(&g, &rows(&x, t1..t)),
+            up(&g, &rows(&x, t1 - hr..t1)),
+        );
+        let dout1 = Buf::upload(&g, &rows(&dout_all, 0..t1), d).unwrap();
+        let dout2 = Buf::upload(&g, &rows(&dout_all, t1..t), d).unwrap();
+        let zeros = |n: usize| up(&g, &vec![0.0; n]);
+        let (pre1, pre2, dw) = (zeros(b * t1 * c), zeros(b * t2 * c), zeros(w.len()));
+        let dhalo = zeros(b * hr * c);
+        let (out1, out2) = (
+            Buf::zeros(&g, b * t1 * c, d).unwrap(),
+            Buf::zeros(&g, b * t2 * c, d).unwrap(),
+        );
+        let (dx1, dx2) = (
+            Buf::zeros(&g, b * t1 * c, d).unwrap(),
+            Buf::zeros(&g, b * t2 * c, d).unwrap(),
+        );
+        let wp = ptr(&g, &wg);
+        for (xs, hp, pre, out, tt) in [
+            (&x1, 0, &pre1, &out1, t1),
+            (&x2, ptr(&g, &halo), &pre2, &out2, t2),
+        ] {
+            l.conv_silu_fwd(
+                &g,
+                ptr(&g, xs),
+                hp,
+                wp,
+                ptr(&g, pre),
+                buf_ptr(&g, out),
+                (b, tt, c),
+                kw,
+            )
+            .unwrap();
+        }
+        l.conv_silu_halo_bwd(
+            &g,
+            ptr(&g, &halo),
+            wp,
+            ptr(&g, &pre2),
+            buf_ptr(&g, &dout2),
+            ptr(&g, &dhalo),
+            ptr(&g, &dw),
+            (b, t2, c),
+            kw,
+        )
+        .unwrap();
+        for (xs, pre, dout, next, dxs, tt) in [
+            (&x2, &pre2, &dout2, 0, &dx2, t2),
+            (&x1, &pre1, &dout1, ptr(&g, &dhalo), &dx1, t1),
+        ] {
+            l.conv_silu_bwd(
+                &g,
+                ptr(&g, xs),
+                wp,
+                ptr(&g, pre),
+                buf_ptr(&g, dout),
+                next,
+                buf_ptr(&g, dxs),
+                ptr(&g, &dw),
+                (b, tt, c),
+                kw,
+            )
+            .unwrap();
+        }
+        // Back to [b, t, c] order: each sequence's first segment, then its second.
+        let join = |a: Vec<f32>, z: Vec<f32>| -> Vec<f32> {
+            (0..b)
+                .flat_map(|s| {
+                    let mut v = a[s * t1 * c..(s + 1) * t1 * c].to_vec();
+                    v.extend_from_slice(&z[s * t2 * c..(s + 1) * t2 * c]);
+                    v
+                })
+                .collect()
+        };
+        check(
+            "segments pre",
+            &join(down(&g, &pre1), down(&g, &pre2)),
+            &pre_ref,
+            1e-5,
+        );
+        let outs = join(out1.download(&g).unwrap(), out2.download(&g).unwrap());
+        check(&format!("segments out {d:?}"), &outs, &out_ref, tol(d));
+        let dxs = join(dx1.download(&g).unwrap(), dx2.download(&g).unwrap());
+        check(&format!("segments dx {d:?}"), &dxs, &dx_ref, tol(d));
+        check("segments dw", &down(&g, &dw), &dw_ref, 1e-5);
     }
 }
 

@@ -1,19 +1,31 @@
-//! Data parallelism inside the GPU model (docs/DISTRIBUTED.md): the gradients' sum over the
-//! ranks, bucket by bucket as the backward finishes them, on the communicator's own stream so
-//! that it overlaps the layers still to run; and ZeRO-1, where each rank keeps the master
+//! Training on several ranks inside the GPU model (docs/DISTRIBUTED.md): the gradients' sum
+//! over the ranks, bucket by bucket as the backward finishes them, on the communicator's own
+//! stream so that it overlaps the layers still to run; ZeRO-1, where each rank keeps the master
 //! weights and AdamW moments of its pieces of the buckets only, steps those, and the ranks
-//! all-gather the updated weights.
+//! all-gather the updated weights; and sequence parallelism, where the ranks hold segments of
+//! the same sequences: the GLA layers pass states between them (fla-cuda's seq_parallel.rs)
+//! and the short convolutions the rows across each boundary.
 
 use fla_cuda::cudarc::driver::CudaSlice;
 use fla_cuda::layers::buf_ptr;
 use fla_cuda::{Buf, DType, DeviceGroup};
 use fla_tensor::{Error, Result};
 
-use super::{dev, f32_mut, zeros, GpuModel};
+use super::{dev, f32_mut, zeros, ConvTape, GpuModel};
 use crate::dist::FlatPlan;
+
+/// What each rank of a group holds of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Its share of the sequences (data parallelism).
+    Batch,
+    /// Its segment of every sequence, ranks in order along T (sequence parallelism).
+    Sequence,
+}
 
 pub(super) struct Dist {
     group: Box<dyn DeviceGroup>,
+    split: Split,
     /// ZeRO-1: this rank's shard ([`FlatPlan::owned`]) of the master weights, and the summed
     /// gradients of it that the reduce-scatter leaves.
     shards: Option<Shards>,
@@ -31,13 +43,14 @@ struct Shards {
 }
 
 impl GpuModel {
-    /// Makes this model one rank of data-parallel training over `group`: the gradients are
-    /// summed over the ranks in buckets of about `bucket_bytes` (f32), and with `zero` the
-    /// optimizer state is sharded over them (ZeRO-1). The parameters and moments are laid out
-    /// again for the buckets; every rank must start from the same ones.
+    /// Makes this model one rank of training over `group`, holding what `split` says of each
+    /// batch: the gradients are summed over the ranks in buckets of about `bucket_bytes` (f32),
+    /// and with `zero` the optimizer state is sharded over them (ZeRO-1). The parameters and
+    /// moments are laid out again for the buckets; every rank must start from the same ones.
     pub fn distribute(
         &mut self,
         group: Box<dyn DeviceGroup>,
+        split: Split,
         bucket_bytes: usize,
         zero: bool,
     ) -> Result<()> {
@@ -61,6 +74,7 @@ impl GpuModel {
         self.grads = zeros(gpu, self.plan.total, DType::F32)?;
         self.dist = Some(Dist {
             group,
+            split,
             shards,
             in_backward: false,
             issued: 0,
@@ -83,6 +97,90 @@ impl GpuModel {
             Some(d) => d.group.sum_f64(&self.gpu, x),
             None => Ok(x),
         }
+    }
+
+    /// The group when the ranks hold segments of the same sequences.
+    pub(super) fn seq_group(&self) -> Option<&dyn DeviceGroup> {
+        self.dist
+            .as_ref()
+            .filter(|d| d.split == Split::Sequence)
+            .map(|d| d.group.as_ref())
+    }
+
+    /// Sequence parallelism: the previous rank's last conv_size - 1 rows of each sequence of
+    /// a convolution's input `lin` ([b, t, c] f32), which this rank's first outputs read;
+    /// None on rank 0. Every rank sends its own last rows.
+    pub(super) fn conv_halo(
+        &self,
+        lin: &Buf,
+        (b, t, c): (usize, usize, usize),
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let group = self.seq_group().expect("a sequence-parallel model");
+        let (gpu, hr) = (&self.gpu, self.config.conv_size - 1);
+        if t < hr {
+            return Err(Error::Invalid(format!(
+                "sequence parallelism: segments of {t} tokens are shorter than the short \
+                 convolution's {hr} rows of history"
+            )));
+        }
+        let s = gpu.stream();
+        let mut mine = s
+            .alloc_zeros::<f32>(b * hr * c)
+            .map_err(dev("allocation"))?;
+        let lin = f32_ref(lin);
+        for seq in 0..b {
+            let rows = lin.slice((seq * t + t - hr) * c..(seq * t + t) * c);
+            s.memcpy_dtod(&rows, &mut mine.slice_mut(seq * hr * c..(seq + 1) * hr * c))
+                .map_err(dev("device copy"))?;
+        }
+        let rank = group.rank();
+        let all = gathered(gpu, group, &mine)?;
+        match rank {
+            0 => Ok(None),
+            _ => {
+                let prev = all.slice((rank - 1) * mine.len()..rank * mine.len());
+                Ok(Some(s.clone_dtod(&prev).map_err(dev("device copy"))?))
+            }
+        }
+    }
+
+    /// Sequence parallelism, in a convolution's backward: what the next rank's first outputs
+    /// send back to this rank's last rows (None on the last rank), after this rank sent the
+    /// gradient of its own halo (and added the halo's terms of the weight's gradient, the
+    /// parameter in slot `w`).
+    pub(super) fn conv_halo_grad(
+        &self,
+        ct: &ConvTape,
+        dout: &Buf,
+        w: usize,
+        (b, t, c): (usize, usize, usize),
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let group = self.seq_group().expect("a sequence-parallel model");
+        let (gpu, width) = (&self.gpu, self.config.conv_size);
+        let s = gpu.stream();
+        let dhalo = s
+            .alloc_zeros::<f32>(b * (width - 1) * c)
+            .map_err(dev("allocation"))?;
+        if let Some(halo) = &ct.halo {
+            self.ops.conv_silu_halo_bwd(
+                gpu,
+                fla_cuda::layers::ptr(gpu, halo),
+                self.p(w),
+                buf_ptr(gpu, &ct.pre),
+                buf_ptr(gpu, dout),
+                fla_cuda::layers::ptr(gpu, &dhalo),
+                self.pg(w),
+                (b, t, c),
+                width,
+            )?;
+        }
+        let (rank, world) = (group.rank(), group.world());
+        let all = gathered(gpu, group, &dhalo)?;
+        if rank + 1 == world {
+            return Ok(None);
+        }
+        let next = all.slice((rank + 1) * dhalo.len()..(rank + 2) * dhalo.len());
+        Ok(Some(s.clone_dtod(&next).map_err(dev("device copy"))?))
     }
 
     /// A new step: no bucket summed yet.
@@ -276,6 +374,21 @@ impl GpuModel {
         }
         Ok(())
     }
+}
+
+/// Every rank's `mine` side by side, rank order, waited for.
+fn gathered(
+    gpu: &fla_cuda::Gpu,
+    group: &dyn DeviceGroup,
+    mine: &CudaSlice<f32>,
+) -> Result<CudaSlice<f32>> {
+    let mut all = gpu
+        .stream()
+        .alloc_zeros::<f32>(mine.len() * group.world())
+        .map_err(dev("allocation"))?;
+    group.all_gather(gpu, &mine.as_view(), &mut all.as_view_mut())?;
+    group.join(gpu)?;
+    Ok(all)
 }
 
 fn ptr(gpu: &fla_cuda::Gpu, x: &CudaSlice<f32>) -> u64 {
