@@ -21,7 +21,7 @@ t dp $G/test-gpu_data_parallel --test-threads=1 --nocapture
 t nccl $G/test-nccl --test-threads=1 --nocapture
 t model $G/test-gpu_model --test-threads=2
 t layers $G/test-gpu_layers --test-threads=2
-for m in "" "--nccl" "--nccl --zero"; do
+for m in "" "--gpus 1" "--gpus 1 --zero"; do
   echo "== fla bench train $m --steps 10"
   $G/fla bench train $m --steps 10
 done > "$O/bench-train.txt" 2>&1
