@@ -193,6 +193,9 @@ fn check_seq_parallel(world: usize) {
                 (d.outputs(&gpu).unwrap(), d.gradients(&gpu).unwrap())
             })
         })
+        // Every rank started before any is waited for: each blocks until all have joined.
+        .collect::<Vec<_>>()
+        .into_iter()
         .map(|t| t.join().unwrap())
         .collect();
     let close = |what: &str, got: &Tensor<f32>, want: &Tensor<f32>| {
