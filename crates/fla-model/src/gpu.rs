@@ -4,7 +4,7 @@
 //! residual stream and statistics; activations that products read are in the element type.
 
 use fla_cuda::cudarc::driver::CudaSlice;
-use fla_cuda::layers::{buf_ptr, AdamStep, Layers};
+use fla_cuda::layers::{buf_ptr, ptr, AdamStep, Layers};
 use fla_cuda::{Blas, Buf, DType, Decoder, DeviceGla, DeviceUpstream, Gpu, Operand, StepInputs};
 use fla_ops::GateKind;
 use fla_tensor::{Error, Result, Tensor};
@@ -41,6 +41,13 @@ fn clone_buf(gpu: &Gpu, x: &Buf) -> Result<Buf> {
         Buf::F32(b) => Buf::F32(s.clone_dtod(b).map_err(dev("copy"))?),
         Buf::Bf16(b) => Buf::Bf16(s.clone_dtod(b).map_err(dev("copy"))?),
     })
+}
+
+fn f32_ref(x: &Buf) -> &CudaSlice<f32> {
+    match x {
+        Buf::F32(b) => b,
+        Buf::Bf16(_) => unreachable!("an f32 buffer"),
+    }
 }
 
 fn f32_mut(x: &mut Buf) -> &mut CudaSlice<f32> {
@@ -662,7 +669,7 @@ impl GpuModel {
                         self.ops.conv_silu_fwd(
                             g,
                             buf_ptr(g, &lin),
-                            halo.as_ref().map_or(0, |h| fla_cuda::layers::ptr(g, h)),
+                            halo.as_ref().map_or(0, |h| ptr(g, h)),
                             w,
                             buf_ptr(g, &pre),
                             buf_ptr(g, &out),
@@ -982,7 +989,7 @@ impl GpuModel {
                         self.p(cv[i]),
                         buf_ptr(g, &ct.pre),
                         buf_ptr(g, dout),
-                        next.as_ref().map_or(0, |x| fla_cuda::layers::ptr(g, x)),
+                        next.as_ref().map_or(0, |x| ptr(g, x)),
                         buf_ptr(g, &dlin),
                         self.pg(cv[i]),
                         (b, t, widths[i]),

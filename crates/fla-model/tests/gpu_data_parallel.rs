@@ -146,25 +146,33 @@ fn worst(a: &[fla_tensor::Tensor<f32>], b: &[fla_tensor::Tensor<f32>]) -> (f32, 
     (diff, size)
 }
 
-#[test]
-fn ranks_sharing_a_gpu_sum_buckets_in_the_backward_like_one_learner() {
+/// Ranks of 2 and 3 sharing GPU 0, each holding what `split` says of `batch` and weighting its
+/// mean loss by `weight(its part, world)`, sum their gradients during the backward to one
+/// learner's on the whole batch (f32, 1e-5 of the largest).
+fn check_summed_gradients(
+    batch: &Batch,
+    split: Split,
+    weight: impl Fn(&Batch, usize) -> f64 + Sync,
+) {
     let Some(gpu) = gpu() else { return };
-    let batch = batches(1).pop().unwrap();
     let mut whole = learner(gpu);
     whole.zero_grads().unwrap();
-    whole.accumulate(&batch, 1.0).unwrap();
+    whole.accumulate(batch, 1.0).unwrap();
     let want = whole.model.gradients().unwrap();
     for world in [2, 3] {
         let got = on_shared_gpu(world, |group, gpu| {
             let (rank, world) = (group.rank(), group.world());
             let mut l = learner(gpu);
             l.model
-                .distribute(Box::new(group), Split::Batch, BUCKET_BYTES, false)
+                .distribute(Box::new(group), split, BUCKET_BYTES, false)
                 .unwrap();
             l.zero_grads().unwrap();
             l.model.reduce_in_backward();
-            l.accumulate(&share(&batch, world, rank).unwrap(), 1.0 / world as f64)
-                .unwrap();
+            let mine = match split {
+                Split::Batch => share(batch, world, rank).unwrap(),
+                Split::Sequence => segment(batch, world, rank).unwrap(),
+            };
+            l.accumulate(&mine, weight(&mine, world)).unwrap();
             // The norm waits for the sums; the gradients are then the ranks' sum.
             l.model.grad_norm().unwrap();
             l.model.gradients().unwrap()
@@ -173,10 +181,16 @@ fn ranks_sharing_a_gpu_sum_buckets_in_the_backward_like_one_learner() {
             let (diff, size) = worst(g, &want);
             assert!(
                 diff <= 1e-5 * size,
-                "world {world} rank {rank}: gradients off by {diff} (largest {size})"
+                "{split:?}, world {world} rank {rank}: gradients off by {diff} (largest {size})"
             );
         }
     }
+}
+
+#[test]
+fn ranks_sharing_a_gpu_sum_buckets_in_the_backward_like_one_learner() {
+    let batch = batches(1).pop().unwrap();
+    check_summed_gradients(&batch, Split::Batch, |_, world| 1.0 / world as f64);
 }
 
 #[test]
@@ -239,36 +253,11 @@ fn ranks_sharing_a_gpu_train_like_one_learner_with_and_without_zero() {
 /// sequences (f32, 1e-5 of the largest).
 #[test]
 fn sequence_parallel_ranks_sum_like_one_learner_on_the_whole_sequences() {
-    let Some(gpu) = gpu() else { return };
     let batch = batches_of(1, 48).pop().unwrap();
-    let mut whole = learner(gpu);
-    whole.zero_grads().unwrap();
-    whole.accumulate(&batch, 1.0).unwrap();
-    let want = whole.model.gradients().unwrap();
     let counted = |b: &Batch| b.targets.iter().filter(|&&x| x >= 0).count() as f64;
-    for world in [2, 3] {
-        let got = on_shared_gpu(world, |group, gpu| {
-            let (rank, world) = (group.rank(), group.world());
-            let mut l = learner(gpu);
-            l.model
-                .distribute(Box::new(group), Split::Sequence, BUCKET_BYTES, false)
-                .unwrap();
-            l.zero_grads().unwrap();
-            l.model.reduce_in_backward();
-            let mine = segment(&batch, world, rank).unwrap();
-            l.accumulate(&mine, counted(&mine) / counted(&batch))
-                .unwrap();
-            l.model.grad_norm().unwrap();
-            l.model.gradients().unwrap()
-        });
-        for (rank, g) in got.iter().enumerate() {
-            let (diff, size) = worst(g, &want);
-            assert!(
-                diff <= 1e-5 * size,
-                "world {world} rank {rank}: gradients off by {diff} (largest {size})"
-            );
-        }
-    }
+    check_summed_gradients(&batch, Split::Sequence, |mine, _| {
+        counted(mine) / counted(&batch)
+    });
 }
 
 /// Sequence-parallel learners (2 and 3 ranks, with and without ZeRO-1, two micro-batches a

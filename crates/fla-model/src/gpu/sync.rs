@@ -7,11 +7,11 @@
 //! and the short convolutions the rows across each boundary.
 
 use fla_cuda::cudarc::driver::CudaSlice;
-use fla_cuda::layers::buf_ptr;
+use fla_cuda::layers::{buf_ptr, ptr};
 use fla_cuda::{Buf, DType, DeviceGroup};
 use fla_tensor::{Error, Result};
 
-use super::{dev, f32_mut, zeros, ConvTape, GpuModel};
+use super::{dev, f32_mut, f32_ref, zeros, ConvTape, GpuModel};
 use crate::dist::FlatPlan;
 
 /// What each rank of a group holds of a batch.
@@ -164,11 +164,11 @@ impl GpuModel {
         if let Some(halo) = &ct.halo {
             self.ops.conv_silu_halo_bwd(
                 gpu,
-                fla_cuda::layers::ptr(gpu, halo),
+                ptr(gpu, halo),
                 self.p(w),
                 buf_ptr(gpu, &ct.pre),
                 buf_ptr(gpu, dout),
-                fla_cuda::layers::ptr(gpu, &dhalo),
+                ptr(gpu, &dhalo),
                 self.pg(w),
                 (b, t, c),
                 width,
@@ -391,13 +391,3 @@ fn gathered(
     Ok(all)
 }
 
-fn ptr(gpu: &fla_cuda::Gpu, x: &CudaSlice<f32>) -> u64 {
-    fla_cuda::layers::ptr(gpu, x)
-}
-
-fn f32_ref(x: &Buf) -> &CudaSlice<f32> {
-    match x {
-        Buf::F32(b) => b,
-        Buf::Bf16(_) => unreachable!("an f32 buffer"),
-    }
-}
