@@ -390,4 +390,3 @@ fn gathered(
     group.join(gpu)?;
     Ok(all)
 }
-
