@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Args;
 use fla_cuda::{nccl_ready, new_id, DType, Gpu, NcclGroup};
-use fla_model::gpu::{GpuModel, Split, BUCKET_BYTES};
+use fla_model::gpu::{GpuModel, Split};
 use fla_model::gpu_data_parallel::GpuParallel;
 use fla_model::learner::{GpuLearner, Learner};
 use fla_model::train::Batch;
@@ -42,6 +42,10 @@ pub struct TrainBenchArgs {
     /// With --gpus: ZeRO-1 (reduce-scatter, the optimizer's shard, the weights' all-gather)
     #[arg(long, requires = "gpus")]
     zero: bool,
+    /// With --gpus: MB of f32 gradients per sum over the ranks (more than the model's: one sum
+    /// after the whole backward, nothing overlapped)
+    #[arg(long, default_value_t = 25, requires = "gpus")]
+    bucket_mb: usize,
 }
 
 /// fla's GLA 340M configuration (fla's configs/gla_340M.json shape).
@@ -146,8 +150,9 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
                 let gpu = Gpu::new(r)?;
                 let device = gpu.describe();
                 let group = NcclGroup::new(&gpu, r, world, id)?;
+                let buckets = a.bucket_mb.max(1) << 20;
                 let mut l =
-                    GpuParallel::new(learner(gpu)?, Box::new(group), split, BUCKET_BYTES, a.zero)?;
+                    GpuParallel::new(learner(gpu)?, Box::new(group), split, buckets, a.zero)?;
                 let timed = time_steps(&mut l, |l| &l.learner().model, &batch, a.steps)?;
                 Ok((device, timed))
             };
@@ -169,14 +174,15 @@ pub fn run(a: &TrainBenchArgs) -> Result<()> {
                 timed.peak_bytes = timed.peak_bytes.max(other.peak_bytes);
             }
             let how = format!(
-                ", {world} GPU{} over NCCL ({}{})",
+                ", {world} GPU{} over NCCL ({}{}, buckets of {} MB)",
                 if world == 1 { "" } else { "s" },
                 if a.seq_parallel {
                     "sequence-parallel"
                 } else {
                     "data-parallel"
                 },
-                if a.zero { ", ZeRO-1" } else { "" }
+                if a.zero { ", ZeRO-1" } else { "" },
+                a.bucket_mb
             );
             (device, timed, how)
         }
