@@ -123,7 +123,6 @@ struct BlockRest {
     x_out: Buf,
 }
 
-/// One block's activations kept for the backward.
 /// A short convolution's input (the projection, f32), its pre-activation, and under sequence
 /// parallelism the previous rank's last rows it read first.
 struct ConvTape {
@@ -132,6 +131,7 @@ struct ConvTape {
     halo: Option<CudaSlice<f32>>,
 }
 
+/// One block's activations kept for the backward.
 struct LayerTape {
     x_in: Buf,
     h1: Buf,
@@ -179,7 +179,8 @@ pub struct GpuModel {
     /// Logits the loss computes at a time (rows x vocabulary).
     pub logit_block_elements: usize,
     profile: Option<Profile>,
-    /// Data parallelism: the ranks' communicator and what this rank keeps of it (sync.rs).
+    /// Training on several ranks (data or sequence parallel): the communicator and what this
+    /// rank keeps of it (sync.rs).
     dist: Option<sync::Dist>,
 }
 
