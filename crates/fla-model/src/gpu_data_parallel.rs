@@ -267,3 +267,40 @@ impl DeviceGroup for HostStagedGroup {
         Ok(f64::from(v[0]))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_put_back_together_are_the_batch() {
+        let (b, t) = (3, 12);
+        let batch = Batch {
+            ids: (0..b * t).collect(),
+            targets: (0..b * t).map(|i| i as i64 - 5).collect(),
+            b,
+            t,
+        };
+        for world in [1, 2, 3, 4, 6] {
+            let parts: Vec<Batch> = (0..world)
+                .map(|r| segment(&batch, world, r).unwrap())
+                .collect();
+            let mut ids = Vec::new();
+            let mut targets = Vec::new();
+            for s in 0..b {
+                for p in &parts {
+                    assert_eq!((p.b, p.t), (b, t / world));
+                    ids.extend_from_slice(&p.ids[s * p.t..(s + 1) * p.t]);
+                    targets.extend_from_slice(&p.targets[s * p.t..(s + 1) * p.t]);
+                }
+            }
+            assert_eq!(ids, batch.ids, "{world} ranks");
+            assert_eq!(targets, batch.targets, "{world} ranks");
+        }
+        let err = segment(&batch, 5, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("sequences of 12 tokens do not split evenly over 5 ranks"),
+            "{err}"
+        );
+    }
+}
