@@ -324,7 +324,6 @@ impl GpuModel {
         let (m, v) = (flatten(&self.plan, m), flatten(&self.plan, v));
         self.m = Buf::upload(&self.gpu, &self.my_share(&m), DType::F32)?;
         self.v = Buf::upload(&self.gpu, &self.my_share(&v), DType::F32)?;
-        self.restore_shards()?;
         self.step = step;
         Ok(())
     }
@@ -1231,7 +1230,7 @@ impl GpuModel {
         self.step += 1;
         let t = self.step as i32;
         let g = &self.gpu;
-        let (params, grads) = self.stepped();
+        let (grads, _) = self.stepped_grads();
         let elem = if self.dtype == DType::Bf16 { 2 } else { 4 };
         for seg in self.plan.owned(self.shard_rank()) {
             let i = seg.param;
@@ -1257,10 +1256,11 @@ impl GpuModel {
                 }
                 _ => 0,
             };
+            // The weights in place in the whole; the gradients and moments in this rank's shard.
             let at = 4 * seg.shard.start as u64;
             self.ops.adamw(
                 g,
-                params + at,
+                buf_ptr(g, &self.master) + 4 * seg.flat.start as u64,
                 grads + at,
                 buf_ptr(g, &self.m) + at,
                 buf_ptr(g, &self.v) + at,

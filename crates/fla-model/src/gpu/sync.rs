@@ -26,20 +26,16 @@ pub enum Split {
 pub(super) struct Dist {
     group: Box<dyn DeviceGroup>,
     split: Split,
-    /// ZeRO-1: this rank's shard ([`FlatPlan::owned`]) of the master weights, and the summed
-    /// gradients of it that the reduce-scatter leaves.
-    shards: Option<Shards>,
+    /// ZeRO-1: this rank's shard ([`FlatPlan::owned`]) of the summed gradients, which the
+    /// reduce-scatters leave; after the step it stages the rank's updated weights for the
+    /// all-gather.
+    shards: Option<CudaSlice<f32>>,
     /// Sum the buckets as the next backward finishes them (its last micro-batch's).
     in_backward: bool,
     /// Buckets whose sum has been issued this step, in the plan's order.
     issued: usize,
     /// Whether the compute stream has waited for this step's sums.
     joined: bool,
-}
-
-struct Shards {
-    master: CudaSlice<f32>,
-    grads: CudaSlice<f32>,
 }
 
 impl GpuModel {
@@ -63,13 +59,7 @@ impl GpuModel {
         let shard = self.plan.shard_len();
         let gpu = &self.gpu;
         let shards = zero
-            .then(|| -> Result<Shards> {
-                let s = gpu.stream();
-                Ok(Shards {
-                    master: s.alloc_zeros(shard).map_err(dev("allocation"))?,
-                    grads: s.alloc_zeros(shard).map_err(dev("allocation"))?,
-                })
-            })
+            .then(|| gpu.stream().alloc_zeros(shard).map_err(dev("allocation")))
             .transpose()?;
         self.grads = zeros(gpu, self.plan.total, DType::F32)?;
         self.dist = Some(Dist {
@@ -234,7 +224,7 @@ impl GpuModel {
                 Some(sh) => d.group.reduce_scatter_sum(
                     gpu,
                     &grads.slice(b.region.clone()),
-                    &mut sh.grads.slice_mut(self.plan.piece_in_shard(b)),
+                    &mut sh.slice_mut(self.plan.piece_in_shard(b)),
                 )?,
             }
             d.issued += 1;
@@ -269,18 +259,13 @@ impl GpuModel {
         }
     }
 
-    /// The f32 weights and summed gradients that AdamW steps, laid out as the moments.
-    pub(super) fn stepped(&self) -> (u64, u64) {
-        let g = &self.gpu;
-        match self.dist.as_ref().and_then(|d| d.shards.as_ref()) {
-            Some(sh) => (ptr(g, &sh.master), ptr(g, &sh.grads)),
-            None => (buf_ptr(g, &self.master), buf_ptr(g, &self.grads)),
-        }
-    }
-
-    /// The summed gradients this rank steps, and how many.
+    /// The summed gradients this rank steps, laid out as the moments, and how many.
     pub(super) fn stepped_grads(&self) -> (u64, usize) {
-        let (_, grads) = self.stepped();
+        let g = &self.gpu;
+        let grads = match self.dist.as_ref().and_then(|d| d.shards.as_ref()) {
+            Some(sh) => ptr(g, sh),
+            None => buf_ptr(g, &self.grads),
+        };
         (grads, self.plan.shard_len())
     }
 
@@ -293,18 +278,27 @@ impl GpuModel {
     }
 
     /// After a sharded step: every rank's pieces of the master weights gathered into the whole,
-    /// and the element-type copies refreshed from them.
+    /// and the element-type copies refreshed from them. The pieces go out from the gradient
+    /// shard, spent by then (an all-gather's source may not lie in its destination).
     pub(super) fn gather_weights(&mut self) -> Result<()> {
-        let Some(d) = &self.dist else { return Ok(()) };
-        let Some(sh) = &d.shards else { return Ok(()) };
-        let gpu = &self.gpu;
+        let Some(d) = &mut self.dist else {
+            return Ok(());
+        };
+        let Some(sh) = &mut d.shards else {
+            return Ok(());
+        };
+        let (gpu, rank) = (&self.gpu, d.group.rank());
         let master = f32_mut(&mut self.master);
         for b in &self.plan.buckets {
-            d.group.all_gather(
-                gpu,
-                &sh.master.slice(self.plan.piece_in_shard(b)),
-                &mut master.slice_mut(b.region.clone()),
-            )?;
+            let at = self.plan.piece_in_shard(b);
+            gpu.stream()
+                .memcpy_dtod(
+                    &master.slice(self.plan.piece(b, rank)),
+                    &mut sh.slice_mut(at.clone()),
+                )
+                .map_err(dev("device copy"))?;
+            d.group
+                .all_gather(gpu, &sh.slice(at), &mut master.slice_mut(b.region.clone()))?;
         }
         d.group.join(gpu)?;
         for (i, w) in self.weights.iter().enumerate() {
@@ -358,21 +352,6 @@ impl GpuModel {
             .rev()
             .flat_map(|b| flat[self.plan.piece(b, rank)].iter().copied())
             .collect()
-    }
-
-    /// Under ZeRO-1, this rank's shard of the master weights taken from the whole (after the
-    /// whole was replaced).
-    pub(super) fn restore_shards(&mut self) -> Result<()> {
-        if !self.sharded() {
-            return Ok(());
-        }
-        let mine = self.my_share(&self.master.download(&self.gpu)?);
-        let s = self.gpu.stream().clone();
-        if let Some(sh) = self.dist.as_mut().and_then(|d| d.shards.as_mut()) {
-            s.memcpy_htod(&mine, &mut sh.master)
-                .map_err(dev("upload"))?;
-        }
-        Ok(())
     }
 }
 
