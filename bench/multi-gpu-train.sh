@@ -42,8 +42,8 @@ for d in ["gpus2", "gpus2zero", "gpus2seq", "procs2"]:
     except Exception as e:
         print(d, "failed:", e)
 PY
-for m in "" "--bucket-mb 100000" "" "--bucket-mb 100000"; do
+for m in "" "--bucket-mb 100000" "" "--bucket-mb 100000" "--zero"; do
   echo "== fla bench train --steps 10 --gpus 2 --batch-size 16 $m" >> "$O/summary.txt"
-  timeout 120 $G/fla bench train --steps 10 --gpus 2 --batch-size 16 $m 2>&1 | grep "step " >> "$O/summary.txt"
+  timeout 120 $G/fla bench train --steps 10 --gpus 2 --batch-size 16 $m 2>&1 | grep "step \|rror" >> "$O/summary.txt"
 done
 cat "$O/summary.txt"
