@@ -2,10 +2,11 @@
 //! docs/DISTRIBUTED.md). [`crate::NcclGroup`] is the one between GPUs; a group whose ranks
 //! share one GPU can stage through the host instead (fla-model's `HostStagedGroup`, for tests).
 
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use fla_tensor::{Error, Result};
 
 use crate::device::Gpu;
+use crate::gla::uninit;
 
 /// The collectives over f32 device buffers. Every rank calls them in the same order with
 /// buffers of the same lengths. Each runs after the work already queued on `gpu`'s stream, and
@@ -35,6 +36,14 @@ pub trait DeviceGroup {
     fn join(&self, gpu: &Gpu) -> Result<()>;
     /// The sum over the ranks of one host number (the ranks' losses), waited for.
     fn sum_f64(&self, gpu: &Gpu, x: f64) -> Result<f64>;
+
+    /// Every rank's `mine` side by side in a new buffer, rank order, waited for.
+    fn gathered(&self, gpu: &Gpu, mine: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let mut all = uninit::<f32>(gpu, mine.len() * self.world())?;
+        self.all_gather(gpu, &mine.as_view(), &mut all.as_view_mut())?;
+        self.join(gpu)?;
+        Ok(all)
+    }
 }
 
 /// The length check every implementation makes: `what` of `each` floats per rank, over

@@ -257,7 +257,7 @@ impl DeviceGla {
     pub fn forward_seq_parallel(&mut self, gpu: &Gpu, group: &dyn DeviceGroup) -> Result<()> {
         let (rank, world) = (group.rank(), group.world());
         let part = self.segment_forward_local(gpu, rank, world)?;
-        let all = gathered(gpu, group, &part)?;
+        let all = group.gathered(gpu, &part)?;
         self.segment_forward_finish(gpu, &all, rank, world)
     }
 
@@ -270,7 +270,7 @@ impl DeviceGla {
     ) -> Result<()> {
         let (rank, world) = (group.rank(), group.world());
         let part = self.segment_backward_local(gpu, up, rank, world)?;
-        let all = gathered(gpu, group, &part)?;
+        let all = group.gathered(gpu, &part)?;
         self.segment_backward_finish(gpu, up, &all, rank, world)
     }
 }
@@ -288,12 +288,5 @@ pub fn gather_in_turn(gpu: &Gpu, parts: &[CudaSlice<f32>]) -> Result<CudaSlice<f
             .memcpy_dtod(p, &mut all.slice_mut(r * len..(r + 1) * len))
             .map_err(device_err("device copy"))?;
     }
-    Ok(all)
-}
-
-fn gathered(gpu: &Gpu, group: &dyn DeviceGroup, part: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-    let mut all = uninit::<f32>(gpu, part.len() * group.world())?;
-    group.all_gather(gpu, &part.as_view(), &mut all.as_view_mut())?;
-    group.join(gpu)?;
     Ok(all)
 }

@@ -22,7 +22,7 @@ pub use sync::Split;
 /// The gradient all-reduce's unit without a `distribute` call (NCCL runs best at a few MB).
 pub const BUCKET_BYTES: usize = 25 << 20;
 
-fn dev(what: &'static str) -> impl Fn(fla_cuda::cudarc::driver::DriverError) -> Error {
+pub(crate) fn dev(what: &'static str) -> impl Fn(fla_cuda::cudarc::driver::DriverError) -> Error {
     move |e| Error::Device(format!("{what}: {e:?}"))
 }
 

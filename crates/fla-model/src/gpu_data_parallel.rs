@@ -23,7 +23,7 @@ use fla_tensor::{Error, Result};
 
 use crate::data_parallel::{share, Collective, ThreadGroup};
 use crate::dist::shard;
-use crate::gpu::Split;
+use crate::gpu::{dev, Split};
 use crate::learner::{GpuLearner, Learner, OptState, Scorer};
 use crate::train::Batch;
 use crate::Model;
@@ -199,10 +199,6 @@ impl HostStagedGroup {
             .map_err(|_| Error::Invalid("a rank's collective panicked".into()))?
             .all_reduce_sum(x)
     }
-}
-
-fn dev(what: &'static str) -> impl Fn(fla_cuda::cudarc::driver::DriverError) -> Error {
-    move |e| Error::Device(format!("{what}: {e:?}"))
 }
 
 impl DeviceGroup for HostStagedGroup {

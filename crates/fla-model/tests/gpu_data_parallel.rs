@@ -28,21 +28,7 @@ use fla_model::mqar::Mqar;
 use fla_model::rng::Rng;
 use fla_model::train::{train, Batch, Task, TrainArgs};
 use fla_model::{GlaConfig, Model};
-use support::gpu_and_nccl;
-
-/// GPU 0, or None after saying why the test skipped (a failure under FLA_REQUIRE_CUDA=1).
-fn gpu() -> Option<Gpu> {
-    match Gpu::new(0) {
-        Ok(g) => Some(g),
-        Err(e) if std::env::var("FLA_REQUIRE_CUDA").as_deref() == Ok("1") => {
-            panic!("FLA_REQUIRE_CUDA=1 but no usable GPU: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: no usable GPU ({e})");
-            None
-        }
-    }
-}
+use support::{gpu, gpu_and_nccl};
 
 /// Small buckets, so that the test model's backward issues many.
 const BUCKET_BYTES: usize = 24 << 10;
@@ -66,6 +52,11 @@ fn learner(gpu: Gpu) -> GpuLearner {
         weight_decay: 0.1,
         decay_all: false,
     }
+}
+
+/// A learner on `gpu`, one rank of `group`, holding what `split` says of each batch.
+fn parallel(gpu: Gpu, group: impl DeviceGroup + 'static, split: Split, zero: bool) -> GpuParallel {
+    GpuParallel::new(learner(gpu), Box::new(group), split, BUCKET_BYTES, zero).unwrap()
 }
 
 fn batches(steps: usize) -> Vec<Batch> {
@@ -208,14 +199,7 @@ fn ranks_sharing_a_gpu_train_like_one_learner_with_and_without_zero() {
     for world in [2, 3] {
         for zero in [false, true] {
             let got = on_shared_gpu(world, |group, gpu| {
-                let mut dp = GpuParallel::new(
-                    learner(gpu),
-                    Box::new(group),
-                    Split::Batch,
-                    BUCKET_BYTES,
-                    zero,
-                )
-                .unwrap();
+                let mut dp = parallel(gpu, group, Split::Batch, zero);
                 let first = run(&mut dp, &batches[..1], micro);
                 // Every rank gathers under ZeRO-1.
                 let opt: OptState = dp.optimizer().unwrap();
@@ -271,14 +255,7 @@ fn sequence_parallel_ranks_train_like_one_learner() {
     for world in [2, 3] {
         for zero in [false, true] {
             let got = on_shared_gpu(world, |group, gpu| {
-                let mut sp = GpuParallel::new(
-                    learner(gpu),
-                    Box::new(group),
-                    Split::Sequence,
-                    BUCKET_BYTES,
-                    zero,
-                )
-                .unwrap();
+                let mut sp = parallel(gpu, group, Split::Sequence, zero);
                 run(&mut sp, &batches, 2)
             });
             let how = format!("world {world}, zero {zero}");
@@ -297,14 +274,7 @@ fn sequence_parallel_segments_shorter_than_the_convolution_are_named() {
     let Some(_) = gpu() else { return };
     let batch = batches_of(1, 4).pop().unwrap();
     let errs = on_shared_gpu(2, |group, gpu| {
-        let mut sp = GpuParallel::new(
-            learner(gpu),
-            Box::new(group),
-            Split::Sequence,
-            BUCKET_BYTES,
-            false,
-        )
-        .unwrap();
+        let mut sp = parallel(gpu, group, Split::Sequence, false);
         sp.zero_grads().unwrap();
         sp.accumulate(&batch, 1.0).unwrap_err().to_string()
     });
@@ -358,14 +328,7 @@ fn one_rank_over_nccl_steps_like_one_learner() {
     for zero in [false, true] {
         let gpu = Gpu::new(0).unwrap();
         let group = NcclGroup::new(&gpu, 0, 1, new_id().unwrap()).unwrap();
-        let mut dp = GpuParallel::new(
-            learner(gpu),
-            Box::new(group),
-            Split::Batch,
-            BUCKET_BYTES,
-            zero,
-        )
-        .unwrap();
+        let mut dp = parallel(gpu, group, Split::Batch, zero);
         let over_nccl = run(&mut dp, &batches, 1);
         close_all(&format!("zero {zero}: losses"), &over_nccl.0, &plain.0);
         close_all(&format!("zero {zero}: norms"), &over_nccl.1, &plain.1);
@@ -401,14 +364,7 @@ fn two_ranks_on_two_gpus_train_like_one_learner() {
                     s.spawn(move || {
                         let gpu = Gpu::new(rank).unwrap();
                         let group = NcclGroup::new(&gpu, rank, world, id).unwrap();
-                        let mut dp = GpuParallel::new(
-                            learner(gpu),
-                            Box::new(group),
-                            Split::Batch,
-                            BUCKET_BYTES,
-                            zero,
-                        )
-                        .unwrap();
+                        let mut dp = parallel(gpu, group, Split::Batch, zero);
                         run(&mut dp, batches, 2)
                     })
                 })
@@ -498,14 +454,7 @@ fn zero_checkpoints_resume_on_one_gpu() {
         let group = groups.lock().unwrap()[rank]
             .take()
             .expect("one learner per rank");
-        let gpu = Gpu::new(0)?;
-        Ok(Box::new(GpuParallel::new(
-            learner(gpu),
-            Box::new(group),
-            Split::Batch,
-            BUCKET_BYTES,
-            true,
-        )?))
+        Ok(Box::new(parallel(Gpu::new(0)?, group, Split::Batch, true)))
     };
     train_ranks(
         2,

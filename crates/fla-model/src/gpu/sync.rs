@@ -124,7 +124,7 @@ impl GpuModel {
                 .map_err(dev("device copy"))?;
         }
         let rank = group.rank();
-        let all = gathered(gpu, group, &mine)?;
+        let all = group.gathered(gpu, &mine)?;
         match rank {
             0 => Ok(None),
             _ => {
@@ -165,7 +165,7 @@ impl GpuModel {
             )?;
         }
         let (rank, world) = (group.rank(), group.world());
-        let all = gathered(gpu, group, &dhalo)?;
+        let all = group.gathered(gpu, &dhalo)?;
         if rank + 1 == world {
             return Ok(None);
         }
@@ -353,19 +353,4 @@ impl GpuModel {
             .flat_map(|b| flat[self.plan.piece(b, rank)].iter().copied())
             .collect()
     }
-}
-
-/// Every rank's `mine` side by side, rank order, waited for.
-fn gathered(
-    gpu: &fla_cuda::Gpu,
-    group: &dyn DeviceGroup,
-    mine: &CudaSlice<f32>,
-) -> Result<CudaSlice<f32>> {
-    let mut all = gpu
-        .stream()
-        .alloc_zeros::<f32>(mine.len() * group.world())
-        .map_err(dev("allocation"))?;
-    group.all_gather(gpu, &mine.as_view(), &mut all.as_view_mut())?;
-    group.join(gpu)?;
-    Ok(all)
 }
