@@ -37,9 +37,6 @@
 //   chunk_states_out per (sequence, head, V tile), 64-row chunks and KD ≤ 128: chunk_states
 //                    and chunk_out in one sweep
 //   chunk_dstates_dv the same for chunk_dstates and chunk_dv
-//   chunk_chain      per (chunk, head, V tile): chunk_states and chunk_out in one kernel,
-//                    the state passed from chunk to chunk through L2 (gla_chain.cu)
-//   chunk_chain_bwd  the same for chunk_dstates and chunk_dv
 //
 // Settings (-D): KERNEL, HEAD_K, HEAD_V, CHUNK (64 or 128), NT (4 CHUNK threads, so that each
 // warp keeps ATPW of the C x C matrix's 16 x 32 tiles; the sweeps' own count), BK, BV (the
@@ -47,14 +44,12 @@
 // else f32), HAS_H0, HAS_DHT, MIN_BLOCKS (the blocks per SM that the kernel's shared memory
 // allows: its registers are held to that occupancy), STAGES (chunks, or chunk_dqk's value
 // tiles, in flight), KEEP_SLOTS (the state sweeps: 0 writes only the final state; default 1). The
-// sweeps with outputs take BK = KD and KD / 32 warps per 16 columns of BV; the chained kernels
-// BK = KD.
+// sweeps with outputs take BK = KD and KD / 32 warps per 16 columns of BV.
 
 #define KD HEAD_K
 #define C CHUNK
 #define SWEEP (KERNEL == 1 || KERNEL == 3)
 #define SWEEP_OUT (KERNEL == 6 || KERNEL == 7)
-#define CHAIN (KERNEL == 8 || KERNEL == 9)
 #ifndef KEEP_SLOTS
 #define KEEP_SLOTS 1
 #endif
@@ -246,7 +241,7 @@ __device__ __forceinline__ bool attn_vector(int i, int c) { return c / SV * SV <
 
 // Starts loading a chunk's rows of A ([tokens, H, C]) into sA (row stride AS); vectors wholly
 // above the diagonal and rows past the chunk's end are zeros, read from nowhere.
-#if KERNEL == 2 || KERNEL == 4 || SWEEP_OUT || CHAIN
+#if KERNEL == 2 || KERNEL == 4 || SWEEP_OUT
 __device__ __forceinline__ void load_attn(io_t* sA, const io_t* a, ChunkAt at, int H, int hh) {
     constexpr int per_row = C / SV;
     for (int idx = threadIdx.x; idx < C * per_row; idx += NT) {
@@ -528,8 +523,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dstates(
 
 // ---------------------------------------------------------------------------------------
 // The C x BV outputs of chunk_out and chunk_dv, in the warps' tiles (FOR_TILES(C, ...)), and
-// the sweeps' with outputs and the chained kernels.
-#if KERNEL == 2 || KERNEL == 4 || SWEEP_OUT || CHAIN
+// the sweeps' with outputs.
+#if KERNEL == 2 || KERNEL == 4 || SWEEP_OUT
 
 __device__ __forceinline__ void scale_tile(float d[4][4], float s) {
 #pragma unroll

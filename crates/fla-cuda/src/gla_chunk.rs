@@ -15,9 +15,7 @@ use crate::gla_bwd::{ptr_mut, DeviceGrads, DeviceUpstream, Work};
 const SRC: &str = concat!(
     include_str!("../kernels/common.cuh"),
     "\n",
-    include_str!("../kernels/gla_chunk.cu"),
-    "\n",
-    include_str!("../kernels/gla_chain.cu")
+    include_str!("../kernels/gla_chunk.cu")
 );
 /// Rows per chunk: 64 or 128.
 const CHUNK_ROWS: [usize; 2] = [64, 128];
@@ -68,12 +66,6 @@ fn forced_sweep_out() -> Option<bool> {
     }
 }
 
-/// FLA_CHAIN=0 never runs the chained kernels (for testing the other paths and comparing);
-/// unset or anything else, they run wherever they fit.
-fn chain_allowed() -> bool {
-    std::env::var("FLA_CHAIN").map_or(true, |x| x != "0")
-}
-
 /// Chunks in flight that FLA_SWEEP_STAGES (2 to 12) asks a sweep for, for tuning.
 fn forced_sweep_stages() -> Option<usize> {
     let x = std::env::var("FLA_SWEEP_STAGES").ok()?.parse().ok()?;
@@ -96,61 +88,25 @@ pub(crate) struct Chunks {
     pub(crate) off: CudaSlice<i32>,
     pub(crate) seq: CudaSlice<i32>,
     pub(crate) count: usize,
-    /// The chained kernels' work in ticket order, forward and backward (`chain_order`).
-    order: [CudaSlice<i32>; 2],
-    order_len: usize,
-}
-
-/// The order in which the chained kernels take a batch's chunks: step by step along the
-/// sequences (first chunks, then second ones, ...; last chunks first when `back`), so that a
-/// chunk's predecessor always has the smaller ticket. An empty sequence n is one item, -1 - n,
-/// at the start.
-fn chain_order(chunks_per_seq: &[usize], back: bool) -> Vec<i32> {
-    let mut starts = Vec::with_capacity(chunks_per_seq.len());
-    let mut off = 0;
-    for &c in chunks_per_seq {
-        starts.push(off);
-        off += c;
-    }
-    let mut order: Vec<i32> = (0..chunks_per_seq.len())
-        .filter(|&n| chunks_per_seq[n] == 0)
-        .map(|n| -1 - n as i32)
-        .collect();
-    let steps = chunks_per_seq.iter().copied().max().unwrap_or(0);
-    for step in 0..steps {
-        for (n, &c) in chunks_per_seq.iter().enumerate() {
-            if step < c {
-                let local = if back { c - 1 - step } else { step };
-                order.push((starts[n] + local) as i32);
-            }
-        }
-    }
-    order
 }
 
 impl Chunks {
     pub(crate) fn new(gpu: &Gpu, lens: &[usize], chunk: usize) -> Result<Chunks> {
         let mut off = vec![0i32];
         let mut seq = Vec::new();
-        let per_seq: Vec<usize> = lens.iter().map(|l| l.div_ceil(chunk)).collect();
-        for (n, &c) in per_seq.iter().enumerate() {
+        for (n, &len) in lens.iter().enumerate() {
+            let c = len.div_ceil(chunk);
             off.push(off[n] + c as i32);
             seq.extend(std::iter::repeat_n(n as i32, c));
         }
         let count = seq.len();
-        let (fwd, bwd) = (chain_order(&per_seq, false), chain_order(&per_seq, true));
-        let order_len = fwd.len();
-        // cudarc refuses empty uploads: an empty list is uploaded as one unused entry.
-        let upload = |x: &[i32]| {
-            let x = if x.is_empty() { &[0][..] } else { x };
-            gpu.stream.clone_htod(x).map_err(device_err("upload"))
-        };
+        // cudarc refuses empty uploads: a sequence-less call keeps one unused entry.
+        seq.push(0);
+        let upload = |x: &[i32]| gpu.stream.clone_htod(x).map_err(device_err("upload"));
         Ok(Chunks {
             off: upload(&off)?,
             seq: upload(&seq)?,
             count,
-            order: [upload(&fwd)?, upload(&bwd)?],
-            order_len,
         })
     }
 }
@@ -195,7 +151,7 @@ fn carve(regions: &[usize]) -> usize {
 }
 
 /// The kernels of gla_chunk.cu, in the order of their KERNEL numbers.
-const KERNELS: [&str; 10] = [
+const KERNELS: [&str; 8] = [
     "chunk_local",
     "chunk_states",
     "chunk_out",
@@ -204,8 +160,6 @@ const KERNELS: [&str; 10] = [
     "chunk_dqk",
     "chunk_states_out",
     "chunk_dstates_dv",
-    "chunk_chain",
-    "chunk_chain_bwd",
 ];
 
 /// The rows per chunk of one kernel, its tiles, the chunks (sweeps) or value tiles
@@ -322,17 +276,6 @@ impl Shape {
             .max_by_key(|s| (gpu.blocks_per_sm(s.smem), s.stages))
     }
 
-    /// The chained kernels (chunk_chain and chunk_chain_bwd share a shape): all keys in one
-    /// tile, value tiles of up to 64 (FLA_CHAIN_BV forces one), where their shared memory fits
-    /// a block and FLA_CHAIN=0 does not switch them off.
-    fn chain(gpu: &Gpu, d: &DeviceGla, chunk: usize) -> Option<Shape> {
-        if d.dk > 256 || !chain_allowed() {
-            return None;
-        }
-        let bv = tuned_tile("FLA_CHAIN_BV", d.dv, 64);
-        Some(Shape::new("chunk_chain", d, chunk, d.dk, bv)).filter(|s| s.fits(gpu))
-    }
-
     fn staged(
         kernel: &str,
         d: &DeviceGla,
@@ -368,11 +311,6 @@ impl Shape {
                 // Two tiles of 16 columns of the state, [K][16 + pad], per 16 columns.
                 let cols = 2 * (bv / 16) * bk * (16 + pad) * io;
                 vec![stages * (2 * c * ks + c * vs + c * a_s), stages * gam, cols]
-            }
-            "chunk_chain" | "chunk_chain_bwd" => {
-                let gam = if d.gate == GateKind::None { 0 } else { bk * 4 };
-                // X's rows; Y's, then the state as stored; Z's; A; Γ.
-                vec![c * ks, (c * ks).max(bk * vs), c * vs, c * a_s, gam]
             }
             "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs],
             "chunk_dv" => vec![c * ks, bk * vs, c * a_s, c * vs],
@@ -430,8 +368,6 @@ struct Plan {
     dqk: Shape,
     states_out: Option<Shape>,
     dstates_dv: Option<Shape>,
-    /// The chained kernels (both directions), where they fit.
-    chain: Option<Shape>,
 }
 
 impl Plan {
@@ -453,7 +389,6 @@ impl Plan {
             dqk: Shape::dqk(gpu, d, chunk, tile(dk, 64), dqk_bv),
             states_out: Shape::sweep_out(gpu, "chunk_states_out", d, chunk),
             dstates_dv: Shape::sweep_out(gpu, "chunk_dstates_dv", d, chunk),
-            chain: Shape::chain(gpu, d, chunk),
         }
     }
 
@@ -520,26 +455,6 @@ impl DeviceGla {
             d.push(("KEEP_SLOTS", 0));
         }
         d
-    }
-
-    /// A chained kernel's scratch: the two f32 ring tiles of every chain (sequence, head,
-    /// value tile), each holding every warp tile's fragments (`RING_TILE` in gla_chain.cu),
-    /// and the zeroed ticket counter and flags; and its grid.
-    fn chain_scratch(
-        &self,
-        gpu: &Gpu,
-        shape: &Shape,
-        chunks: &Chunks,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<u32>, (usize, usize, usize))> {
-        let tiles_v = self.dv / shape.bv;
-        let ring_tile = self.dk * 32 * shape.bv.div_ceil(32);
-        let ring =
-            crate::gla::uninit(gpu, (self.n_seqs * self.h * tiles_v * 2 * ring_tile).max(1))?;
-        let sync = gpu
-            .stream
-            .alloc_zeros::<u32>(1 + chunks.count * self.h * tiles_v)
-            .map_err(device_err("allocation"))?;
-        Ok((ring, sync, (chunks.order_len * self.h * tiles_v, 1, 1)))
     }
 
     /// A sweep's grid: (sequences x state tiles, heads).
@@ -696,23 +611,6 @@ impl DeviceGla {
         let qg = tl.qg.as_ref().map_or(q, |b| b.ptr(gpu));
         let kh = tl.kh.as_ref().map_or(k, |b| b.ptr(gpu));
         let p = &tl.plan;
-        if let (Some(shape), true) = (&p.chain, outputs) {
-            let (mut ring, mut sync, grid) = self.chain_scratch(gpu, shape, &tl.chunks)?;
-            let ring = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ring, s).0;
-            let sync = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut sync, s).0;
-            let order = tl.chunks.order[0].device_ptr(s).0;
-            return self.launch_chunk_kernel(
-                gpu,
-                "chunk_chain",
-                shape,
-                false,
-                grid,
-                &[
-                    qg, kh, v, a, gam, o, st, h0, ht, ring, sync, cu, off, seq, order,
-                ],
-                true,
-            );
-        }
         if let (Some(shape), true) = (&p.states_out, outputs) {
             return self.launch_chunk_kernel(
                 gpu,
@@ -845,23 +743,7 @@ impl DeviceGla {
         let dh0 = ptr_mut(&mut gr.dh0, gpu);
 
         let p = &tl.plan;
-        if let Some(shape) = &p.chain {
-            let (mut ring, mut sync, grid) = self.chain_scratch(gpu, shape, &tl.chunks)?;
-            let ring = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ring, s).0;
-            let sync = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut sync, s).0;
-            let order = tl.chunks.order[1].device_ptr(s).0;
-            self.launch_chunk_kernel(
-                gpu,
-                "chunk_chain_bwd",
-                shape,
-                has_dht,
-                grid,
-                &[
-                    kh, qg, d_o, a, gam, dv, dst, dht, dh0, ring, sync, cu, off, seq, order,
-                ],
-                true,
-            )?;
-        } else if let Some(shape) = &p.dstates_dv {
+        if let Some(shape) = &p.dstates_dv {
             self.launch_chunk_kernel(
                 gpu,
                 "chunk_dstates_dv",
@@ -906,34 +788,7 @@ impl DeviceGla {
 
 #[cfg(test)]
 mod tests {
-    use super::{chain_order, chunk_order};
-
-    #[test]
-    fn the_chained_kernels_take_chunks_step_by_step() {
-        // Sequences of 2, 0 and 3 chunks: global chunks 0-1 and 2-4; the empty one first.
-        assert_eq!(chain_order(&[2, 0, 3], false), [-2, 0, 2, 1, 3, 4]);
-        assert_eq!(chain_order(&[2, 0, 3], true), [-2, 1, 4, 0, 3, 2]);
-        // Every chunk's predecessor (the chunk before it, or after it backwards) comes first.
-        let per_seq = [5, 1, 3, 4];
-        for back in [false, true] {
-            let order = chain_order(&per_seq, back);
-            assert_eq!(order.len(), 13);
-            let pos = |c: usize| {
-                order
-                    .iter()
-                    .position(|&x| x == c as i32)
-                    .expect("every chunk")
-            };
-            let mut first = 0;
-            for &n in &per_seq {
-                for c in first..first + n - 1 {
-                    let (earlier, later) = if back { (c + 1, c) } else { (c, c + 1) };
-                    assert!(pos(earlier) < pos(later));
-                }
-                first += n;
-            }
-        }
-    }
+    use super::chunk_order;
 
     #[test]
     fn chunks_of_128_where_the_state_outweighs_the_rows() {
