@@ -20,19 +20,16 @@ const SRC: &str = concat!(
 /// Rows per chunk: 64 or 128.
 const CHUNK_ROWS: [usize; 2] = [64, 128];
 
-/// The chunk sizes to try, best first. A state every 128 rows halves the states' round trips
-/// (the parts, the scans, and every kernel that reads a state), but the kernels for 128 rows
+/// The chunk sizes to try, best first: 64 rows, then 128 (for kernels that do not fit a block
+/// at 64). A state every 128 rows halves the states' round trips, but the kernels for 128 rows
 /// run one block of 512 threads an SM where those for 64 run two of 256, and take the wider
-/// attention matrix: on the H100 they win where a chunk's state outweighs its 64 rows of q, k,
-/// g and v (K=256, V=512: forward + backward 3.50 against 3.67 ms) and lose where it does not
-/// (K=V=128: 2.85 against 2.72). FLA_CHUNK puts a size first.
-fn chunk_order(dk: usize, dv: usize) -> Vec<usize> {
-    let state_heavy = dk * dv >= 64 * (3 * dk + dv);
-    let mut order = if state_heavy {
-        vec![128, 64]
-    } else {
-        vec![64, 128]
-    };
+/// attention matrix. On the H100 (bench/results/sweep-bv-h100.txt) 64 rows won forward +
+/// backward at every shape measured: K=V=128 (2.24-2.36 against 2.49-2.59 ms at H=16) and,
+/// once the sweeps took state tiles of 128 columns, K=256, V=512 (2.75-2.77 against
+/// 2.79-2.89 at H=4), where 128 rows are 1-4% faster forward alone. FLA_CHUNK puts a size
+/// first.
+fn chunk_order() -> Vec<usize> {
+    let mut order = vec![64, 128];
     if let Some(c) = forced_chunk() {
         order.retain(|&x| x != c);
         order.insert(0, c);
@@ -217,20 +214,27 @@ impl Shape {
         }
     }
 
-    /// A sweep (chunk_states or chunk_dstates) over state tiles of up to 64 x 64, with the
+    /// A sweep (chunk_states or chunk_dstates) over state tiles of up to 64 x 128, with the
     /// most chunks in flight, up to 8, that keep two blocks on an SM (FLA_SWEEP_STAGES forces a
     /// number). On the H100 two blocks of 6 chunks beat three of 4 at every T (H=16,
     /// K=V=128: 0.28-0.30 against 0.32-0.36 ms), and with chunks of 128 rows two blocks of 3
-    /// beat one of 4 to 6. The value width halves while the sweep's blocks (sequences x heads
-    /// x tiles) would fill at most half the SMs (FLA_SWEEP_BV forces one): at 4 heads of
-    /// 128 x 256 and T=16384, 32 columns took forward + backward from 1.28 to 1.16 ms, where
-    /// at 128 blocks or more 64 columns are fastest.
+    /// beat one of 4 to 6. The value width (FLA_SWEEP_BV forces one) is 128 where that still
+    /// makes more than three blocks (sequences x heads x tiles) for every four SMs: fewer
+    /// blocks then read each chunk's K̂ (Q̃ backwards). Forward + backward went from 2.81-2.82
+    /// to 2.75-2.77 ms at H=4, K=256, V=512, and from 2.36 to 2.24 at H=16, K=V=128, T=8192
+    /// (128 blocks); with 64 blocks it lost 15-22% (bench/results/sweep-bv-h100.txt). Else 64,
+    /// halved while the blocks would fill at most half the SMs: at 4 heads of 128 x 256 and
+    /// T=16384, 32 columns took forward + backward from 1.28 to 1.16 ms.
     fn sweep(gpu: &Gpu, kernel: &str, d: &DeviceGla, chunk: usize) -> Shape {
         let bk = tile(d.dk, 64);
         let blocks = |bv: usize| d.n_seqs * d.h * (d.dk / bk) * (d.dv / bv);
         let bv = forced_tile("FLA_SWEEP_BV")
             .filter(|&t| d.dv.is_multiple_of(t))
             .unwrap_or_else(|| {
+                let wide = tile(d.dv, 128);
+                if wide == 128 && 4 * blocks(wide) > 3 * gpu.sms() {
+                    return wide;
+                }
                 let mut bv = tile(d.dv, 64);
                 while bv > 16 && 2 * blocks(bv) <= gpu.sms() {
                     bv = tile(d.dv, bv / 2);
@@ -395,7 +399,7 @@ impl Plan {
     /// The plan for the first chunk size of `chunk_order` whose kernels all fit a block's
     /// shared memory.
     fn choose(gpu: &Gpu, d: &DeviceGla) -> Result<Plan> {
-        chunk_order(d.dk, d.dv)
+        chunk_order()
             .into_iter()
             .map(|c| Plan::new(gpu, d, c))
             .find(|p| p.shapes().iter().all(|s| s.fits(gpu)))
@@ -791,15 +795,10 @@ mod tests {
     use super::chunk_order;
 
     #[test]
-    fn chunks_of_128_where_the_state_outweighs_the_rows() {
-        if std::env::var_os("FLA_CHUNK").is_some() {
-            println!("skipped: FLA_CHUNK is set");
-            return;
+    fn chunks_of_64_rows_first_unless_forced() {
+        match std::env::var("FLA_CHUNK").as_deref() {
+            Ok("128") => assert_eq!(chunk_order(), [128, 64]),
+            _ => assert_eq!(chunk_order(), [64, 128]),
         }
-        // 128 x 128 = 16384 state elements against 64 x (3 x 128 + 128) = 32768 row elements.
-        assert_eq!(chunk_order(128, 128), [64, 128]);
-        assert_eq!(chunk_order(128, 256), [64, 128]);
-        // 256 x 512 = 131072 against 64 x (3 x 256 + 512) = 81920.
-        assert_eq!(chunk_order(256, 512), [128, 64]);
     }
 }
