@@ -75,6 +75,13 @@ fn forced_chunk() -> Option<usize> {
     CHUNK_ROWS.contains(&x).then_some(x)
 }
 
+/// A state tile of 128 value columns, where V allows it and the kernel's blocks at that
+/// width (`blocks`) still number more than three for every four SMs: fewer blocks then read
+/// each chunk's rows. On the H100 it lost 15-35% with 64 blocks (bench/results/sweep-bv-h100.txt).
+fn wide_tile(gpu: &Gpu, dv: usize, blocks: impl Fn(usize) -> usize) -> Option<usize> {
+    (dv.is_multiple_of(128) && 4 * blocks(128) > 3 * gpu.sms()).then_some(128)
+}
+
 /// Whether the two-level kernels take this gate kind.
 pub(crate) fn supports(gate: GateKind) -> bool {
     matches!(gate, GateKind::None | GateKind::Scalar | GateKind::Key)
@@ -230,11 +237,8 @@ impl Shape {
         let blocks = |bv: usize| d.n_seqs * d.h * (d.dk / bk) * (d.dv / bv);
         let bv = forced_tile("FLA_SWEEP_BV")
             .filter(|&t| d.dv.is_multiple_of(t))
+            .or_else(|| wide_tile(gpu, d.dv, blocks))
             .unwrap_or_else(|| {
-                let wide = tile(d.dv, 128);
-                if wide == 128 && 4 * blocks(wide) > 3 * gpu.sms() {
-                    return wide;
-                }
                 let mut bv = tile(d.dv, 64);
                 while bv > 16 && 2 * blocks(bv) <= gpu.sms() {
                     bv = tile(d.dv, bv / 2);
@@ -256,20 +260,24 @@ impl Shape {
     /// 64 rows, K ≤ 128) and its blocks of 64 value columns (sequences x heads x tiles) fill
     /// the SMs. On the H100 at H=16, K=V=128 it took forward + backward from 2.31-2.46 to
     /// 2.24-2.31 ms at T ≤ 4096 (256 blocks or more), but with 128 blocks or fewer (T ≥ 8192)
-    /// it lost 9-19%, and narrower tiles, which make more blocks, lost at every T. It keeps in
+    /// it lost 9-19%, and narrower tiles, which make more blocks, lost at every T. Where it
+    /// serves, its tile is 128 columns wide as the sweeps' (`wide_tile`): at H=16, T ≤ 4096,
+    /// 2.13-2.22 against 2.23-2.30 ms (bench/results/sweep-bv-h100.txt). It keeps in
     /// flight the most chunks, up to 4, among those that fit the most blocks on an SM.
     /// FLA_SWEEP_OUT, FLA_SWEEP_BV and FLA_SWEEP_STAGES force the choice, the tile, the chunks.
     fn sweep_out(gpu: &Gpu, kernel: &str, d: &DeviceGla, chunk: usize) -> Option<Shape> {
         if chunk != 64 || d.dk > 128 {
             return None;
         }
-        let bv = forced_tile("FLA_SWEEP_BV")
-            .filter(|&t| d.dv.is_multiple_of(t))
-            .unwrap_or(tile(d.dv, 64));
-        let fills = d.n_seqs * d.h * (d.dv / bv) >= gpu.sms();
-        if !forced_sweep_out().unwrap_or(fills) {
+        let blocks = |bv: usize| d.n_seqs * d.h * (d.dv / bv);
+        let narrow = tile(d.dv, 64);
+        if !forced_sweep_out().unwrap_or(blocks(narrow) >= gpu.sms()) {
             return None;
         }
+        let bv = forced_tile("FLA_SWEEP_BV")
+            .filter(|&t| d.dv.is_multiple_of(t))
+            .or_else(|| wide_tile(gpu, d.dv, blocks))
+            .unwrap_or(narrow);
         let shape = |stages| Shape::staged(kernel, d, chunk, d.dk, bv, stages);
         if let Some(stages) = forced_sweep_stages() {
             return Some(shape(stages)).filter(|s| s.fits(gpu));

@@ -354,6 +354,14 @@ fn backward_every_gate_awkward_shapes() {
             k: 128,
             v: 64,
         },
+        // K = V = 128: FLA_SWEEP_BV=128 builds the sweeps with outputs at 1024 threads.
+        Shape {
+            b: 1,
+            t: 200,
+            h: 2,
+            k: 128,
+            v: 128,
+        },
         Shape {
             b: 1,
             t: 70,
