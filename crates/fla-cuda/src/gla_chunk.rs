@@ -77,7 +77,7 @@ fn forced_chunk() -> Option<usize> {
 
 /// A state tile of 128 value columns, where V allows it and the kernel's blocks at that
 /// width (`blocks`) still number more than three for every four SMs: fewer blocks then read
-/// each chunk's rows. On the H100 it lost 15-35% with 64 blocks (bench/results/sweep-bv-h100.txt).
+/// each chunk's rows. On the H100 it lost 15-40% with 64 blocks (bench/results/sweep-bv-h100.txt).
 fn wide_tile(gpu: &Gpu, dv: usize, blocks: impl Fn(usize) -> usize) -> Option<usize> {
     (dv.is_multiple_of(128) && 4 * blocks(128) > 3 * gpu.sms()).then_some(128)
 }
