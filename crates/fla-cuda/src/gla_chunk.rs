@@ -17,7 +17,7 @@ const SRC: &str = concat!(
     "\n",
     include_str!("../kernels/gla_chunk.cu")
 );
-/// Rows per chunk: 64 or 128.
+/// Rows per chunk: 64 or 128, in the order tried (`chunk_order`).
 const CHUNK_ROWS: [usize; 2] = [64, 128];
 
 /// The chunk sizes to try, best first: 64 rows, then 128 (for kernels that do not fit a block
@@ -29,7 +29,7 @@ const CHUNK_ROWS: [usize; 2] = [64, 128];
 /// 2.79-2.89 at H=4), where 128 rows are 1-4% faster forward alone. FLA_CHUNK puts a size
 /// first.
 fn chunk_order() -> Vec<usize> {
-    let mut order = vec![64, 128];
+    let mut order = CHUNK_ROWS.to_vec();
     if let Some(c) = forced_chunk() {
         order.retain(|&x| x != c);
         order.insert(0, c);
