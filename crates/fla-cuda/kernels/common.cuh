@@ -35,6 +35,9 @@ __device__ __forceinline__ float to_f32(bf16_t x) { return bf16_to_f(x); }
 
 #define NW (NT / 32)
 
+// The warp's threads meet here, and what each wrote to shared memory before is seen by all.
+__device__ __forceinline__ void sync_warp() { asm volatile("bar.warp.sync -1;" ::: "memory"); }
+
 // Stops the kernel when it was launched with less dynamic shared memory than its layout
 // needs (the host's size formula and the kernel's OFF_* chain disagree).
 __device__ __forceinline__ void check_smem(u32 need) {

@@ -43,7 +43,7 @@ fn threads(chunk: usize) -> u32 {
 }
 
 /// Threads per block of the sweeps: four warps, each keeping its 16 x 32 tiles of a state
-/// tile of up to 64 x 64 (two at 64 x 64).
+/// tile of up to 64 x 128 (four at 64 x 128).
 const SWEEP_THREADS: u32 = 128;
 
 /// The most chunks a sweep keeps in flight.
@@ -53,10 +53,12 @@ const MAX_SWEEP_STAGES: usize = 8;
 /// and a value tile: 54 KB at K=V=128).
 const MAX_SWEEP_OUT_STAGES: usize = 4;
 
-/// FLA_SWEEP_OUT=1 runs the sweeps with outputs wherever they serve, 0 never (for testing
-/// both paths and comparing them); unset, the rule of `Shape::sweep_out` decides.
-fn forced_sweep_out() -> Option<bool> {
-    match std::env::var("FLA_SWEEP_OUT").ok()?.as_str() {
+/// A choice that the environment variable `var` forces (1 or 0), for testing both paths and
+/// comparing them; unset, the kernels' rule decides. FLA_SWEEP_OUT=1 runs the sweeps with
+/// outputs wherever they serve, 0 never; FLA_SWEEP_WHOLE=1 makes the sweeps store their states
+/// in whole sectors (through shared memory), 0 straight from the fragments.
+fn forced_switch(var: &str) -> Option<bool> {
+    match std::env::var(var).ok()?.as_str() {
         "1" => Some(true),
         "0" => Some(false),
         _ => None,
@@ -178,6 +180,8 @@ struct Shape {
     smem: usize,
     /// A sweep writes every chunk's state (else only the final one: KEEP_SLOTS=0).
     keep_slots: bool,
+    /// A sweep stores the states in whole sectors, through shared memory (WHOLE_SECTORS).
+    whole_sectors: bool,
 }
 
 impl Shape {
@@ -232,6 +236,13 @@ impl Shape {
     /// (128 blocks); with 64 blocks it lost 15-22% (bench/results/sweep-bv-h100.txt). Else 64,
     /// halved while the blocks would fill at most half the SMs: at 4 heads of 128 x 256 and
     /// T=16384, 32 columns took forward + backward from 1.28 to 1.16 ms.
+    ///
+    /// Where the blocks outnumber the SMs the states leave in whole sectors, through shared
+    /// memory (FLA_SWEEP_WHOLE forces either way): there the L2's throughput bounds the sweep,
+    /// and whole sectors took each sweep at H=4, K=256, V=512, T=4096 from 0.47-0.49 to
+    /// 0.41-0.42 ms and forward + backward from 2.75-2.82 to 2.53-2.58 ms at T ≤ 8192. With
+    /// fewer blocks the sweep waits on each step's latency, and the round trip through shared
+    /// memory cost 3-8% (bench/results/sweep-whole-h100.txt).
     fn sweep(gpu: &Gpu, kernel: &str, d: &DeviceGla, chunk: usize) -> Shape {
         let bk = tile(d.dk, 64);
         let blocks = |bv: usize| d.n_seqs * d.h * (d.dk / bk) * (d.dv / bv);
@@ -245,14 +256,22 @@ impl Shape {
                 }
                 bv
             });
-        let shape = |stages| Shape::staged(kernel, d, chunk, bk, bv, stages);
+        let whole = forced_switch("FLA_SWEEP_WHOLE").unwrap_or(blocks(bv) > gpu.sms());
+        let shape = |stages| {
+            let s = Shape::staged(kernel, d, chunk, bk, bv, stages);
+            if whole {
+                s.with_whole_sectors(d.dtype.bytes())
+            } else {
+                s
+            }
+        };
         if let Some(stages) = forced_sweep_stages() {
             return shape(stages);
         }
         (2..=MAX_SWEEP_STAGES)
             .rev()
             .map(shape)
-            .find(|s| gpu.blocks_per_sm(s.smem) >= 2)
+            .find(|s| s.fits(gpu) && gpu.blocks_per_sm(s.smem) >= 2)
             .unwrap_or_else(|| shape(2))
     }
 
@@ -271,7 +290,7 @@ impl Shape {
         }
         let blocks = |bv: usize| d.n_seqs * d.h * (d.dv / bv);
         let narrow = tile(d.dv, 64);
-        if !forced_sweep_out().unwrap_or(blocks(narrow) >= gpu.sms()) {
+        if !forced_switch("FLA_SWEEP_OUT").unwrap_or(blocks(narrow) >= gpu.sms()) {
             return None;
         }
         let bv = forced_tile("FLA_SWEEP_BV")
@@ -352,6 +371,18 @@ impl Shape {
             threads,
             smem: carve(&regions),
             keep_slots: true,
+            whole_sectors: false,
+        }
+    }
+
+    /// This sweep storing its states in whole sectors: each warp's scratch for a 16 x 32 tile
+    /// on its way out (stage_tile in gla_chunk.cu) follows its other shared memory.
+    fn with_whole_sectors(self, io: usize) -> Shape {
+        let scratch = self.threads as usize / 32 * 16 * (32 + 16 / io) * io;
+        Shape {
+            smem: self.smem + scratch,
+            whole_sectors: true,
+            ..self
         }
     }
 
@@ -465,6 +496,9 @@ impl DeviceGla {
         ]);
         if !shape.keep_slots {
             d.push(("KEEP_SLOTS", 0));
+        }
+        if shape.whole_sectors {
+            d.push(("WHOLE_SECTORS", 1));
         }
         d
     }
