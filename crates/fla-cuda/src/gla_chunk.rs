@@ -240,7 +240,7 @@ impl Shape {
     /// Where the blocks outnumber the SMs the states leave in whole sectors, through shared
     /// memory (FLA_SWEEP_WHOLE forces either way): there the L2's throughput bounds the sweep,
     /// and whole sectors took each sweep at H=4, K=256, V=512, T=4096 from 0.47-0.49 to
-    /// 0.41-0.42 ms and forward + backward from 2.75-2.82 to 2.53-2.58 ms at T ≤ 8192. With
+    /// 0.38 ms and forward + backward from 2.75-2.78 to 2.54-2.60 ms at T ≤ 8192. With
     /// fewer blocks the sweep waits on each step's latency, and the round trip through shared
     /// memory cost 3-8% (bench/results/sweep-whole-h100.txt).
     fn sweep(gpu: &Gpu, kernel: &str, d: &DeviceGla, chunk: usize) -> Shape {
