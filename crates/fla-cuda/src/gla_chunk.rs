@@ -271,7 +271,7 @@ impl Shape {
         (2..=MAX_SWEEP_STAGES)
             .rev()
             .map(shape)
-            .find(|s| s.fits(gpu) && gpu.blocks_per_sm(s.smem) >= 2)
+            .find(|s| gpu.blocks_per_sm(s.smem) >= 2)
             .unwrap_or_else(|| shape(2))
     }
 
