@@ -398,10 +398,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
 // fragments hold fill half a sector each, so stored straight they make the L2 take every
 // sector twice (at H=4, K=256, V=512 the state sweep wrote 27M sectors for 533 MB and ran at
 // 85% of the L2's throughput). stage_tile puts the pairs (times alpha) in the warp's scratch
-// of 16 x SCRATCH_LD io_t; flush_tile then stores the scratch's rows as 16-byte vectors, each
-// row's 64 bytes (128 in f32) whole, into the first `width` columns (a multiple of 16) of the
-// rows at `out` (row stride ld). Between the two the warp can issue work that does not touch
-// the scratch, which then hides the round trip through shared memory.
+// of 16 x SCRATCH_LD io_t; flush_tile then stores the scratch's first `rows` rows as 16-byte
+// vectors, each row's 64 bytes (128 in f32) whole, into the first `width` columns (a multiple
+// of 16) of the rows at `out` (row stride ld). Between the two the warp can issue work that
+// does not touch the scratch, which then hides the round trip through shared memory. chunk_dqk
+// writes dq and dk this way too (1-2% faster there; chunk_out and chunk_dv, whose outputs are
+// a smaller part of their traffic, gained nothing measurable).
 #define SCRATCH_LD (32 + PADE)  // rows 80 bytes apart: the pairs' stores hit 32 banks
 __device__ __forceinline__ void stage_tile(io_t* scratch, const float d[4][4], float alpha) {
 #pragma unroll
@@ -411,13 +413,14 @@ __device__ __forceinline__ void stage_tile(io_t* scratch, const float d[4][4], f
             store_pair(scratch + frag_row(e) * SCRATCH_LD + frag_col(j, e), alpha * d[j][e],
                        alpha * d[j][e + 1]);
 }
-__device__ __forceinline__ void flush_tile(io_t* out, size_t ld, int width, io_t* scratch) {
+__device__ __forceinline__ void flush_tile(io_t* out, size_t ld, int width, int rows,
+                                           io_t* scratch) {
     sync_warp();
     constexpr int PER_ROW = 32 / SV;
 #pragma unroll
     for (int x = threadIdx.x % 32; x < 16 * PER_ROW; x += 32) {
         const int r = x / PER_ROW, c = x % PER_ROW * SV;
-        if (c < width) st16(out + r * ld + c, ld16(scratch + r * SCRATCH_LD + c));
+        if (c < width && r < rows) st16(out + r * ld + c, ld16(scratch + r * SCRATCH_LD + c));
     }
     sync_warp();  // the scratch is free for the warp's next tile
 }
@@ -523,7 +526,7 @@ __device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __
 #endif
             warp_mma(acc[t], col_major(sx, KS), row_major(sx + C * KS, VS), m0, n0, BV, C);
             if (KEEP_SLOTS && WHOLE_SECTORS)
-                flush_tile(out + (size_t)m0 * HEAD_V + n0, HEAD_V, BV - n0, scratch);
+                flush_tile(out + (size_t)m0 * HEAD_V + n0, HEAD_V, BV - n0, 16, scratch);
         }
     }
     if (!has_fin) return;
@@ -913,9 +916,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     Carve cv{smem};
     // The value walk's ring: STAGES slots of v, do (C x BV) and S, dS' (BK x BV), loads running
     // STAGES - 1 slots ahead of the products; after the walk, dA (strictly lower) and, with a
-    // gate, Q̃ and K̃ (the raw q and k stay for the end).
+    // gate, Q̃ and K̃ (the raw q and k stay for the end); at the end, in Q̃'s and K̃'s place, each
+    // warp's scratch for its tiles of dq and dk on their way out (stage_tile).
     constexpr int STAGE = 2 * C * VS + 2 * BK * VS, STEPS = HEAD_V / BV;
-    io_t* ring = cv.take<io_t>(max(STAGES * STAGE, C * AS + 2 * C * KS));
+    constexpr int SCRATCH = NW * 32 * SCRATCH_LD;
+    constexpr int AFTER = C * AS + (2 * C * KS > SCRATCH ? 2 * C * KS : SCRATCH);
+    io_t* ring = cv.take<io_t>(max(STAGES * STAGE, AFTER));
     io_t* sdA = ring;
     io_t* sqg = ring + C * AS;
     io_t* skg = sqg + C * KS;
@@ -1063,30 +1069,35 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     __syncthreads();  // sdA and sdd written
     if (own) intra_products(dqf, dkf, sdA, sq, sk, sG, m0, n0, scale);
 #endif
-    // Write dq and dk with their diagonal terms; with a gate, X = q ⊙ dq - k ⊙ dk without them
-    // into sG's place (dk's state part included: the sums' start takes it back out).
-    if (own)
+    // Write dq and dk with their diagonal terms (through the warp's scratch, in whole sectors);
+    // with a gate, X = q ⊙ dq - k ⊙ dk without them into sG's place (dk's state part included:
+    // the sums' start takes it back out). Every read of Q̃ and K̃ is done.
+    if (own) {
+        io_t* sdq = sqg + warp * 32 * SCRATCH_LD;
+        io_t* sdk = sdq + 16 * SCRATCH_LD;
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int e = 0; e < 4; e += 2) {
                 const int i = m0 + frag_row(e), c = n0 + frag_col(j, e);
                 if (c >= BK) continue;
-                const size_t gat = ((at.row0 + i) * H + hh) * KD + k0 + c;
-                // Rows past the chunk's end are zeros in sq and sk.
+                // Rows past the chunk's end are zeros in sq and sk (and are not stored).
                 const f32x2 q2 = load_pair(sq + i * KS + c), k2 = load_pair(sk + i * KS + c);
                 const float qv[2] = {q2.x, q2.y}, kv[2] = {k2.x, k2.y};
                 const float dd = scale * sdd[i];
-                if (i < at.rows) {
-                    store_pair(dq + gat, dqf[j][e] + dd * kv[0], dqf[j][e + 1] + dd * kv[1]);
-                    store_pair(dk + gat, dkf[j][e] + dd * qv[0], dkf[j][e + 1] + dd * qv[1]);
-                }
+                const int at_s = frag_row(e) * SCRATCH_LD + frag_col(j, e);
+                store_pair(sdq + at_s, dqf[j][e] + dd * kv[0], dqf[j][e + 1] + dd * kv[1]);
+                store_pair(sdk + at_s, dkf[j][e] + dd * qv[0], dkf[j][e + 1] + dd * qv[1]);
 #if HAS_G
 #pragma unroll
                 for (int h = 0; h < 2; h++)
                     sG[i * GS + c + h] = qv[h] * dqf[j][e + h] - kv[h] * dkf[j][e + h];
 #endif
             }
+        const size_t row = ((at.row0 + m0) * H + hh) * KD + k0 + n0;
+        flush_tile(dq + row, (size_t)H * KD, BK - n0, at.rows - m0, sdq);
+        flush_tile(dk + row, (size_t)H * KD, BK - n0, at.rows - m0, sdk);
+    }
 #if HAS_G
     __syncthreads();
     // dg_t = Σ_{i≥t} (q⊙dq - k⊙dk)_i + Σ_j k_j⊙dk_j[state] + e^Γ ⊙ rowsum(dS' ⊙ S): the

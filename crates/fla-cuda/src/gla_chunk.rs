@@ -156,6 +156,13 @@ fn carve(regions: &[usize]) -> usize {
     regions.iter().map(|b| b.next_multiple_of(16)).sum()
 }
 
+/// Bytes of the warps' scratch in a block of `threads`, each warp's for `tiles` 16 x 32 tiles
+/// on their way out in whole sectors (stage_tile in gla_chunk.cu: rows of 32 elements and 16
+/// bytes of padding).
+fn scratch_bytes(threads: u32, tiles: usize, io: usize) -> usize {
+    threads as usize / 32 * tiles * 16 * (32 + 16 / io) * io
+}
+
 /// The kernels of gla_chunk.cu, in the order of their KERNEL numbers.
 const KERNELS: [&str; 8] = [
     "chunk_local",
@@ -345,8 +352,10 @@ impl Shape {
             }
             "chunk_out" => vec![c * ks, bk * vs, c * a_s, c * vs],
             "chunk_dv" => vec![c * ks, bk * vs, c * a_s, c * vs],
+            // After the walk, dA and Q̃, K̃ or each warp's tiles of dq and dk on their way out.
             "chunk_dqk" => vec![
-                (stages * (2 * c * vs + 2 * bk * vs)).max(c * a_s + 2 * c * ks),
+                (stages * (2 * c * vs + 2 * bk * vs))
+                    .max(c * a_s + (2 * c * ks).max(scratch_bytes(threads(chunk), 2, io))),
                 c * ks,
                 c * ks,
                 gates,
@@ -378,9 +387,8 @@ impl Shape {
     /// This sweep storing its states in whole sectors: each warp's scratch for a 16 x 32 tile
     /// on its way out (stage_tile in gla_chunk.cu) follows its other shared memory.
     fn with_whole_sectors(self, io: usize) -> Shape {
-        let scratch = self.threads as usize / 32 * 16 * (32 + 16 / io) * io;
         Shape {
-            smem: self.smem + scratch,
+            smem: self.smem + scratch_bytes(self.threads, 1, io),
             whole_sectors: true,
             ..self
         }
