@@ -103,11 +103,18 @@ union __align__(16) Vec16 {
 struct __align__(16) F4 {
     float x[4];
 };
-struct __align__(8) U2 {
-    u32 x, y;
-};
 __device__ __forceinline__ Vec16 ld16(const io_t* p) { return *(const Vec16*)p; }
 __device__ __forceinline__ void st16(io_t* p, const Vec16& v) { *(Vec16*)p = v; }
+// 16 and 8 bytes to global memory as one store each: written as plain C++ the compiler split
+// them into halves (Nsight Compute, chunk_dqk's SASS), and each half took its sectors anew.
+__device__ __forceinline__ void st16_global(void* p, const u32 w[4]) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3])
+                 : "memory");
+}
+__device__ __forceinline__ void st8_global(void* p, u32 x, u32 y) {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(x), "r"(y) : "memory");
+}
 // SV gates (f32, 16-byte aligned) into registers.
 __device__ __forceinline__ void ld_gates(float g[SV], const float* p) {
 #pragma unroll
@@ -329,8 +336,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
             const Vec16 kv = ld16(sk + i * KS + c), x = times_exp(ld16(sq + i * KS + c), up);
             if (i < at.rows) {
                 const size_t at_ = ((at.row0 + i) * H + hh) * KD + k0 + c;
-                st16(qg + at_, x);
-                st16(kh + at_, times_exp(kv, rest));
+                st16_global(qg + at_, x.w);
+                st16_global(kh + at_, times_exp(kv, rest).w);
             }
             if (!strong) {
                 st16(sq + i * KS + c, x);
@@ -420,7 +427,8 @@ __device__ __forceinline__ void flush_tile(io_t* out, size_t ld, int width, int 
 #pragma unroll
     for (int x = threadIdx.x % 32; x < 16 * PER_ROW; x += 32) {
         const int r = x / PER_ROW, c = x % PER_ROW * SV;
-        if (c < width && r < rows) st16(out + r * ld + c, ld16(scratch + r * SCRATCH_LD + c));
+        if (c < width && r < rows)
+            st16_global(out + r * ld + c, ld16(scratch + r * SCRATCH_LD + c).w);
     }
     sync_warp();  // the scratch is free for the warp's next tile
 }
@@ -771,7 +779,8 @@ __device__ __forceinline__ void sweep_out(
         io_t* sl = slots + ((size_t)(first + c) * H + hh) * KD * HEAD_V + v0 + w0;
         for (int i = lane; i < 32 * (16 / SV); i += 32) {
             const int key = k0 + i / (16 / SV), p = i % (16 / SV) * SV;
-            if (key < KD) st16(sl + (size_t)key * HEAD_V + p, ld16(state + key * RS + p));
+            if (key < KD)
+                st16_global(sl + (size_t)key * HEAD_V + p, ld16(state + key * RS + p).w);
         }
         // 2. The outputs of rows 16 (g + GW i).. in the group's columns.
 #pragma unroll
@@ -1116,9 +1125,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
         const F4 x = *(const F4*)(sG + i * GS + c);
         gate_t* out = dgk + ((at.row0 + i) * H + hh) * KD + k0 + c;
 #if GATE_BF16
-        *(U2*)out = U2{pack_bf16x2(x.x[0], x.x[1]), pack_bf16x2(x.x[2], x.x[3])};
+        st8_global(out, pack_bf16x2(x.x[0], x.x[1]), pack_bf16x2(x.x[2], x.x[3]));
 #else
-        *(F4*)out = x;
+        st16_global(out, (const u32*)x.x);
 #endif
     }
 #endif
