@@ -91,10 +91,8 @@ __device__ __forceinline__ void cp_async_wait_group() {
 
 // Starts copying a tile of `tile_rows` rows x `width` columns into dst (row stride ld) from
 // rows row0.. of a [tokens, H, width_full] tensor at head hh, columns col0..; rows from
-// `rows` on are zeros. width, ld and col0 must be multiples of 16 bytes. SWIZZLED: the rows
-// are unpadded (ld = width, a multiple of 128 bytes) and 16-byte chunk p of row i lands at
-// chunk p ^ (i % 8) (see `swizzled`).
-template <bool SWIZZLED = false, typename T>
+// `rows` on are zeros. width, ld and col0 must be multiples of 16 bytes.
+template <typename T>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, size_t row0, int rows,
                                           int tile_rows, int H, int hh, int width_full,
                                           int col0, int width) {
@@ -103,7 +101,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, size_t r
         const int i = idx / per_row, p = idx % per_row;
         const bool ok = i < rows;
         const T* s = ok ? src + ((row0 + i) * H + hh) * (size_t)width_full + col0 + p * e : src;
-        cp_async16(dst + i * ld + (SWIZZLED ? p ^ (i & 7) : p) * e, s, ok);
+        cp_async16(dst + i * ld + p * e, s, ok);
     }
 }
 
@@ -251,39 +249,6 @@ __device__ __forceinline__ void warp_mma(float d[4][4], Mat<bf16_t, RA> a, Mat<b
                 mma_bf16(d[j + 1], af, bf[2], bf[3]);
             } else {
                 ldsm_x2<!BCONT>(bf, pj);
-                mma_bf16(d[j], af, bf[0], bf[1]);
-            }
-        }
-    }
-}
-// warp_mma for swizzled tiles (load_tile<true>): A with its rows (m) and B with its columns
-// (n) stored as rows of ld elements (a multiple of 64), the inner index contiguous in both,
-// 16-byte chunk c of row r at chunk c ^ (r % 8). Unpadded rows keep each row's copy from
-// global memory in whole 128-byte lines of shared memory (with 16 bytes of padding a row,
-// Nsight Compute counted 1.5 times the L2 sectors for chunk_dqk's cp.async loads), and the
-// XOR keeps ldmatrix's eight rows in eight different banks. m0 and n0 are multiples of 16 and
-// 32, so row r's r % 8 is the lane's i.
-__device__ __forceinline__ void warp_mma_swizzled(float d[4][4], const bf16_t* a,
-                                                  const bf16_t* bt, int ld, int m0, int n0,
-                                                  int N, int D) {
-    const int lane = threadIdx.x % 32, q = lane >> 3, i = lane & 7;
-    const bf16_t* pa = a + (m0 + i + (q & 1) * 8) * ld;
-    const bf16_t* pb = bt + (n0 + (q >> 1) * 8 + i) * ld;
-    for (int k0 = 0; k0 < D; k0 += 16) {
-        u32 af[4];
-        ldsm_x4<false>(af, pa + ((((k0 >> 3) + (q >> 1)) ^ i) << 3));
-        const bf16_t* pk = pb + ((((k0 >> 3) + (q & 1)) ^ i) << 3);
-#pragma unroll
-        for (int j = 0; j < 4; j += 2) {
-            if (n0 + j * 8 >= N) continue;
-            const bf16_t* pj = pk + j * 8 * ld;
-            u32 bf[4];
-            if (n0 + j * 8 + 8 < N) {
-                ldsm_x4<false>(bf, pj);
-                mma_bf16(d[j], af, bf[0], bf[1]);
-                mma_bf16(d[j + 1], af, bf[2], bf[3]);
-            } else {
-                ldsm_x2<false>(bf, pj);
                 mma_bf16(d[j], af, bf[0], bf[1]);
             }
         }

@@ -135,15 +135,14 @@ __device__ __forceinline__ void for_vectors(F f) {
 }
 
 // Starts copying rows [r0, r0 + BKxx) of a row-major matrix (row stride `stride`) from
-// column c0, `width` columns, into dst (row stride ld; SWIZZLED as in load_tile).
-template <bool SWIZZLED = false, typename T>
+// column c0, `width` columns, into dst (row stride ld).
+template <typename T>
 __device__ __forceinline__ void load_mat(T* dst, int ld, const T* src, int stride, int nrows,
                                          int c0, int width) {
     const int e = 16 / sizeof(T), per_row = width / e;
     for (int idx = threadIdx.x; idx < nrows * per_row; idx += NT) {
         const int i = idx / per_row, p = idx % per_row;
-        cp_async16(dst + i * ld + (SWIZZLED ? p ^ (i & 7) : p) * e,
-                   src + (size_t)i * stride + c0 + p * e, true);
+        cp_async16(dst + i * ld + p * e, src + (size_t)i * stride + c0 + p * e, true);
     }
 }
 
@@ -857,16 +856,6 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dstates_dv(
 #if 4 * BK > NT || STAGES < 2
 #error "chunk_dqk sums rowsum(dS' ⊙ S) with 4 threads per key row, over a ring of 2 or more slots"
 #endif
-// SWIZZLE (bf16, BV a multiple of 64): the ring's tiles are unpadded and swizzled (load_tile),
-// their products taken by warp_mma_swizzled; else rows padded by 16 bytes.
-#ifndef SWIZZLE
-#define SWIZZLE 0
-#endif
-#if SWIZZLE && (!USE_BF16 || BV % 64 != 0)
-#error "chunk_dqk's swizzled ring: bf16 rows of a multiple of 64 columns"
-#endif
-#define RV (SWIZZLE ? BV : VS)  // the ring's row stride
-#define RING_SWIZZLED (SWIZZLE == 1)
 // Suffix sums down the columns of x (C x BK, f32, row stride GS, in place), each column starting from
 // start[c]: thread (part, col) sums rows [part RPT, (part + 1) RPT) in registers, then adds
 // the totals of the parts below it (as cumsum_gates, the other way round).
@@ -938,7 +927,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     // STAGES - 1 slots ahead of the products; after the walk, dA (strictly lower) and, with a
     // gate, Q̃ and K̃ (the raw q and k stay for the end); at the end, in Q̃'s and K̃'s place, each
     // warp's scratch for its tiles of dq and dk on their way out (stage_tile).
-    constexpr int STAGE = 2 * C * RV + 2 * BK * RV, STEPS = HEAD_V / BV;
+    constexpr int STAGE = 2 * C * VS + 2 * BK * VS, STEPS = HEAD_V / BV;
     constexpr int SCRATCH = NW * 32 * SCRATCH_LD;
     constexpr int AFTER = C * AS + (2 * C * KS > SCRATCH ? 2 * C * KS : SCRATCH);
     io_t* ring = cv.take<io_t>(max(STAGES * STAGE, AFTER));
@@ -968,11 +957,10 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
         if (step < STEPS) {
             io_t* slot = ring + step % STAGES * STAGE;
             const int v0 = step * BV;
-            io_t *sdo = slot + C * RV, *sS = slot + 2 * C * RV, *sdS = sS + BK * RV;
-            load_tile<RING_SWIZZLED>(slot, RV, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-            load_tile<RING_SWIZZLED>(sdo, RV, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-            load_mat<RING_SWIZZLED>(sS, RV, states + st_at, HEAD_V, BK, v0, BV);
-            load_mat<RING_SWIZZLED>(sdS, RV, dstates + st_at, HEAD_V, BK, v0, BV);
+            load_tile(slot, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            load_tile(slot + C * VS, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            load_mat(slot + 2 * C * VS, VS, states + st_at, HEAD_V, BK, v0, BV);
+            load_mat(slot + 2 * C * VS + BK * VS, VS, dstates + st_at, HEAD_V, BK, v0, BV);
         }
         cp_async_commit();
     };
@@ -991,27 +979,16 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
         __syncthreads();  // this step's slot filled; every thread past the last step's products
         load_step(step + STAGES - 1);  // into the last step's slot
         const io_t* sv = ring + step % STAGES * STAGE;
-        const io_t *sdo = sv + C * RV, *sS = sv + 2 * C * RV, *sdS = sS + BK * RV;
+        const io_t *sdo = sv + C * VS, *sS = sv + 2 * C * VS, *sdS = sS + BK * VS;
 #if HAS_G
         // 16-byte vectors: element by element this took as many instructions as the products.
-        // (Swizzled, both tiles put a row's columns in the same order, which the sum ignores.)
         if (tid < 4 * BK)
             for (int c = tid % 4 * SV; c < BV; c += 4 * SV) {
-                const Vec16 x = ld16(sS + tid / 4 * RV + c), y = ld16(sdS + tid / 4 * RV + c);
+                const Vec16 x = ld16(sS + tid / 4 * VS + c), y = ld16(sdS + tid / 4 * VS + c);
 #pragma unroll
                 for (int e = 0; e < SV; e++) sb_part += to_f(x.x[e]) * to_f(y.x[e]);
             }
 #endif
-#if SWIZZLE
-#pragma unroll
-        for (int t = 0; t < ATPW; t++)
-            if (!sq_tile(t).upper)
-                warp_mma_swizzled(dA[t], sdo, sv, BV, sq_tile(t).m0, sq_tile(t).n0, C, BV);
-        if (own) {
-            warp_mma_swizzled(dqf, sdo, sS, BV, m0, n0, BK, BV);
-            warp_mma_swizzled(dkf, sv, sdS, BV, m0, n0, BK, BV);
-        }
-#else
 #pragma unroll
         for (int t = 0; t < ATPW; t++)
             if (!sq_tile(t).upper)
@@ -1021,7 +998,6 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
             warp_mma(dqf, row_major(sdo, VS), col_major(sS, VS), m0, n0, BK, BV);
             warp_mma(dkf, row_major(sv, VS), col_major(sdS, VS), m0, n0, BK, BV);
         }
-#endif
     }
     sb_part += __shfl_xor_sync(0xffffffffu, sb_part, 1);
     sb_part += __shfl_xor_sync(0xffffffffu, sb_part, 2);

@@ -11,7 +11,6 @@ use fla_tensor::{Error, Result};
 use crate::device::{device_err, Gpu};
 use crate::gla::{forced_tile, Buf, DeviceGla};
 use crate::gla_bwd::{ptr_mut, DeviceGrads, DeviceUpstream, Work};
-use crate::DType;
 
 const SRC: &str = concat!(
     include_str!("../kernels/common.cuh"),
@@ -155,15 +154,6 @@ fn tuned_tile(var: &str, size: usize, max: usize) -> usize {
 /// to 16 bytes as `Carve::take` does.
 fn carve(regions: &[usize]) -> usize {
     regions.iter().map(|b| b.next_multiple_of(16)).sum()
-}
-
-/// Whether chunk_dqk's ring of value steps `bv` wide is swizzled (SWIZZLE in gla_chunk.cu):
-/// rows of a multiple of 64 bf16 columns, unpadded, as whole lines of shared memory.
-/// FLA_DQK_SWIZZLE=0 pads them instead.
-fn dqk_swizzled(d: &DeviceGla, bv: usize) -> bool {
-    d.dtype == DType::Bf16
-        && bv.is_multiple_of(64)
-        && forced_switch("FLA_DQK_SWIZZLE").unwrap_or(true)
 }
 
 /// Bytes of the warps' scratch in a block of `threads`, each warp's for `tiles` 16 x 32 tiles
@@ -364,7 +354,7 @@ impl Shape {
             "chunk_dv" => vec![c * ks, bk * vs, c * a_s, c * vs],
             // After the walk, dA and Q̃, K̃ or each warp's tiles of dq and dk on their way out.
             "chunk_dqk" => vec![
-                (stages * (2 * c + 2 * bk) * if dqk_swizzled(d, bv) { bv * io } else { vs })
+                (stages * (2 * c * vs + 2 * bk * vs))
                     .max(c * a_s + (2 * c * ks).max(scratch_bytes(threads(chunk), 2, io))),
                 c * ks,
                 c * ks,
@@ -517,9 +507,6 @@ impl DeviceGla {
         }
         if shape.whole_sectors {
             d.push(("WHOLE_SECTORS", 1));
-        }
-        if kernel == "chunk_dqk" && dqk_swizzled(self, shape.bv) {
-            d.push(("SWIZZLE", 1));
         }
         d
     }
