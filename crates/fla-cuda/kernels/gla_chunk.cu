@@ -142,7 +142,7 @@ __device__ __forceinline__ void load_mat(T* dst, int ld, const T* src, int strid
     const int e = 16 / sizeof(T), per_row = width / e;
     for (int idx = threadIdx.x; idx < nrows * per_row; idx += NT) {
         const int i = idx / per_row, p = idx % per_row;
-        cp_async16(dst + i * ld + p * e, src + (size_t)i * stride + c0 + p * e, true);
+        cp_async16(dst + i * ld + p * e, src + (i * stride + c0 + p * e), true);
     }
 }
 
