@@ -255,10 +255,11 @@ __device__ __forceinline__ bool attn_vector(int i, int c) { return c / SV * SV <
 #if KERNEL == 2 || KERNEL == 4 || SWEEP_OUT
 __device__ __forceinline__ void load_attn(io_t* sA, const io_t* a, ChunkAt at, int H, int hh) {
     constexpr int per_row = C / SV;
+    const io_t* base = a + (at.row0 * H + hh) * C;  // offsets from it in 32 bits, as load_tile
     for (int idx = threadIdx.x; idx < C * per_row; idx += NT) {
         const int i = idx / per_row, c = idx % per_row * SV;
         const bool ok = i < at.rows && attn_vector(i, c);
-        cp_async16(sA + i * AS + c, ok ? a + ((at.row0 + i) * H + hh) * C + c : a, ok);
+        cp_async16(sA + i * AS + c, ok ? base + (i * H * C + c) : a, ok);
     }
 }
 #endif
