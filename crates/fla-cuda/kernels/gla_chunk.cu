@@ -104,6 +104,7 @@ struct __align__(16) F4 {
     float x[4];
 };
 __device__ __forceinline__ Vec16 ld16(const io_t* p) { return *(const Vec16*)p; }
+// Shared memory only: to global memory the compiler splits this store in two.
 __device__ __forceinline__ void st16(io_t* p, const Vec16& v) { *(Vec16*)p = v; }
 // 16 and 8 bytes to global memory as one store each: written as plain C++ the compiler split
 // them into halves (Nsight Compute, chunk_dqk's SASS), and each half took its sectors anew.
