@@ -89,23 +89,52 @@ __device__ __forceinline__ void cp_async_wait_group() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// Starts copying a tile of `tile_rows` rows x `width` columns into dst (row stride ld) from
-// rows row0.. of a [tokens, H, width_full] tensor at head hh, columns col0..; rows from
-// `rows` on are zeros. width, ld and col0 must be multiples of 16 bytes. The tile's first
-// element is found once in 64 bits; each copy's offset from it takes 32 (a tile's rows span
-// fewer than 2^31 elements): in 64 bits each copy took some 25 instructions of address
-// arithmetic, a quarter of chunk_dqk's.
-template <typename T>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, size_t row0, int rows,
-                                          int tile_rows, int H, int hh, int width_full,
-                                          int col0, int width) {
-    const int e = 16 / sizeof(T), per_row = width / e, row_stride = H * width_full;
-    const T* base = src + (row0 * H + hh) * (size_t)width_full + col0;
-    for (int idx = threadIdx.x; idx < tile_rows * per_row; idx += NT) {
-        const int i = idx / per_row, p = idx % per_row;
-        const bool ok = i < rows;
-        cp_async16(dst + i * ld + p * e, ok ? base + (i * row_stride + p * e) : src, ok);
+// The same with the shared address as a 32-bit shared-window offset (smem_u32).
+__device__ __forceinline__ void cp_async16_s(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Calls f(i, p) for piece p (0..PER_ROW) of row i (0..ROWS) of a tile, the block's threads
+// taking consecutive pieces. Where the pieces fall evenly on the NT threads (every tile the
+// kernels copy at the sizes that must be fast), each thread's row and piece are found once and
+// the loop is unrolled with no bounds test: as a plain strided loop, each copy of chunk_dqk's
+// walk took a test, a branch and its index arithmetic anew.
+template <int ROWS, int PER_ROW, typename F>
+__device__ __forceinline__ void for_pieces(F f) {
+    if constexpr (NT % PER_ROW == 0 && ROWS * PER_ROW % NT == 0) {
+        const int i0 = threadIdx.x / PER_ROW, p = threadIdx.x % PER_ROW;
+#pragma unroll
+        for (int it = 0; it < ROWS * PER_ROW / NT; it++) f(i0 + it * (NT / PER_ROW), p);
+    } else {
+        for (int idx = threadIdx.x; idx < ROWS * PER_ROW; idx += NT) f(idx / PER_ROW, idx % PER_ROW);
     }
+}
+
+// Starts copying a tile of ROWS rows x WIDTH columns into dst (row stride ld) from rows
+// row0.. of a [tokens, H, width_full] tensor at head hh, columns col0..; rows from `rows` on
+// are zeros. WIDTH, ld and col0 must be multiples of 16 bytes. The tile's first element is
+// found once in 64 bits; each copy's offset from it takes 32 (a tile's rows span fewer than
+// 2^31 elements): in 64 bits each copy took some 25 instructions of address arithmetic, a
+// quarter of chunk_dqk's.
+template <int ROWS, int WIDTH, typename T>
+__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, size_t row0, int rows,
+                                          int H, int hh, int width_full, int col0) {
+    constexpr int e = 16 / sizeof(T);
+    const int row_stride = H * width_full;
+    const T* base = src + (row0 * H + hh) * (size_t)width_full + col0;
+    const u32 d = smem_u32(dst);
+    for_pieces<ROWS, WIDTH / e>([&](int i, int p) {
+        const bool ok = i < rows;
+        cp_async16_s(d + (i * ld + p * e) * (int)sizeof(T),
+                     ok ? base + (i * row_stride + p * e) : src, ok);
+    });
 }
 
 // A warp's 16 x 32 tile of a product, as mma.m16n8k16 holds its accumulators: element e
@@ -187,12 +216,6 @@ __device__ __forceinline__ void warp_mma(float d[4][4], Mat<TA, RA> a, Mat<TB, R
             mma_bf16(d[j], af, pair(b, k0 + cc, n, 1, 0), pair(b, k0 + cc + 8, n, 1, 0));
         }
     }
-}
-
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
 }
 
 // ldmatrix: four (x4) or two (x2) 8 x 8 bf16 matrices, lane l giving the address of row l % 8

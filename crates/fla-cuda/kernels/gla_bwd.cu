@@ -112,10 +112,10 @@ __device__ float cumsum_span(float* x, int w, float* red) {
 // Starts loading the chunk's q, k (the block's key columns) and key gate.
 __device__ __forceinline__ void load_keys(Tiles t, const io_t* q, const io_t* k, const float* g,
                                           size_t row0, int rows, int H, int hh, int k0) {
-    load_tile(t.qr, KS, q, row0, rows, C, H, hh, KD, k0, BK);
-    load_tile(t.kr, KS, k, row0, rows, C, H, hh, KD, k0, BK);
+    load_tile<C, BK>(t.qr, KS, q, row0, rows, H, hh, KD, k0);
+    load_tile<C, BK>(t.kr, KS, k, row0, rows, H, hh, KD, k0);
 #if HAS_G && !G_SCALAR
-    load_tile(t.G, BK, g, row0, rows, C, H, hh, KD, k0, BK);
+    load_tile<C, BK>(t.G, BK, g, row0, rows, H, hh, KD, k0);
 #elif HAS_G
     for (int idx = threadIdx.x; idx < C * BK; idx += NT) {
         const int i = idx / BK;
@@ -153,10 +153,10 @@ __device__ bool begin_chunk(Tiles t, const io_t* q, const io_t* k, const float* 
 // decay (0 without the value gate). Synchronises at the end.
 __device__ float load_values(Tiles t, const io_t* v, const io_t* d_o, const float* gv,
                              size_t row0, int rows, int H, int hh, int v0) {
-    load_tile(t.v, VSS, v, row0, rows, C, H, hh, HEAD_V, v0, BVS);
-    load_tile(t.dO, VSS, d_o, row0, rows, C, H, hh, HEAD_V, v0, BVS);
+    load_tile<C, BVS>(t.v, VSS, v, row0, rows, H, hh, HEAD_V, v0);
+    load_tile<C, BVS>(t.dO, VSS, d_o, row0, rows, H, hh, HEAD_V, v0);
 #if HAS_GV
-    load_tile(t.B, BVS, gv, row0, rows, C, H, hh, HEAD_V, v0, BVS);
+    load_tile<C, BVS>(t.B, BVS, gv, row0, rows, H, hh, HEAD_V, v0);
 #endif
     cp_async_wait_all();
 #if HAS_GV

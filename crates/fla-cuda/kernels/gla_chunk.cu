@@ -132,19 +132,19 @@ __device__ __forceinline__ Vec16 times_exp(const Vec16& x, const float d[SV]) {
 // the block taking consecutive vectors.
 template <typename F>
 __device__ __forceinline__ void for_vectors(F f) {
-    for (int idx = threadIdx.x; idx < C * BK / SV; idx += NT) f(idx / (BK / SV), idx % (BK / SV) * SV);
+    for_pieces<C, BK / SV>([&](int i, int p) { f(i, p * SV); });
 }
 
-// Starts copying rows [r0, r0 + BKxx) of a row-major matrix (row stride `stride`) from
-// column c0, `width` columns, into dst (row stride ld).
-template <typename T>
-__device__ __forceinline__ void load_mat(T* dst, int ld, const T* src, int stride, int nrows,
-                                         int c0, int width) {
-    const int e = 16 / sizeof(T), per_row = width / e;
-    for (int idx = threadIdx.x; idx < nrows * per_row; idx += NT) {
-        const int i = idx / per_row, p = idx % per_row;
-        cp_async16(dst + i * ld + p * e, src + (i * stride + c0 + p * e), true);
-    }
+// Starts copying ROWS rows of a row-major matrix (row stride `stride`) from column c0, WIDTH
+// columns, into dst (row stride ld).
+template <int ROWS, int WIDTH, typename T>
+__device__ __forceinline__ void load_mat(T* dst, int ld, const T* src, int stride, int c0) {
+    constexpr int e = 16 / sizeof(T);
+    const u32 d = smem_u32(dst);
+    const T* base = src + c0;
+    for_pieces<ROWS, WIDTH / e>([&](int i, int p) {
+        cp_async16_s(d + (i * ld + p * e) * (int)sizeof(T), base + (i * stride + p * e), true);
+    });
 }
 
 // Starts loading the gate tile (C x BK, row stride GS) of key columns k0..: the key gate's
@@ -162,7 +162,7 @@ __device__ __forceinline__ void load_gates(float* sG, const gate_t* g, size_t ro
 #pragma unroll
     for (int c = 0; c < width; c += 4) *(F4*)(sG + i * GS + c0 + c) = F4{{x, x, x, x}};
 #else
-    load_tile((gate_t*)sG, GS, g, row0, rows, C, H, hh, KD, k0, BK);
+    load_tile<C, BK>((gate_t*)sG, GS, g, row0, rows, H, hh, KD, k0);
 #endif
 }
 #endif
@@ -255,13 +255,13 @@ __device__ __forceinline__ bool attn_vector(int i, int c) { return c / SV * SV <
 // above the diagonal and rows past the chunk's end are zeros, read from nowhere.
 #if KERNEL == 2 || KERNEL == 4 || SWEEP_OUT
 __device__ __forceinline__ void load_attn(io_t* sA, const io_t* a, ChunkAt at, int H, int hh) {
-    constexpr int per_row = C / SV;
     const io_t* base = a + (at.row0 * H + hh) * C;  // offsets from it in 32 bits, as load_tile
-    for (int idx = threadIdx.x; idx < C * per_row; idx += NT) {
-        const int i = idx / per_row, c = idx % per_row * SV;
+    const u32 d = smem_u32(sA);
+    for_pieces<C, C / SV>([&](int i, int p) {
+        const int c = p * SV;
         const bool ok = i < at.rows && attn_vector(i, c);
-        cp_async16(sA + i * AS + c, ok ? base + (i * H * C + c) : a, ok);
-    }
+        cp_async16_s(d + (i * AS + c) * (int)sizeof(io_t), ok ? base + (i * H * C + c) : a, ok);
+    });
 }
 #endif
 
@@ -309,8 +309,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_local(
     float acc[ATPW][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last key tile read
-        load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
-        load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
+        load_tile<C, BK>(sq, KS, q, at.row0, at.rows, H, hh, KD, k0);
+        load_tile<C, BK>(sk, KS, k, at.row0, at.rows, H, hh, KD, k0);
 #if HAS_G
         load_gates(sG, g, at.row0, at.rows, H, hh, k0);
 #endif
@@ -476,8 +476,8 @@ __device__ __forceinline__ void sweep(const io_t* __restrict__ x, const io_t* __
             const size_t row0 = (size_t)cu[n] + (size_t)c * C;
             const int rows = min(C, len - c * C);
             io_t* sx = ring + slot * STAGE;
-            load_tile(sx, KS, x, row0, rows, C, H, hh, KD, k0, BK);
-            load_tile(sx + C * KS, VS, y, row0, rows, C, H, hh, HEAD_V, v0, BV);
+            load_tile<C, BK>(sx, KS, x, row0, rows, H, hh, KD, k0);
+            load_tile<C, BV>(sx + C * KS, VS, y, row0, rows, H, hh, HEAD_V, v0);
 #if HAS_G
             const float* gc = gam + ((size_t)(first + c) * H + hh) * KD + k0;
             for (int i = threadIdx.x; i < BK / 4; i += NT)
@@ -620,12 +620,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_out(
     const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
     const io_t* st = states + ((size_t)b.chunk * H + hh) * KD * HEAD_V;
     load_attn(sA, a, at, H, hh);
-    load_tile(sv, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+    load_tile<C, BV>(sv, VS, v, at.row0, at.rows, H, hh, HEAD_V, v0);
     float acc[TPW(C)][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last product has read sq and sS
-        load_tile(sq, KS, qg, at.row0, at.rows, C, H, hh, KD, k0, BK);
-        load_mat(sS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
+        load_tile<C, BK>(sq, KS, qg, at.row0, at.rows, H, hh, KD, k0);
+        load_mat<BK, BV>(sS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, v0);
         cp_async_wait_all();
         __syncthreads();
         FOR_TILES(C, t, m0, n0) warp_mma(acc[t], row_major(sq, KS), row_major(sS, VS), m0, n0, BV, BK);
@@ -658,12 +658,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dv(
     const ChunkAt at = chunk_at(b.chunk, cu, chunk_off, chunk_seq);
     const io_t* st = dstates + ((size_t)b.chunk * H + hh) * KD * HEAD_V;
     load_attn(sA, a, at, H, hh);
-    load_tile(sdo, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+    load_tile<C, BV>(sdo, VS, d_o, at.row0, at.rows, H, hh, HEAD_V, v0);
     float acc[TPW(C)][4][4] = {};
     for (int k0 = 0; k0 < KD; k0 += BK) {
         if (k0 > 0) __syncthreads();  // the last product has read sk and sdS
-        load_tile(sk, KS, kh, at.row0, at.rows, C, H, hh, KD, k0, BK);
-        load_mat(sdS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, BK, v0, BV);
+        load_tile<C, BK>(sk, KS, kh, at.row0, at.rows, H, hh, KD, k0);
+        load_mat<BK, BV>(sdS, VS, st + (size_t)k0 * HEAD_V, HEAD_V, v0);
         cp_async_wait_all();
         __syncthreads();
         FOR_TILES(C, t, m0, n0) warp_mma(acc[t], row_major(sk, KS), row_major(sdS, VS), m0, n0, BV, BK);
@@ -730,9 +730,9 @@ __device__ __forceinline__ void sweep_out(
             const int c = chunk(step);
             const ChunkAt at = rows_of(c);
             io_t* sx = ring + step % STAGES * STAGE;
-            load_tile(sx, KS, x, at.row0, at.rows, C, H, hh, KD, 0, KD);
-            load_tile(sx + C * KS, KS, y, at.row0, at.rows, C, H, hh, KD, 0, KD);
-            load_tile(sx + 2 * C * KS, VS, z, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
+            load_tile<C, KD>(sx, KS, x, at.row0, at.rows, H, hh, KD, 0);
+            load_tile<C, KD>(sx + C * KS, KS, y, at.row0, at.rows, H, hh, KD, 0);
+            load_tile<C, BV>(sx + 2 * C * KS, VS, z, at.row0, at.rows, H, hh, HEAD_V, v0);
             load_attn(sx + 2 * C * KS + C * VS, a, at, H, hh);
 #if HAS_G
             const float* gc = gam + ((size_t)(first + c) * H + hh) * KD;
@@ -918,6 +918,35 @@ __device__ __forceinline__ void intra_products(float dqf[4][4], float dkf[4][4],
         }
 }
 
+// The warps whose tiles of dA are all above the diagonal (FREE of them) take the 16 x 16
+// blocks on the diagonal of S dS'^T instead, whose diagonal is rowsum(dS' ⊙ S): block
+// b = rank + s FREE (s < DPW) in the column groups 2 (s % 2), + 1 of the warp's tile s / 2 of
+// dA, which holds nothing else (dA is kept only below the diagonal), so the blocks take no
+// registers of their own.
+__host__ __device__ constexpr bool warp_free(int w) {
+    for (int t = 0; t < ATPW; t++) {
+        const int idx = w + t * NW, m0 = idx / (C / 32) * 16, n0 = idx % (C / 32) * 32;
+        if (n0 <= m0 + 15) return false;
+    }
+    return true;
+}
+__host__ __device__ constexpr int count_free() {
+    int n = 0;
+    for (int w = 0; w < NW; w++) n += warp_free(w);
+    return n;
+}
+#define FREE count_free()
+#define DPW ((BK / 16 + FREE - 1) / FREE)
+static_assert(FREE > 0 && DPW <= 2 * ATPW, "the diagonal blocks fit the free warps' tiles of dA");
+// This warp's rank among the free warps, or -1.
+__device__ __forceinline__ int free_rank() {
+    const int warp = threadIdx.x / 32;
+    int rank = 0;
+#pragma unroll
+    for (int w = 0; w < NW; w++) rank += w < warp && warp_free(w);
+    return warp_free(warp) ? rank : -1;
+}
+
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
     const io_t* __restrict__ q, const io_t* __restrict__ k, const io_t* __restrict__ v,
     const gate_t* __restrict__ g, const io_t* __restrict__ d_o, const io_t* __restrict__ states,
@@ -959,22 +988,23 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
         if (step < STEPS) {
             io_t* slot = ring + step % STAGES * STAGE;
             const int v0 = step * BV;
-            load_tile(slot, VS, v, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-            load_tile(slot + C * VS, VS, d_o, at.row0, at.rows, C, H, hh, HEAD_V, v0, BV);
-            load_mat(slot + 2 * C * VS, VS, states + st_at, HEAD_V, BK, v0, BV);
-            load_mat(slot + 2 * C * VS + BK * VS, VS, dstates + st_at, HEAD_V, BK, v0, BV);
+            load_tile<C, BV>(slot, VS, v, at.row0, at.rows, H, hh, HEAD_V, v0);
+            load_tile<C, BV>(slot + C * VS, VS, d_o, at.row0, at.rows, H, hh, HEAD_V, v0);
+            load_mat<BK, BV>(slot + 2 * C * VS, VS, states + st_at, HEAD_V, v0);
+            load_mat<BK, BV>(slot + 2 * C * VS + BK * VS, VS, dstates + st_at, HEAD_V, v0);
         }
         cp_async_commit();
     };
-    load_tile(sq, KS, q, at.row0, at.rows, C, H, hh, KD, k0, BK);
-    load_tile(sk, KS, k, at.row0, at.rows, C, H, hh, KD, k0, BK);
+    load_tile<C, BK>(sq, KS, q, at.row0, at.rows, H, hh, KD, k0);
+    load_tile<C, BK>(sk, KS, k, at.row0, at.rows, H, hh, KD, k0);
 #if HAS_G
     load_gates(sG, g, at.row0, at.rows, H, hh, k0);
 #endif
 #pragma unroll
     for (int step = 0; step < STAGES - 1; step++) load_step(step);
-    // Thread t sums every 4th vector of key row t / 4 of dS' ⊙ S.
-    float sb_part = 0.f;
+    // rowsum(dS' ⊙ S) from the diagonal blocks of S dS'^T (warp_free; element by element it
+    // took as many instructions as the walk's products).
+    const int rank = free_rank();
     float dA[ATPW][4][4] = {}, dqf[4][4] = {}, dkf[4][4] = {};
     for (int step = 0; step < STEPS; step++) {
         cp_async_wait_group<STAGES - 2>();
@@ -983,13 +1013,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
         const io_t* sv = ring + step % STAGES * STAGE;
         const io_t *sdo = sv + C * VS, *sS = sv + 2 * C * VS, *sdS = sS + BK * VS;
 #if HAS_G
-        // 16-byte vectors: element by element this took as many instructions as the products.
-        if (tid < 4 * BK)
-            for (int c = tid % 4 * SV; c < BV; c += 4 * SV) {
-                const Vec16 x = ld16(sS + tid / 4 * VS + c), y = ld16(sdS + tid / 4 * VS + c);
 #pragma unroll
-                for (int e = 0; e < SV; e++) sb_part += to_f(x.x[e]) * to_f(y.x[e]);
-            }
+        for (int s = 0; s < DPW; s++)
+            if (const int b = (rank + s * FREE) * 16; rank >= 0 && b < BK)
+                warp_mma(dA[s / 2] + 2 * (s % 2), row_major(sS, VS), col_major(sdS, VS), b, b,
+                         b + 16, BV);
 #endif
 #pragma unroll
         for (int t = 0; t < ATPW; t++)
@@ -1001,9 +1029,15 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
             warp_mma(dkf, row_major(sv, VS), col_major(sdS, VS), m0, n0, BK, BV);
         }
     }
-    sb_part += __shfl_xor_sync(0xffffffffu, sb_part, 1);
-    sb_part += __shfl_xor_sync(0xffffffffu, sb_part, 2);
-    if (tid < 4 * BK && tid % 4 == 0) sb[tid / 4] = sb_part;
+#if HAS_G
+#pragma unroll
+    for (int s = 0; s < DPW; s++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int b = (rank + s * FREE) * 16, i = frag_row(e), c = frag_col(e >> 1, e);
+            if (rank >= 0 && b < BK && i == c) sb[b + i] = dA[s / 2][2 * (s % 2) + (e >> 1)][e];
+        }
+#endif
     __syncthreads();  // the ring read: dA takes its place
     // The diagonal of dA aside (its terms, scale dA_ii k_i in dq and scale dA_ii q_i in dk,
     // are added exactly at the end and cancel in the gate's gradient), dA strictly lower.
@@ -1122,16 +1156,17 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dqk(
         if (lane == 0) atomicAdd(&dgs[(at.row0 + i) * H + hh], s);
     }
 #else
-    for (int idx = tid; idx < at.rows * BK / 4; idx += NT) {
-        const int i = idx / (BK / 4), c = idx % (BK / 4) * 4;
-        const F4 x = *(const F4*)(sG + i * GS + c);
-        gate_t* out = dgk + ((at.row0 + i) * H + hh) * KD + k0 + c;
+    gate_t* dg0 = dgk + (at.row0 * H + hh) * KD + k0;  // offsets from it in 32 bits
+    for_pieces<C, BK / 4>([&](int i, int p) {
+        if (i >= at.rows) return;
+        const F4 x = *(const F4*)(sG + i * GS + p * 4);
+        gate_t* out = dg0 + (i * H * KD + p * 4);
 #if GATE_BF16
         st8_global(out, pack_bf16x2(x.x[0], x.x[1]), pack_bf16x2(x.x[2], x.x[3]));
 #else
         st16_global(out, (const u32*)x.x);
 #endif
-    }
+    });
 #endif
 #endif
 }

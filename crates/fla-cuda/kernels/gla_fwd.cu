@@ -75,14 +75,14 @@ extern "C" __global__ void __launch_bounds__(NT) gla_fwd(
         if (tid < 2) red[tid] = 0.f;
         // Load the chunk; rows past the sequence end are zeros (no key, no gate).
         const size_t row0 = (size_t)bos + c0;
-        load_tile(sq, QS, q, row0, rows, C, H, hh, KD, 0, KD);
-        load_tile(sk, QS, k, row0, rows, C, H, hh, KD, 0, KD);
-        load_tile(sv, VS, v, row0, rows, C, H, hh, HEAD_V, v0, BV);
+        load_tile<C, KD>(sq, QS, q, row0, rows, H, hh, KD, 0);
+        load_tile<C, KD>(sk, QS, k, row0, rows, H, hh, KD, 0);
+        load_tile<C, BV>(sv, VS, v, row0, rows, H, hh, HEAD_V, v0);
 #if HAS_G && !G_SCALAR
-        load_tile(sG, KD, g, row0, rows, C, H, hh, KD, 0, KD);
+        load_tile<C, KD>(sG, KD, g, row0, rows, H, hh, KD, 0);
 #endif
 #if HAS_GV
-        load_tile(sB, BV, gv, row0, rows, C, H, hh, HEAD_V, v0, BV);
+        load_tile<C, BV>(sB, BV, gv, row0, rows, H, hh, HEAD_V, v0);
 #endif
 #if HAS_G && G_SCALAR
         for (int idx = tid; idx < C * KD; idx += NT) {
