@@ -260,7 +260,7 @@ __device__ __forceinline__ void load_attn(io_t* sA, const io_t* a, ChunkAt at, i
     for_pieces<C, C / SV>([&](int i, int p) {
         const int c = p * SV;
         const bool ok = i < at.rows && attn_vector(i, c);
-        cp_async16_s(d + (i * AS + c) * (int)sizeof(io_t), ok ? base + (i * H * C + c) : a, ok);
+        cp_async16_s(d + (i * AS + c) * (int)sizeof(io_t), base + (ok ? i * H * C + c : 0), ok);
     });
 }
 #endif
@@ -855,8 +855,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) chunk_dstates_dv(
 // tile of dq and of dk in registers from the walk to the end (a K tile of at most 64 columns
 // has C / 8 = NW such tiles).
 #if KERNEL == 5
-#if 4 * BK > NT || STAGES < 2
-#error "chunk_dqk sums rowsum(dS' ⊙ S) with 4 threads per key row, over a ring of 2 or more slots"
+#if STAGES < 2
+#error "chunk_dqk walks the value columns through a ring of 2 or more slots"
 #endif
 // Suffix sums down the columns of x (C x BK, f32, row stride GS, in place), each column starting from
 // start[c]: thread (part, col) sums rows [part RPT, (part + 1) RPT) in registers, then adds
