@@ -131,11 +131,9 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, size_t r
     const T* base = src + (row0 * H + hh) * (size_t)width_full + col0;
     const u32 d = smem_u32(dst);
     for_pieces<ROWS, WIDTH / e>([&](int i, int p) {
-        // A row past the end reads nothing: its address is the tile's first element's (the
-        // chunk's first row is always there), chosen in 32 bits.
         const bool ok = i < rows;
-        cp_async16_s(d + (i * ld + p * e) * (int)sizeof(T), base + (ok ? i * row_stride + p * e : 0),
-                     ok);
+        cp_async16_s(d + (i * ld + p * e) * (int)sizeof(T),
+                     ok ? base + (i * row_stride + p * e) : src, ok);
     });
 }
 

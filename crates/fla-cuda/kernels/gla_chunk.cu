@@ -260,7 +260,7 @@ __device__ __forceinline__ void load_attn(io_t* sA, const io_t* a, ChunkAt at, i
     for_pieces<C, C / SV>([&](int i, int p) {
         const int c = p * SV;
         const bool ok = i < at.rows && attn_vector(i, c);
-        cp_async16_s(d + (i * AS + c) * (int)sizeof(io_t), base + (ok ? i * H * C + c : 0), ok);
+        cp_async16_s(d + (i * AS + c) * (int)sizeof(io_t), ok ? base + (i * H * C + c) : a, ok);
     });
 }
 #endif
