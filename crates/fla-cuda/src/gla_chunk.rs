@@ -284,9 +284,11 @@ impl Shape {
 
     /// A sweep with outputs (chunk_states_out or chunk_dstates_dv), where one serves (chunks of
     /// 64 rows, K ≤ 128) and its blocks of 64 value columns (sequences x heads x tiles) fill
-    /// the SMs. On the H100 at H=16, K=V=128 it took forward + backward from 2.31-2.46 to
-    /// 2.24-2.31 ms at T ≤ 4096 (256 blocks or more), but with 128 blocks or fewer (T ≥ 8192)
-    /// it lost 9-19%, and narrower tiles, which make more blocks, lost at every T. Where it
+    /// all but one SM in 16. On the H100 at H=16, K=V=128 it took forward + backward from
+    /// 2.31-2.46 to 2.24-2.31 ms at T ≤ 4096 (256 blocks or more); at T=8192 (128 blocks on
+    /// 132 SMs) it lost 9-19% before its stores took whole sectors and wins 10% since (1.89
+    /// against 2.09 ms, bench/results/dqk-diag-h100.txt); with 64 blocks (T=16384) it loses
+    /// 19%. Narrower tiles, which make more blocks, lost at every T. Where it
     /// serves, its tile is 128 columns wide as the sweeps' (`wide_tile`): at H=16, T ≤ 4096,
     /// 2.13-2.22 against 2.23-2.30 ms (bench/results/sweep-bv-h100.txt). It keeps in
     /// flight the most chunks, up to 4, among those that fit the most blocks on an SM.
@@ -297,7 +299,7 @@ impl Shape {
         }
         let blocks = |bv: usize| d.n_seqs * d.h * (d.dv / bv);
         let narrow = tile(d.dv, 64);
-        if !forced_switch("FLA_SWEEP_OUT").unwrap_or(blocks(narrow) >= gpu.sms()) {
+        if !forced_switch("FLA_SWEEP_OUT").unwrap_or(16 * blocks(narrow) >= 15 * gpu.sms()) {
             return None;
         }
         let bv = forced_tile("FLA_SWEEP_BV")
