@@ -67,13 +67,21 @@ __device__ __forceinline__ Mat<T, false> col_major(const T* p, int ld) {
     return Mat<T, false>{p, ld};
 }
 
-// Asynchronous 16-byte copy global -> shared (sm_80+); with `valid` false it writes zeros
-// and reads nothing.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    u32 d;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src),
+// The shared-window address of a pointer into shared memory.
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Asynchronous 16-byte copy global -> shared (sm_80+) to the shared-window address dst; with
+// `valid` false it writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16_s(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    cp_async16_s(smem_u32(dst), src, valid);
 }
 
 __device__ __forceinline__ void cp_async_wait_all() {
@@ -87,18 +95,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait_group() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-// The same with the shared address as a 32-bit shared-window offset (smem_u32).
-__device__ __forceinline__ void cp_async16_s(u32 dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
 }
 
 // Calls f(i, p) for piece p (0..PER_ROW) of row i (0..ROWS) of a tile, the block's threads

@@ -919,10 +919,10 @@ __device__ __forceinline__ void intra_products(float dqf[4][4], float dkf[4][4],
 }
 
 // The warps whose tiles of dA are all above the diagonal (FREE of them) take the 16 x 16
-// blocks on the diagonal of S dS'^T instead, whose diagonal is rowsum(dS' ⊙ S): block
-// b = rank + s FREE (s < DPW) in the column groups 2 (s % 2), + 1 of the warp's tile s / 2 of
-// dA, which holds nothing else (dA is kept only below the diagonal), so the blocks take no
-// registers of their own.
+// blocks on the diagonal of S dS'^T instead, whose diagonal is rowsum(dS' ⊙ S): a warp's
+// block s (< DPW) is block rank + s FREE of the diagonal, accumulated in column groups
+// 2 (s % 2) and 2 (s % 2) + 1 of the warp's tile s / 2 of dA. Those tiles hold nothing else
+// (dA is kept only below the diagonal), so the blocks take no registers of their own.
 __host__ __device__ constexpr bool warp_free(int w) {
     for (int t = 0; t < ATPW; t++) {
         const int idx = w + t * NW, m0 = idx / (C / 32) * 16, n0 = idx % (C / 32) * 32;
